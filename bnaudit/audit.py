@@ -1,0 +1,668 @@
+"""The audits: ``inspect`` (one checkpoint's health) and ``compare`` (divergence across ranks) -> Report."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnaudit.checkpoint import load_checkpoint
+from bnaudit.checkpoint.discover import select_state_dicts
+from bnaudit.checkpoint.types import Checkpoint, StateDictRef
+from bnaudit.errors import InputError, ModelMismatchError, NoBatchNormError, UsageError
+from bnaudit.findings import (
+    Finding,
+    FindingKind,
+    InputInfo,
+    LayerRow,
+    Report,
+    Severity,
+    sort_findings,
+)
+from bnaudit.layers import BnLayer, find_bn_layers, is_ignored, normalize_key
+from bnaudit.layerstats import LayerStats, health_findings, layer_problem, read_layer
+from bnaudit.ranks import RankFile, resolve_rank_files
+from bnaudit.security import global_uses, pickle_findings
+from bnaudit.stats import DEFAULT_EPS, DivergenceAccumulator, MergeMethod, RankMerger
+
+log = logging.getLogger(__name__)
+
+# Calibrated on the committed DDP fixtures; the reasoning and the measured values are in the README
+# ("Thresholds"). KL is in nats: KL(N(pooled) || N(rank)) per channel, max over ranks and channels.
+DEFAULT_WARN_KL = 0.02
+DEFAULT_ERROR_KL = 0.1
+
+
+def _severity_for(value: float, warn: float, error: float) -> Severity:
+    if value >= error:
+        return Severity.ERROR
+    if value >= warn:
+        return Severity.WARN
+    return Severity.OK
+
+
+def _row_severity(findings: Iterable[Finding]) -> Severity:
+    worst = max((f.severity for f in findings), key=lambda s: s.rank, default=Severity.OK)
+    return Severity.OK if worst is Severity.INFO else worst
+
+
+def _state_dicts(ckpt: Checkpoint, key: str | None) -> list[StateDictRef]:
+    return select_state_dicts(ckpt.state_dicts, key, source=str(ckpt.path))
+
+
+def _input_info(ckpt: Checkpoint, display: str, rank: int | None, sds: list[StateDictRef]) -> InputInfo:
+    return InputInfo(path=display, format=ckpt.format, rank=rank, state_dicts=tuple(s.name for s in sds))
+
+
+# --------------------------------------------------------------------------------------------- inspect
+
+
+def inspect_checkpoint(
+    path: str | Path,
+    *,
+    key: str | None = None,
+    eps: float = DEFAULT_EPS,
+    ignore: Sequence[str] = (),
+    layer: str | None = None,
+    security: bool = False,
+) -> Report:
+    """Audit the health of one checkpoint's BatchNorm statistics and what its pickle references.
+
+    Args:
+        path: the checkpoint file.
+        key: restrict to one state dict (``/``-separated path), e.g. ``state_dict_ema``.
+        eps: BatchNorm's eps (not stored in state dicts), used by the tiny-variance check.
+        ignore: glob patterns of layer names to leave out.
+        layer: a layer name whose per-channel statistics are returned in ``Report.channel_rows``.
+        security: list every global the file's pickles reference in ``Report.extra["globals"]``.
+
+    Returns:
+        A Report with one row per layer and findings of kinds nonfinite, negative-variance, tiny-variance,
+        never-updated, malformed-layer, no-batchnorm, unsafe-pickle and suspicious-pickle.
+
+    Raises:
+        InputError: the file cannot be read, ``key`` or ``layer`` is not found.
+    """
+    display = str(path)
+    ckpt = _load(path, display)
+    sds = _state_dicts(ckpt, key)
+    rows: list[LayerRow] = []
+    findings: list[Finding] = pickle_findings(ckpt.globals, display)
+    channel_rows: list[dict[str, Any]] = []
+    for sd in sds:
+        layers = [x for x in find_bn_layers(sd.tensors) if not is_ignored(x.name, ignore)]
+        for bn in layers:
+            row, layer_findings = _inspect_layer(sd, bn, eps, display)
+            rows.append(row)
+            findings.extend(layer_findings)
+            if layer is not None and bn.name == layer and not channel_rows:
+                channel_rows = _inspect_channels(read_layer(sd, bn, display))
+    if not rows:
+        findings.append(_no_batchnorm_finding(display, sds))
+    if layer is not None and not channel_rows:
+        raise InputError(f"{display}: no BatchNorm layer named '{layer}'; " + _layer_names_hint(rows))
+    rows.sort(key=lambda r: -r.severity.rank)
+    return Report(
+        command="inspect",
+        inputs=(_input_info(ckpt, display, None, sds),),
+        settings={"eps": eps, "key": key, "ignore": list(ignore), "layer": layer},
+        layers=tuple(rows),
+        findings=sort_findings(findings),
+        headline="var_min",
+        next_step=_inspect_next_step(findings, display),
+        channel_rows=tuple(channel_rows),
+        extra={"globals": _globals_listing(ckpt)} if security else {},
+    )
+
+
+def _load(path: str | Path, display: str) -> Checkpoint:
+    ckpt = load_checkpoint(path)
+    for warning in ckpt.warnings:
+        log.warning("%s: %s", display, warning)
+    return ckpt
+
+
+def _globals_listing(ckpt: Checkpoint) -> list[dict[str, Any]]:
+    return [
+        {"global": u.qualname, "safety": u.safety.value, "sources": list(u.sources)}
+        for u in global_uses(ckpt.globals)
+    ]
+
+
+def _inspect_layer(sd: StateDictRef, bn: BnLayer, eps: float, display: str) -> tuple[LayerRow, list[Finding]]:
+    problem = layer_problem(sd, bn)
+    mean_ref = sd.tensors[bn.running_mean]
+    channels = mean_ref.shape[0] if mean_ref.shape else 1
+    if problem:
+        finding = Finding(
+            Severity.ERROR,
+            FindingKind.MALFORMED_LAYER,
+            f"layer '{bn.display_name}': {problem}; the layer cannot normalise — re-export the "
+            "checkpoint from the model",
+            file=display,
+            state_dict=sd.name,
+            layer=bn.name,
+        )
+        return LayerRow(bn.name, sd.name, Severity.ERROR, channels, {}), [finding]
+    stats = read_layer(sd, bn, display)
+    found = health_findings(stats, eps, file=display, state_dict=sd.name, layer=bn.name)
+    with np.errstate(invalid="ignore"):
+        metrics: dict[str, float | int | None] = {
+            "mean_abs_max": _finite_max(np.abs(stats.mean)),
+            "var_min": _finite_min(stats.var),
+            "var_max": _finite_max(stats.var),
+            "num_batches_tracked": stats.num_batches_tracked,
+        }
+    return LayerRow(bn.name, sd.name, _row_severity(found), stats.channels, metrics), found
+
+
+def _finite_max(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.max()) if finite.size else None
+
+
+def _finite_min(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.min()) if finite.size else None
+
+
+def _inspect_channels(stats: LayerStats) -> list[dict[str, Any]]:
+    rows = []
+    for c in range(stats.channels):
+        rows.append(
+            {
+                "channel": c,
+                "running_mean": float(stats.mean[c]),
+                "running_var": float(stats.var[c]),
+                "weight": None if stats.weight is None else float(stats.weight[c]),
+                "bias": None if stats.bias is None else float(stats.bias[c]),
+            }
+        )
+    return rows
+
+
+def _no_batchnorm_finding(display: str, sds: list[StateDictRef]) -> Finding:
+    names = ", ".join(s.display_name for s in sds) or "none"
+    return Finding(
+        Severity.WARN,
+        FindingKind.NO_BATCHNORM,
+        f"no BatchNorm layers (keys ending in running_mean and running_var) in state dict(s) {names}; "
+        "nothing to audit — check that this is the right file or --key",
+        file=display,
+    )
+
+
+def _layer_names_hint(rows: list[LayerRow]) -> str:
+    names = [r.name for r in rows][:8]
+    more = "" if len(rows) <= 8 else f", ... ({len(rows)} in all)"
+    return "layers are: " + ", ".join(names) + more if names else "the file has no BatchNorm layers"
+
+
+def _inspect_next_step(findings: list[Finding], display: str) -> str | None:
+    kinds = {f.kind for f in findings if f.severity in (Severity.WARN, Severity.ERROR)}
+    if kinds & {
+        FindingKind.NONFINITE,
+        FindingKind.NEGATIVE_VARIANCE,
+        FindingKind.NEVER_UPDATED,
+        FindingKind.TINY_VARIANCE,
+    }:
+        return f"bnaudit recalibrate {display} --model MODULE:FACTORY --data MODULE:LOADER -o fixed.pt"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- compare
+
+
+@dataclass
+class _LayerPlan:
+    """One layer to compare: its key in each rank, and the accumulators of both passes."""
+
+    state_dict: str
+    name: str
+    channels: int
+    merger: RankMerger
+    reference: LayerStats | None = None
+    divergence: DivergenceAccumulator | None = None
+    counters: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _ComparePlan:
+    eps: float
+    state_dicts: list[str]
+    signatures: dict[str, dict[str, tuple[tuple[int, ...], str]]]
+    layers: list[_LayerPlan]
+
+
+def model_signature(sd: StateDictRef) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Normalised key -> (shape, dtype) for every tensor of a state dict."""
+    return {normalize_key(k): (t.shape, t.dtype) for k, t in sd.tensors.items()}
+
+
+def _describe_difference(
+    ref: dict[str, tuple[tuple[int, ...], str]], other: dict[str, tuple[tuple[int, ...], str]]
+) -> str | None:
+    missing = [k for k in ref if k not in other]
+    extra = [k for k in other if k not in ref]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} key(s) missing (e.g. '{missing[0]}')")
+        if extra:
+            parts.append(f"{len(extra)} extra key(s) (e.g. '{extra[0]}')")
+        return " and ".join(parts)
+    for k, (shape, dtype) in ref.items():
+        oshape, odtype = other[k]
+        if oshape != shape:
+            return f"'{k}' has shape {list(oshape)}, the reference has {list(shape)}"
+        if odtype != dtype:
+            return f"'{k}' has dtype {odtype}, the reference has {dtype}"
+    return None
+
+
+def compare_ranks(
+    paths: Sequence[str | Path],
+    *,
+    key: str | None = None,
+    eps: float = DEFAULT_EPS,
+    warn_kl: float = DEFAULT_WARN_KL,
+    error_kl: float = DEFAULT_ERROR_KL,
+    ignore: Sequence[str] = (),
+    check_weights: bool = False,
+    layer: str | None = None,
+    allow_empty: bool = False,
+) -> Report:
+    """Compare per-rank checkpoints' BatchNorm statistics.
+
+    Streams the ranks twice (memory: one rank's BatchNorm tensors plus per-layer accumulators): the first
+    pass checks that every rank holds the same model, compares affine weights (and with ``check_weights``
+    every other tensor) with the reference rank, and pools the statistics; the second measures how far each
+    rank is from the pooled statistics.
+
+    Args:
+        paths: per-rank files or quoted glob patterns; ranks come from the file names (``rank3``).
+        key: restrict to one state dict.
+        eps: BatchNorm's eps, added to every variance before the divergence metrics.
+        warn_kl, error_kl: thresholds on the layer's max KL(N(pooled) || N(rank)) in nats.
+        ignore: glob patterns of layer names to leave out.
+        check_weights: also compare every non-BatchNorm tensor across ranks.
+        layer: a layer name whose per-channel detail goes to ``Report.channel_rows``.
+        allow_empty: a model without BatchNorm layers passes instead of being an input error.
+
+    Returns:
+        A Report whose rows are ordered worst first (by max KL).
+
+    Raises:
+        InputError / ModelMismatchError / NoBatchNormError / UsageError: see the messages.
+    """
+    if not 0 < warn_kl <= error_kl:
+        raise UsageError(f"--warn-kl ({warn_kl}) must be positive and not above --error-kl ({error_kl})")
+    files, warnings = resolve_rank_files([str(p) for p in paths])
+    for w in warnings:
+        log.warning(w)
+    inputs: list[InputInfo] = []
+    findings: list[Finding] = []
+    plan = _first_pass(files, key, eps, ignore, check_weights, inputs, findings)
+    if not plan.layers:
+        if not allow_empty:
+            raise NoBatchNormError(
+                f"{files[0].display}: no BatchNorm layers (keys ending in running_mean and running_var) in "
+                f"state dict(s) {', '.join(n or '<root>' for n in plan.state_dicts)}; nothing to compare — "
+                "check --key and --ignore, or pass --allow-empty"
+            )
+        findings.append(
+            Finding(
+                Severity.INFO,
+                FindingKind.NO_BATCHNORM,
+                "no BatchNorm layers to compare",
+                file=files[0].display,
+            )
+        )
+    _second_pass(files, key, plan)
+    rows, channel_rows = _divergence_rows(plan, files, warn_kl, error_kl, layer, findings)
+    findings.extend(_counter_findings(plan, files))
+    ordered = sort_findings(_divergence_first(findings))
+    return Report(
+        command="compare",
+        inputs=tuple(inputs),
+        settings={
+            "eps": eps,
+            "warn_kl": warn_kl,
+            "error_kl": error_kl,
+            "key": key,
+            "ignore": list(ignore),
+            "check_weights": check_weights,
+            "ranks": len(files),
+        },
+        layers=tuple(rows),
+        findings=ordered,
+        headline="max_kl",
+        next_step=_compare_next_step(files, ordered),
+        channel_rows=tuple(channel_rows),
+        extra={"warnings": warnings},
+    )
+
+
+def _divergence_first(findings: list[Finding]) -> list[Finding]:
+    # Within one severity, divergence findings (already worst layer first) lead: they are the headline.
+    return sorted(findings, key=lambda f: f.kind is not FindingKind.DIVERGENCE)
+
+
+def _open_rank(
+    rf: RankFile, key: str | None, names: list[str] | None
+) -> tuple[Checkpoint, list[StateDictRef]]:
+    ckpt = _load(rf.path, rf.display)
+    if names is None:
+        return ckpt, _state_dicts(ckpt, key)
+    found = {sd.name: sd for sd in ckpt.state_dicts}
+    missing = [n for n in names if n not in found]
+    if missing:
+        have = ", ".join(s.display_name for s in ckpt.state_dicts) or "none"
+        raise ModelMismatchError(
+            f"{rf.display}: rank {rf.rank} has no state dict '{missing[0] or '<root>'}' (it has: {have}); "
+            "all ranks must be checkpoints of the same model and layout"
+        )
+    return ckpt, [found[n] for n in names]
+
+
+def _layers_by_name(sd: StateDictRef) -> dict[str, BnLayer]:
+    return {bn.name: bn for bn in find_bn_layers(sd.tensors)}
+
+
+def _first_pass(
+    files: list[RankFile],
+    key: str | None,
+    eps: float,
+    ignore: Sequence[str],
+    check_weights: bool,
+    inputs: list[InputInfo],
+    findings: list[Finding],
+) -> _ComparePlan:
+    ref_ckpt, ref_sds = _open_rank(files[0], key, None)
+    plan = _ComparePlan(
+        eps, [sd.name for sd in ref_sds], {sd.name: model_signature(sd) for sd in ref_sds}, []
+    )
+    for sd in ref_sds:
+        for bn in find_bn_layers(sd.tensors):
+            if is_ignored(bn.name, ignore):
+                continue
+            problem = layer_problem(sd, bn)
+            if problem:
+                raise InputError(
+                    f"{files[0].display}: layer '{bn.display_name}': {problem}; fix or --ignore it"
+                )
+            channels = sd.tensors[bn.running_mean].shape[0]
+            plan.layers.append(_LayerPlan(sd.name, bn.name, channels, RankMerger(channels)))
+    for rf in files:
+        ckpt, sds = (ref_ckpt, ref_sds) if rf is files[0] else _open_rank(rf, key, plan.state_dicts)
+        inputs.append(_input_info(ckpt, rf.display, rf.rank, sds))
+        findings.extend(pickle_findings(ckpt.globals, rf.display))
+        _check_same_model(plan, rf, files[0], sds)
+        _accumulate_rank(plan, rf, sds, eps, findings)
+        if check_weights and rf is not files[0]:
+            findings.extend(_compare_other_tensors(ref_sds, sds, rf, files[0]))
+    return plan
+
+
+def _check_same_model(plan: _ComparePlan, rf: RankFile, ref: RankFile, sds: list[StateDictRef]) -> None:
+    for sd in sds:
+        diff = _describe_difference(plan.signatures[sd.name], model_signature(sd))
+        if diff:
+            where = f" in state dict '{sd.name}'" if sd.name else ""
+            raise ModelMismatchError(
+                f"{rf.display}: rank {rf.rank} is not the same model as {ref.display}{where}: {diff}; "
+                "compare only checkpoints of one training run and one step"
+            )
+
+
+def _accumulate_rank(
+    plan: _ComparePlan, rf: RankFile, sds: list[StateDictRef], eps: float, findings: list[Finding]
+) -> None:
+    by_sd = {sd.name: (sd, _layers_by_name(sd)) for sd in sds}
+    for lp in plan.layers:
+        sd, layers = by_sd[lp.state_dict]
+        bn = layers[lp.name]
+        stats = read_layer(sd, bn, rf.display)
+        lp.merger.add(stats.mean, stats.var)
+        findings.extend(
+            health_findings(stats, eps, file=rf.display, state_dict=sd.name, layer=bn.name, rank=rf.rank)
+        )
+        if stats.num_batches_tracked is not None:
+            lp.counters[rf.rank] = stats.num_batches_tracked
+        if lp.reference is None:
+            lp.reference = stats
+        else:
+            findings.extend(_affine_findings(lp, stats, rf))
+
+
+def _affine_findings(lp: _LayerPlan, stats: LayerStats, rf: RankFile) -> list[Finding]:
+    assert lp.reference is not None
+    out = []
+    for attr in ("weight", "bias"):
+        ref_value, value = getattr(lp.reference, attr), getattr(stats, attr)
+        if ref_value is None or value is None or np.array_equal(ref_value, value, equal_nan=True):
+            continue
+        diff = float(np.nanmax(np.abs(ref_value - value)))
+        tensor = f"{lp.name}.{attr}" if lp.name else attr
+        out.append(
+            Finding(
+                Severity.ERROR,
+                FindingKind.WEIGHTS_DIFFER,
+                f"'{tensor}' differs between the reference rank and rank {rf.rank} (max |diff| "
+                f"{diff:.3g}): DDP keeps parameters identical, so these files are not ranks of one "
+                "step of one run",
+                file=rf.display,
+                state_dict=lp.state_dict,
+                tensor=tensor,
+                rank=rf.rank,
+            )
+        )
+    return out
+
+
+def _compare_other_tensors(
+    ref_sds: list[StateDictRef], sds: list[StateDictRef], rf: RankFile, ref: RankFile
+) -> list[Finding]:
+    out = []
+    for ref_sd, sd in zip(ref_sds, sds, strict=True):
+        bn_keys = {normalize_key(k) for bn in find_bn_layers(sd.tensors) for k in bn.all_keys()}
+        by_norm = {normalize_key(k): t for k, t in sd.tensors.items()}
+        for k, ref_t in ref_sd.tensors.items():
+            norm = normalize_key(k)
+            if norm in bn_keys:
+                continue
+            # One tensor of each rank at a time: memory stays at the largest tensor, twice.
+            a, b = ref_t.to_numpy(), by_norm[norm].to_numpy()
+            if np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"):
+                continue
+            diff = _max_abs_diff(a, b)
+            out.append(
+                Finding(
+                    Severity.ERROR,
+                    FindingKind.WEIGHTS_DIFFER,
+                    f"'{norm}' differs between {ref.display} and rank {rf.rank} (max |diff| {diff}); "
+                    "ranks of one DDP step hold identical parameters",
+                    file=rf.display,
+                    state_dict=sd.name,
+                    tensor=norm,
+                    rank=rf.rank,
+                )
+            )
+    return out
+
+
+def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> str:
+    try:
+        return f"{float(np.nanmax(np.abs(a.astype(np.float64) - b.astype(np.float64)))):.3g}"
+    except (TypeError, ValueError):
+        return "n/a"
+
+
+def _second_pass(files: list[RankFile], key: str | None, plan: _ComparePlan) -> None:
+    for lp in plan.layers:
+        mean, var = lp.merger.result(MergeMethod.POOLED)
+        lp.divergence = DivergenceAccumulator(mean, var, eps=plan.eps)
+    for index, rf in enumerate(files):
+        _, sds = _open_rank(rf, key, plan.state_dicts)
+        by_sd = {sd.name: (sd, _layers_by_name(sd)) for sd in sds}
+        for lp in plan.layers:
+            sd, layers = by_sd[lp.state_dict]
+            stats = read_layer(sd, layers[lp.name], rf.display)
+            assert lp.divergence is not None
+            lp.divergence.add(index, stats.mean, stats.var)
+
+
+def _divergence_rows(
+    plan: _ComparePlan,
+    files: list[RankFile],
+    warn_kl: float,
+    error_kl: float,
+    layer: str | None,
+    findings: list[Finding],
+) -> tuple[list[LayerRow], list[dict[str, Any]]]:
+    rows: list[LayerRow] = []
+    channel_rows: list[dict[str, Any]] = []
+    for lp in plan.layers:
+        assert lp.divergence is not None
+        div = lp.divergence.result
+        mean, var = lp.merger.result(MergeMethod.POOLED)
+        channel = int(np.argmax(div.kl)) if lp.channels else 0
+        max_kl = float(div.kl[channel]) if lp.channels else 0.0
+        rank = files[int(div.kl_rank[channel])].rank if lp.channels else None
+        severity = _severity_for(max_kl, warn_kl, error_kl)
+        metrics: dict[str, float | int | None] = {
+            "max_kl": max_kl,
+            "max_shift": float(div.shift.max()) if lp.channels else 0.0,
+            "max_var_ratio": float(div.var_ratio.max()) if lp.channels else 1.0,
+            "channels_over_warn": int((div.kl >= warn_kl).sum()),
+        }
+        rows.append(
+            LayerRow(
+                lp.name,
+                lp.state_dict,
+                severity,
+                lp.channels,
+                metrics,
+                rank,
+                channel,
+                arrays={"pooled_mean": mean.tolist(), "pooled_var": var.tolist()},
+            )
+        )
+        if severity is not Severity.OK:
+            findings.append(
+                _divergence_finding(lp, severity, max_kl, metrics, rank, channel, files, warn_kl, error_kl)
+            )
+        if layer is not None and lp.name == layer and not channel_rows:
+            channel_rows = _compare_channels(lp, mean, var, files)
+    if layer is not None and not channel_rows:
+        raise InputError(
+            f"{files[0].display}: no BatchNorm layer named '{layer}'; " + _layer_names_hint(rows)
+        )
+    rows.sort(key=lambda r: (-r.severity.rank, -(r.metrics.get("max_kl") or 0.0)))
+    findings.sort(key=lambda f: -(_kl_of(f, rows)))
+    return rows, channel_rows
+
+
+def _kl_of(finding: Finding, rows: list[LayerRow]) -> float:
+    if finding.kind is not FindingKind.DIVERGENCE:
+        return 0.0
+    for r in rows:
+        if r.name == finding.layer and r.state_dict == finding.state_dict:
+            return float(r.metrics.get("max_kl") or 0.0)
+    return 0.0
+
+
+def _divergence_finding(
+    lp: _LayerPlan,
+    severity: Severity,
+    max_kl: float,
+    metrics: dict[str, float | int | None],
+    rank: int | None,
+    channel: int,
+    files: list[RankFile],
+    warn_kl: float,
+    error_kl: float,
+) -> Finding:
+    limit = error_kl if severity is Severity.ERROR else warn_kl
+    name = lp.name or "<root>"
+    message = (
+        f"layer '{name}': rank {rank} channel {channel} diverges from the pooled statistics of "
+        f"{len(files)} ranks (KL {max_kl:.3g} >= {limit:g}; mean shift up to {metrics['max_shift']:.2f} std, "
+        f"variance ratio up to {metrics['max_var_ratio']:.2f})"
+    )
+    return Finding(
+        severity,
+        FindingKind.DIVERGENCE,
+        message,
+        file=files[0].display,
+        state_dict=lp.state_dict,
+        layer=lp.name,
+        rank=rank,
+        channel=channel,
+    )
+
+
+def _compare_channels(
+    lp: _LayerPlan, mean: np.ndarray, var: np.ndarray, files: list[RankFile]
+) -> list[dict[str, Any]]:
+    assert lp.divergence is not None
+    div = lp.divergence.result
+    return [
+        {
+            "channel": c,
+            "pooled_mean": float(mean[c]),
+            "pooled_var": float(var[c]),
+            "max_kl": float(div.kl[c]),
+            "worst_rank": files[int(div.kl_rank[c])].rank,
+            "max_shift": float(div.shift[c]),
+            "max_var_ratio": float(div.var_ratio[c]),
+        }
+        for c in range(lp.channels)
+    ]
+
+
+def _counter_findings(plan: _ComparePlan, files: list[RankFile]) -> list[Finding]:
+    for lp in plan.layers:
+        values = set(lp.counters.values())
+        if len(values) > 1:
+            ref_rank = files[0].rank
+            ref_value = lp.counters.get(ref_rank)
+            other_rank, other = next((r, v) for r, v in lp.counters.items() if v != ref_value)
+            return [
+                Finding(
+                    Severity.WARN,
+                    FindingKind.COUNTER_MISMATCH,
+                    f"layer '{lp.name or '<root>'}': num_batches_tracked differs across ranks (rank "
+                    f"{ref_rank}: {ref_value}, rank {other_rank}: {other}); DDP ranks take the same "
+                    "number of steps, so these files may come from different steps or runs",
+                    file=files[0].display,
+                    state_dict=lp.state_dict,
+                    layer=lp.name,
+                    rank=other_rank,
+                )
+            ]
+    return []
+
+
+def _compare_next_step(files: list[RankFile], findings: tuple[Finding, ...]) -> str | None:
+    kinds = {f.kind for f in findings if f.severity is Severity.ERROR}
+    if FindingKind.WEIGHTS_DIFFER in kinds:
+        return "check that the files are the ranks of one step of one run before repairing them"
+    if FindingKind.DIVERGENCE in kinds or FindingKind.NONFINITE in kinds:
+        names = " ".join(f.display for f in files) if len(files) <= 2 else f'"{_common_pattern(files)}"'
+        return (
+            f"bnaudit average {names} -o averaged.pt   (or, better, bnaudit recalibrate {files[0].display} "
+            "--model MODULE:FACTORY --data MODULE:LOADER -o fixed.pt)"
+        )
+    return None
+
+
+def _common_pattern(files: list[RankFile]) -> str:
+    first = files[0].display
+    digits = str(files[0].rank)
+    index = first.rfind(digits)
+    return first[:index] + "*" + first[index + len(digits) :] if index >= 0 else first

@@ -1,0 +1,97 @@
+"""Recognise a checkpoint's container format from its first bytes, never from its name."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+from bnaudit.checkpoint.legacy import LEGACY_MAGIC
+from bnaudit.checkpoint.unpickler import inert_load
+from bnaudit.errors import BnauditError, InputError
+
+_SNIFF_BYTES = 64 * 1024  # enough to see "weight_map" near the top of a sharded index
+_MAX_SAFETENSORS_HEADER = 100_000_000
+_EXPECTED = "expected a torch.save file (.pt/.pth/.bin/.ckpt), a .safetensors file or a sharded *.index.json"
+
+
+def _is_legacy_torch(head: bytes) -> bool:
+    # The first pickle of a legacy file is the magic number alone: a few bytes, cheap to unpickle inertly.
+    try:
+        first, _, _ = inert_load(io.BytesIO(head), display="", source="magic number")
+    except BnauditError:
+        return False
+    return isinstance(first, int) and first == LEGACY_MAGIC
+
+
+def _looks_like_safetensors(head: bytes, file_size: int) -> bool:
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    # A corrupt length still means "safetensors" when the JSON brace is there; the reader reports it. Only
+    # rule out lengths that no header could have, so that JSON text starting with '{' is not mistaken.
+    return length <= max(file_size, _MAX_SAFETENSORS_HEADER) * 16
+
+
+def detect_format(path: str | Path) -> str:
+    """Tell which container a checkpoint path is, by content.
+
+    Args:
+        path: a file, or a directory (torch.distributed.checkpoint).
+
+    Returns:
+        One of ``torch-zip``, ``torch-legacy``, ``pickle``, ``safetensors``, ``hf-sharded``, ``dcp``.
+
+    Raises:
+        InputError: the path is missing, unreadable, empty, a directory without ``.metadata``, or not a
+            format bnaudit knows.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            if (path / ".metadata").is_file():
+                return "dcp"
+            raise InputError(
+                f"{path}: is a directory without a .metadata file, so not a distributed "
+                f"checkpoint; {_EXPECTED}"
+            )
+        file_size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file or directory; check the path") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied; check the file's permissions") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror}); check the path") from None
+    return _format_of(path, head, file_size)
+
+
+def _format_of(path: Path, head: bytes, file_size: int) -> str:
+    if not head:
+        raise InputError(f"{path}: is empty (0 bytes); the save was interrupted — re-save the checkpoint")
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if head.startswith(b"PK\x05\x06"):
+        raise InputError(f"{path}: is an empty zip archive, not a checkpoint; {_EXPECTED}")
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return "torch-legacy" if _is_legacy_torch(head) else "pickle"
+    if _looks_like_safetensors(head, file_size):
+        return "safetensors"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith(b"{"):
+        if b'"weight_map"' in head:
+            return "hf-sharded"
+        raise InputError(
+            f"{path}: is a JSON file without a 'weight_map', so not a sharded checkpoint index; {_EXPECTED}"
+        )
+    kind = "a text file" if _is_text(head) else f"an unknown format (first bytes {head[:8].hex()})"
+    raise InputError(f"{path}: is {kind}, not a checkpoint; {_EXPECTED}")
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,0 +1,166 @@
+"""Find the state dicts inside a checkpoint's rebuilt container, including whole pickled modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from bnaudit.checkpoint.types import Placeholder, StateDictRef, TensorRef
+from bnaudit.errors import InputError
+
+MAX_DEPTH = 4
+# Optimizer and scheduler state holds tensors keyed like parameters ("exp_avg", "step") but is not a model.
+_SKIP_KEYS = frozenset(
+    {
+        "optimizer",
+        "optimizers",
+        "optimizer_states",
+        "optimizer_state_dict",
+        "optim",
+        "lr_scheduler",
+        "lr_schedulers",
+        "scheduler",
+        "schedulers",
+        "param_schedulers",
+    }
+)
+
+
+def _is_optimizer_state(obj: Mapping[Any, Any]) -> bool:
+    return "state" in obj and "param_groups" in obj
+
+
+def is_state_dict(obj: Any) -> bool:
+    """Whether ``obj`` is a mapping of string keys to mostly tensors.
+
+    A few non-tensor values are allowed (None, ``*_extra_state``, odd metadata): at least 80% of the other
+    values must be tensors, and there must be at least one.
+
+    Args:
+        obj: any rebuilt object.
+
+    Returns:
+        True for a state dict.
+    """
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) for k in obj):
+        return False
+    tensors = sum(isinstance(v, TensorRef) for v in obj.values())
+    others = sum(
+        not isinstance(v, TensorRef) and v is not None and not k.endswith("_extra_state")
+        for k, v in obj.items()
+    )
+    return tensors > 0 and others * 4 <= tensors
+
+
+def _module_state(obj: Any) -> dict[str, Any] | None:
+    """The ``__dict__`` of a pickled ``nn.Module`` placeholder, or None when ``obj`` is not one."""
+    if not isinstance(obj, Placeholder):
+        return None
+    state = obj.state
+    if isinstance(state, tuple) and state and isinstance(state[0], Mapping):
+        state = state[0]
+    if isinstance(state, Mapping) and all(k in state for k in ("_parameters", "_buffers", "_modules")):
+        return dict(state)
+    return None
+
+
+def module_state_dict(obj: Any, prefix: str = "", depth: int = 0) -> dict[str, TensorRef]:
+    """Flatten a pickled module's parameters and persistent buffers the way ``state_dict()`` does.
+
+    Args:
+        obj: a Placeholder of an ``nn.Module`` (``torch.save(model)``).
+        prefix: key prefix of this module (``layer1.0.``).
+        depth: nesting level, bounded to stop cyclic or hostile module graphs.
+
+    Returns:
+        Key -> TensorRef, parameters then buffers then children, like ``nn.Module.state_dict``.
+    """
+    state = _module_state(obj)
+    if state is None or depth > 64:
+        return {}
+    result: dict[str, TensorRef] = {}
+    skip = state.get("_non_persistent_buffers_set") or set()
+    skip_names = set(skip.items if isinstance(skip, Placeholder) else skip)
+    for group in ("_parameters", "_buffers"):
+        members = state[group]
+        for name, value in members.items() if isinstance(members, Mapping) else ():
+            if isinstance(value, TensorRef) and not (group == "_buffers" and name in skip_names):
+                result[f"{prefix}{name}"] = value
+    children = state["_modules"]
+    for name, child in children.items() if isinstance(children, Mapping) else ():
+        result.update(module_state_dict(child, f"{prefix}{name}.", depth + 1))
+    return result
+
+
+def _walk(obj: Any, path: tuple[Any, ...], depth: int) -> Iterator[StateDictRef]:
+    name = "/".join(str(p) for p in path)
+    if is_state_dict(obj):
+        yield StateDictRef(name, path, {k: v for k, v in obj.items() if isinstance(v, TensorRef)})
+        return
+    if _module_state(obj) is not None:
+        tensors = module_state_dict(obj)
+        if tensors:
+            yield StateDictRef(name, path, tensors)
+        return
+    if depth >= MAX_DEPTH:
+        return
+    if isinstance(obj, Mapping):
+        if _is_optimizer_state(obj):
+            return
+        for key, value in obj.items():
+            if not (isinstance(key, str) and key in _SKIP_KEYS):
+                yield from _walk(value, (*path, key), depth + 1)
+    elif isinstance(obj, list | tuple):
+        for index, value in enumerate(obj):
+            yield from _walk(value, (*path, index), depth + 1)
+
+
+def find_state_dicts(root: Any, source: str = "checkpoint") -> list[StateDictRef]:
+    """Every state dict in a rebuilt checkpoint, outermost first.
+
+    Searches the top level, nested mappings and lists (depth up to ``MAX_DEPTH``), never inside a state
+    dict already found, never in optimizer or scheduler state; whole pickled modules are flattened.
+
+    Args:
+        root: ``Checkpoint.root``.
+        source: the file, for messages.
+
+    Returns:
+        StateDictRefs named by their ``/``-joined key path (``""`` for the top level), in container order.
+
+    Raises:
+        InputError: the object graph is too deeply nested to search.
+    """
+    try:
+        return list(_walk(root, (), 0))
+    except RecursionError:
+        raise InputError(
+            f"{source}: object graph is nested too deeply to search; re-save a plain state dict"
+        ) from None
+
+
+def select_state_dicts(
+    found: list[StateDictRef], key: str | None, source: str = "checkpoint"
+) -> list[StateDictRef]:
+    """Pick the state dict named by ``--key``, or all of them when no key is given.
+
+    Args:
+        found: the state dicts of a checkpoint.
+        key: a ``/``-joined path name as listed in ``StateDictRef.name``, or None.
+        source: the file, for messages.
+
+    Returns:
+        ``found`` when ``key`` is None, else a one-element list.
+
+    Raises:
+        InputError: no state dict has that name (the message lists the names there are).
+    """
+    if key is None:
+        return list(found)
+    for sd in found:
+        if sd.name == key:
+            return [sd]
+    available = ", ".join(repr(sd.name) for sd in found) or "none"
+    raise InputError(
+        f"{source}: no state dict at key {key!r}; state dicts found: {available} — pass one of them to --key"
+    )

@@ -1,0 +1,122 @@
+"""Reader for Hugging Face sharded checkpoints (``*.safetensors.index.json`` / ``*.bin.index.json``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from bnaudit.checkpoint.detect import detect_format
+from bnaudit.checkpoint.legacy import read_legacy
+from bnaudit.checkpoint.safetensors_io import read_safetensors
+from bnaudit.checkpoint.torchzip import read_torch_zip
+from bnaudit.checkpoint.types import Checkpoint, GlobalRef, TensorRef
+from bnaudit.errors import InputError
+
+MAX_INDEX_BYTES = 100_000_000
+_SHARD_READERS: dict[str, Callable[[Path], Checkpoint]] = {
+    "safetensors": read_safetensors,
+    "torch-zip": read_torch_zip,
+    "torch-legacy": read_legacy,
+}
+
+
+def _read_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(weight_map, metadata as strings) of an index file."""
+    if path.stat().st_size > MAX_INDEX_BYTES:
+        raise InputError(
+            f"{path}: index file is over {MAX_INDEX_BYTES} bytes; it is not a sharded checkpoint "
+            "index — pass the *.index.json written by save_pretrained"
+        )
+    try:
+        index = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: is not valid JSON ({exc}); re-download or re-save the index") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise InputError(
+            f"{path}: 'weight_map' must map tensor names to shard file names; "
+            "re-download or re-save the index"
+        )
+    meta = index.get("metadata")
+    metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    return weight_map, metadata
+
+
+def _shard_path(index: Path, shard: str) -> Path:
+    # Shard names come from an untrusted file: keep them inside the index's folder.
+    pure = PurePosixPath(shard)
+    if not shard or pure.is_absolute() or ".." in pure.parts or "\\" in shard:
+        raise InputError(
+            f"{index}: shard name {shard!r} is not a file name relative to the index's folder; "
+            "fix the weight_map"
+        )
+    return index.parent / pure
+
+
+def _read_shard(index: Path, shard: str) -> Checkpoint:
+    path = _shard_path(index, shard)
+    if not path.is_file():
+        raise InputError(
+            f"{index}: shard '{shard}' named in weight_map is missing (looked for {path}); "
+            "download every shard next to the index"
+        )
+    fmt = detect_format(path)
+    reader = _SHARD_READERS.get(fmt)
+    if reader is None:
+        raise InputError(
+            f"{index}: shard '{shard}' is {fmt}, expected safetensors or a torch.save file; "
+            "re-save the shards"
+        )
+    return reader(path)
+
+
+def read_sharded(path: Path) -> Checkpoint:
+    """Read every shard named by a sharded index and expose one flat state dict.
+
+    Args:
+        path: the ``*.index.json`` file.
+
+    Returns:
+        A Checkpoint (format ``hf-sharded``) whose root maps each tensor name (weight_map order) to a
+        TensorRef into its own shard; globals and warnings of every shard are merged; ``metadata`` is the
+        index's ``metadata`` as strings.
+
+    Raises:
+        InputError: the index is invalid, a shard is missing or unreadable, or a tensor is missing from its
+            shard.
+    """
+    weight_map, metadata = _read_index(path)
+    shards: dict[str, Checkpoint] = {}
+    root: dict[str, TensorRef] = {}
+    refs: list[GlobalRef] = []
+    warnings: list[str] = []
+    for name, shard in weight_map.items():
+        if shard not in shards:
+            shards[shard] = ckpt = _read_shard(path, shard)
+            refs.extend(ckpt.globals)
+            warnings.extend(ckpt.warnings)
+        root[name] = _tensor_in(path, shard, shards[shard].root, name)
+    return Checkpoint(
+        path=path,
+        format="hf-sharded",
+        root=root,
+        state_dicts=[],
+        globals=refs,
+        metadata=metadata,
+        warnings=warnings,
+    )
+
+
+def _tensor_in(index: Path, shard: str, shard_root: Any, name: str) -> TensorRef:
+    value = shard_root.get(name) if isinstance(shard_root, Mapping) else None
+    if not isinstance(value, TensorRef):
+        found = "missing" if value is None else f"a {type(value).__name__}"
+        raise InputError(
+            f"{index}: tensor '{name}' should be in shard '{shard}' but is {found} there; "
+            "the shards do not match the index — re-download or re-save them"
+        )
+    return value

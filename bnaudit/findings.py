@@ -1,0 +1,201 @@
+"""The Report that every audit command produces and every renderer consumes: findings, layer rows, verdict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class Severity(str, Enum):
+    """How bad a finding or a layer is; ordered ok < info < warn < error."""
+
+    OK = "ok"
+    INFO = "info"
+    WARN = "warn"
+    ERROR = "error"
+
+    @property
+    def rank(self) -> int:
+        return _SEVERITY_ORDER[self]
+
+
+_SEVERITY_ORDER = {Severity.OK: 0, Severity.INFO: 1, Severity.WARN: 2, Severity.ERROR: 3}
+
+
+class FailOn(str, Enum):
+    """The lowest finding severity that fails the gate (``never``: report only)."""
+
+    WARN = "warn"
+    ERROR = "error"
+    NEVER = "never"
+
+
+class FindingKind(str, Enum):
+    """The closed list of finding kinds; documented in the README and the JSON schema."""
+
+    DIVERGENCE = "divergence"
+    WEIGHTS_DIFFER = "weights-differ"
+    COUNTER_MISMATCH = "counter-mismatch"
+    NONFINITE = "nonfinite"
+    NEGATIVE_VARIANCE = "negative-variance"
+    TINY_VARIANCE = "tiny-variance"
+    NEVER_UPDATED = "never-updated"
+    MALFORMED_LAYER = "malformed-layer"
+    UNSAFE_PICKLE = "unsafe-pickle"
+    SUSPICIOUS_PICKLE = "suspicious-pickle"
+    NO_BATCHNORM = "no-batchnorm"
+    DRIFT = "drift"
+    UNREACHED_LAYER = "unreached-layer"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem (or note) found by an audit.
+
+    Attributes:
+        severity: info, warn or error.
+        kind: what kind of problem (a closed list).
+        message: one human sentence, naming the layer/tensor and what to do.
+        file: the checkpoint the finding is about (as given on the command line), when one is.
+        state_dict: the state dict's name (``model``, ``state_dict_ema``, ``""`` for the top level).
+        layer: the normalised BatchNorm layer name, when the finding is about a layer.
+        tensor: the normalised tensor key, when the finding is about one tensor.
+        rank: the rank concerned (compare), when one is.
+        channel: the worst channel, when one is.
+    """
+
+    severity: Severity
+    kind: FindingKind
+    message: str
+    file: str | None = None
+    state_dict: str | None = None
+    layer: str | None = None
+    tensor: str | None = None
+    rank: int | None = None
+    channel: int | None = None
+
+    @property
+    def location(self) -> str:
+        """The layer or tensor name, prefixed by the state dict when it has a name."""
+        where = self.layer if self.layer is not None else self.tensor
+        if where is None:
+            return self.state_dict or ""
+        where = where or "<root>"
+        return f"{self.state_dict}:{where}" if self.state_dict else where
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "severity": self.severity.value,
+            "kind": self.kind.value,
+            "message": self.message,
+            "file": self.file,
+            "state_dict": self.state_dict,
+            "layer": self.layer,
+            "tensor": self.tensor,
+            "rank": self.rank,
+            "channel": self.channel,
+        }
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One BatchNorm layer's line in a report.
+
+    ``metrics`` holds the command's numbers (for compare: ``max_kl``, ``max_shift``, ``max_var_ratio``,
+    ``pooled_mean_abs_max``...); ``worst_rank`` / ``worst_channel`` locate the maximum of the headline metric.
+    """
+
+    name: str
+    state_dict: str
+    severity: Severity
+    channels: int
+    metrics: dict[str, float | int | None]
+    worst_rank: int | None = None
+    worst_channel: int | None = None
+    arrays: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "state_dict": self.state_dict,
+            "severity": self.severity.value,
+            "channels": self.channels,
+            "metrics": self.metrics,
+            "worst_rank": self.worst_rank,
+            "worst_channel": self.worst_channel,
+        }
+        out.update(self.arrays)
+        return out
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """A checkpoint the report was made from."""
+
+    path: str
+    format: str
+    rank: int | None = None
+    state_dicts: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "rank": self.rank,
+            "state_dicts": list(self.state_dicts),
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    """What an audit found. Renderers turn it into text; :meth:`verdict` decides the exit code.
+
+    Attributes:
+        command: ``inspect``, ``compare``, ``drift``, ``average`` or ``recalibrate``.
+        inputs: the checkpoints read.
+        settings: thresholds and options that shaped the result (eps, warn_kl, error_kl, ignore, ...).
+        layers: per-layer rows, worst first.
+        findings: every finding, worst first.
+        headline: the metric that orders layers (``max_kl`` for compare), for renderers.
+        next_step: a command line suggestion printed with a failing verdict.
+        channel_rows: per-channel detail for ``--layer`` (list of dicts), empty otherwise.
+    """
+
+    command: str
+    inputs: tuple[InputInfo, ...]
+    settings: dict[str, Any]
+    layers: tuple[LayerRow, ...]
+    findings: tuple[Finding, ...]
+    headline: str = ""
+    next_step: str | None = None
+    channel_rows: tuple[dict[str, Any], ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def failing(self, fail_on: FailOn) -> list[Finding]:
+        """The findings at or above ``fail_on``."""
+        if fail_on is FailOn.NEVER:
+            return []
+        threshold = Severity(fail_on.value).rank
+        return [f for f in self.findings if f.severity.rank >= threshold]
+
+    def verdict(self, fail_on: FailOn) -> str:
+        """``pass`` or ``fail``: fail when any finding is at or above ``fail_on``."""
+        return "fail" if self.failing(fail_on) else "pass"
+
+    def worst_severity(self) -> Severity:
+        return max((f.severity for f in self.findings), key=lambda s: s.rank, default=Severity.OK)
+
+    def counts(self) -> dict[str, int]:
+        """Number of findings per severity."""
+        out = {s.value: 0 for s in (Severity.ERROR, Severity.WARN, Severity.INFO)}
+        for f in self.findings:
+            out[f.severity.value] += 1
+        return out
+
+
+def sort_findings(findings: list[Finding]) -> tuple[Finding, ...]:
+    """Worst first; stable within a severity so the audit's own order (worst layer first) is kept."""
+    return tuple(sorted(findings, key=lambda f: -f.severity.rank))

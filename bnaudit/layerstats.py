@@ -1,0 +1,192 @@
+"""Read one BatchNorm layer's tensors as float64 arrays, validate them, and check their health."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnaudit.checkpoint.types import StateDictRef, TensorRef
+from bnaudit.errors import InputError
+from bnaudit.findings import Finding, FindingKind, Severity
+from bnaudit.layers import BnLayer
+
+# A variance this far below eps means normalisation divides by ~sqrt(eps) alone: any deviation of the input
+# at eval time is amplified by up to 1/sqrt(eps) (316x for eps=1e-5).
+TINY_VARIANCE_FACTOR = 1e-3
+
+
+@dataclass
+class LayerStats:
+    """A layer's tensors, read and widened to float64 (``num_batches_tracked`` as int)."""
+
+    mean: np.ndarray
+    var: np.ndarray
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    num_batches_tracked: int | None
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[0])
+
+
+def _ref(sd: StateDictRef, key: str | None) -> TensorRef | None:
+    return None if key is None else sd.tensors.get(key)
+
+
+def layer_problem(sd: StateDictRef, layer: BnLayer) -> str | None:
+    """Why ``layer``'s tensors cannot be used as BatchNorm statistics, or None when they can.
+
+    Checks that the statistics are floating, one-dimensional, and of one length with weight and bias.
+    """
+    mean, var = sd.tensors[layer.running_mean], sd.tensors[layer.running_var]
+    for key, ref in ((layer.running_mean, mean), (layer.running_var, var)):
+        if not ref.is_floating:
+            return f"'{key}' has dtype {ref.dtype}, expected a floating dtype"
+    if len(mean.shape) != 1:
+        return f"'{layer.running_mean}' has shape {list(mean.shape)}, expected one value per channel"
+    for other_key in (layer.running_var, layer.weight, layer.bias):
+        other = _ref(sd, other_key)
+        if other is not None and other.shape != mean.shape:
+            mean_shape = list(mean.shape)
+            return f"'{other_key}' has shape {list(other.shape)} but '{layer.running_mean}' has {mean_shape}"
+    return None
+
+
+def read_layer(sd: StateDictRef, layer: BnLayer, file: str) -> LayerStats:
+    """Read a layer's tensors in float64.
+
+    Raises:
+        InputError: the layer's tensors are malformed (see :func:`layer_problem`).
+    """
+    problem = layer_problem(sd, layer)
+    if problem:
+        raise InputError(
+            f"{file}: BatchNorm layer '{layer.display_name}': {problem}; the statistics cannot be audited — "
+            "check that the file is a model checkpoint (use `bnaudit inspect` to list its problems)"
+        )
+    weight, bias = _ref(sd, layer.weight), _ref(sd, layer.bias)
+    nbt = _ref(sd, layer.num_batches_tracked)
+    counter = None
+    if nbt is not None and nbt.numel == 1:
+        counter = int(nbt.to_numpy().reshape(-1)[0])
+    return LayerStats(
+        mean=sd.tensors[layer.running_mean].to_numpy().astype(np.float64),
+        var=sd.tensors[layer.running_var].to_numpy().astype(np.float64),
+        weight=None if weight is None else weight.to_numpy().astype(np.float64),
+        bias=None if bias is None else bias.to_numpy().astype(np.float64),
+        num_batches_tracked=counter,
+    )
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where findings about one layer point: file, state dict, layer and (compare) rank."""
+
+    file: str
+    state_dict: str
+    layer: str
+    rank: int | None
+
+    @property
+    def label(self) -> str:
+        rank = f" of rank {self.rank}" if self.rank is not None else ""
+        return f"layer '{self.layer or '<root>'}'{rank}"
+
+    def finding(
+        self, severity: Severity, kind: FindingKind, message: str, channel: int | None = None
+    ) -> Finding:
+        return Finding(
+            severity,
+            kind,
+            f"{self.label}: {message}",
+            file=self.file,
+            state_dict=self.state_dict,
+            layer=self.layer,
+            rank=self.rank,
+            channel=channel,
+        )
+
+
+def health_findings(
+    stats: LayerStats,
+    eps: float,
+    *,
+    file: str,
+    state_dict: str,
+    layer: str,
+    rank: int | None = None,
+) -> list[Finding]:
+    """Problems of one layer's statistics that make eval-mode normalisation wrong or unsafe.
+
+    Returns:
+        Findings of kinds ``nonfinite``, ``negative-variance`` (errors), ``tiny-variance``,
+        ``never-updated`` (warnings) and, for a zero ``num_batches_tracked`` beside trained statistics,
+        ``never-updated`` (info).
+    """
+    place = _Place(file, state_dict, layer, rank)
+    out: list[Finding] = []
+    bad = ~np.isfinite(stats.mean) | ~np.isfinite(stats.var)
+    if bad.any():
+        ch = int(np.argmax(bad))
+        out.append(
+            place.finding(
+                Severity.ERROR,
+                FindingKind.NONFINITE,
+                f"{int(bad.sum())} channel(s) hold NaN or Inf statistics (first: channel {ch}); "
+                "recalibrate the layer with `bnaudit recalibrate`",
+                ch,
+            )
+        )
+    negative = np.isfinite(stats.var) & (stats.var < 0)
+    if negative.any():
+        ch = int(np.argmax(negative))
+        out.append(
+            place.finding(
+                Severity.ERROR,
+                FindingKind.NEGATIVE_VARIANCE,
+                f"{int(negative.sum())} channel(s) have a negative running_var (first: channel "
+                f"{ch}, {stats.var[ch]:.3g}); recalibrate the layer",
+                ch,
+            )
+        )
+    limit = eps * TINY_VARIANCE_FACTOR
+    tiny = np.isfinite(stats.var) & (stats.var >= 0) & (stats.var < limit)
+    if tiny.any():
+        ch = int(np.argmax(tiny))
+        out.append(
+            place.finding(
+                Severity.WARN,
+                FindingKind.TINY_VARIANCE,
+                f"{int(tiny.sum())} channel(s) have running_var below {limit:.0e} (first: "
+                f"channel {ch}); eval output there is amplified up to 1/sqrt(eps) — harmless for "
+                "dead channels, wrong for live ones",
+                ch,
+            )
+        )
+    out.extend(_never_updated(stats, place))
+    return out
+
+
+def _never_updated(stats: LayerStats, place: _Place) -> list[Finding]:
+    at_reset = stats.channels > 0 and bool(np.all(stats.mean == 0) and np.all(stats.var == 1))
+    if at_reset:
+        return [
+            place.finding(
+                Severity.WARN,
+                FindingKind.NEVER_UPDATED,
+                "statistics are still at their initial values (mean 0, var 1): the layer never ran "
+                "in train mode; recalibrate it on data with `bnaudit recalibrate`",
+            )
+        ]
+    if stats.num_batches_tracked == 0:
+        return [
+            place.finding(
+                Severity.INFO,
+                FindingKind.NEVER_UPDATED,
+                "num_batches_tracked is 0 but the statistics are set (typical of converted "
+                "pretrained weights); nothing to do unless training should have updated them",
+            )
+        ]
+    return []

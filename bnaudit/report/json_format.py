@@ -1,0 +1,47 @@
+"""The versioned JSON report (schema: bnaudit/schemas/report-v1.json)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from bnaudit import __version__
+from bnaudit.findings import SCHEMA_VERSION, FailOn, Report
+
+
+def _finite(value: Any) -> Any:
+    # JSON has no NaN/Infinity: non-finite numbers become null (the findings say what was wrong).
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def report_to_dict(report: Report, fail_on: FailOn) -> dict[str, Any]:
+    """The JSON document as a dict (what ``--format json`` prints)."""
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "bnaudit", "version": __version__},
+        "command": report.command,
+        "verdict": report.verdict(fail_on),
+        "fail_on": fail_on.value,
+        "summary": {"layers": len(report.layers), **report.counts()},
+        "settings": report.settings,
+        "inputs": [i.to_dict() for i in report.inputs],
+        "layers": [row.to_dict() for row in report.layers],
+        "findings": [f.to_dict() for f in report.findings],
+        "next_step": report.next_step if report.verdict(fail_on) == "fail" else None,
+    }
+    if report.channel_rows:
+        doc["channels"] = list(report.channel_rows)
+    doc.update(report.extra)
+    return dict(_finite(doc))
+
+
+def render(report: Report, fail_on: FailOn) -> str:
+    """Render the report as indented JSON followed by a newline."""
+    return json.dumps(report_to_dict(report, fail_on), indent=2) + "\n"

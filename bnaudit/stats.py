@@ -1,0 +1,183 @@
+"""Mergeable per-channel statistics (count / mean / M2), rank merges and divergence metrics, in float64."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+DEFAULT_EPS = 1e-5
+
+
+class MergeMethod(str, Enum):
+    """How per-rank variances are combined.
+
+    ``pooled``: the law of total variance, var = sum w_r (v_r + (m_r - mean)^2) / W — the variance of the
+    union of the ranks' data when each rank's statistics describe its own shard.
+    ``mean``: the weighted arithmetic mean of the variances, sum w_r v_r / W — what an all-reduce average of
+    ``running_var`` inside a training loop computes; it misses the spread between the rank means.
+    """
+
+    POOLED = "pooled"
+    MEAN = "mean"
+
+
+@dataclass
+class ChannelStats:
+    """Sufficient statistics of a set of samples, per channel: count, mean and M2 (sum of squared deviations).
+
+    Two ``ChannelStats`` merge exactly with Chan et al.'s parallel formulas, so ranks, batches and processes
+    all combine the same way, in any order. Counts may be fractional weights.
+    """
+
+    count: float
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def empty(cls, channels: int) -> ChannelStats:
+        return cls(0.0, np.zeros(channels, dtype=np.float64), np.zeros(channels, dtype=np.float64))
+
+    @classmethod
+    def from_moments(cls, count: float, mean: np.ndarray, var_biased: np.ndarray) -> ChannelStats:
+        """Build from a mean and a *biased* variance (M2 / count) over ``count`` samples."""
+        mean64 = np.asarray(mean, dtype=np.float64)
+        return cls(float(count), mean64.copy(), np.asarray(var_biased, dtype=np.float64) * count)
+
+    def merge(self, other: ChannelStats) -> ChannelStats:
+        """Return the statistics of the union of both sample sets (neither input is modified)."""
+        if other.count == 0:
+            return ChannelStats(self.count, self.mean.copy(), self.m2.copy())
+        if self.count == 0:
+            return ChannelStats(other.count, other.mean.copy(), other.m2.copy())
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / total)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / total)
+        return ChannelStats(total, mean, m2)
+
+    @property
+    def var_biased(self) -> np.ndarray:
+        """Population variance M2 / count (what BatchNorm normalises a batch with)."""
+        return self.m2 / self.count
+
+    @property
+    def var_unbiased(self) -> np.ndarray:
+        """Sample variance M2 / (count - 1) (what BatchNorm stores in ``running_var``)."""
+        return self.m2 / (self.count - 1)
+
+
+def merge_ranks(
+    means: list[np.ndarray], variances: list[np.ndarray], weights: list[float] | None, method: MergeMethod
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-rank running statistics into one mean and variance (non-streaming reference form).
+
+    Args:
+        means: each rank's ``running_mean``.
+        variances: each rank's ``running_var`` (whatever variance the ranks stored; unbiased for BatchNorm).
+        weights: per-rank sample counts w_r, or None for equal weights.
+        method: ``pooled`` or ``mean`` (see :class:`MergeMethod`).
+
+    Returns:
+        (mean, var) in float64: mean = sum w_r m_r / W, and var as the method says.
+    """
+    acc = RankMerger(len(means[0]))
+    for i, (m, v) in enumerate(zip(means, variances, strict=True)):
+        acc.add(m, v, 1.0 if weights is None else weights[i])
+    return acc.result(method)
+
+
+class RankMerger:
+    """Streams ranks' (running_mean, running_var) into weighted pooled and mean merges, one rank at a time.
+
+    Memory is a few float64 vectors per layer, whatever the number of ranks.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.pooled = ChannelStats.empty(channels)
+        self.weighted_var_sum = np.zeros(channels, dtype=np.float64)
+
+    def add(self, mean: np.ndarray, var: np.ndarray, weight: float = 1.0) -> None:
+        """Add one rank whose statistics describe ``weight`` samples."""
+        if weight <= 0:
+            raise ValueError(f"rank weight must be positive, got {weight}")
+        var64 = np.asarray(var, dtype=np.float64)
+        # Treat a rank as ``weight`` samples with the given mean and variance: M2 = weight * var. Chan's merge
+        # then yields exactly the law of total variance sum w (v + (m - mean)^2) / W.
+        self.pooled = self.pooled.merge(ChannelStats.from_moments(weight, mean, var64))
+        self.weighted_var_sum += weight * var64
+
+    @property
+    def total_weight(self) -> float:
+        return self.pooled.count
+
+    def result(self, method: MergeMethod) -> tuple[np.ndarray, np.ndarray]:
+        """The merged (mean, var) for ``method``."""
+        if self.pooled.count == 0:
+            raise ValueError("no ranks were added")
+        if method is MergeMethod.POOLED:
+            return self.pooled.mean.copy(), self.pooled.var_biased
+        return self.pooled.mean.copy(), self.weighted_var_sum / self.pooled.count
+
+
+def kl_normal(mean_p: np.ndarray, var_p: np.ndarray, mean_q: np.ndarray, var_q: np.ndarray) -> np.ndarray:
+    """KL(N(mean_p, var_p) || N(mean_q, var_q)) per channel, in nats.
+
+    With p the pooled distribution and q a rank's statistics, this is how wrong normalising with rank q's
+    statistics is for data that follows p. Variances must already include BatchNorm's eps.
+    """
+    ratio = var_p / var_q
+    return 0.5 * (ratio - 1.0 - np.log(ratio) + (mean_p - mean_q) ** 2 / var_q)
+
+
+@dataclass
+class Divergence:
+    """Per-channel worst divergence of the ranks from the pooled statistics of one layer.
+
+    ``kl``: max over ranks of KL(N(pooled) || N(rank)); ``shift``: max |m_r - mean| / sqrt(var + eps);
+    ``var_ratio``: max of max((v_r + eps) / (var + eps), its inverse) — 1 means equal; ``kl_rank``: the rank
+    index (position in the stream) attaining ``kl`` per channel.
+    """
+
+    kl: np.ndarray
+    shift: np.ndarray
+    var_ratio: np.ndarray
+    kl_rank: np.ndarray
+    per_rank_max_kl: list[float] = field(default_factory=list)
+    per_rank_max_shift: list[float] = field(default_factory=list)
+
+
+class DivergenceAccumulator:
+    """Second pass of ``compare``: streams ranks against the pooled statistics, keeping per-channel maxima."""
+
+    def __init__(self, pooled_mean: np.ndarray, pooled_var: np.ndarray, eps: float) -> None:
+        self.mean = np.asarray(pooled_mean, dtype=np.float64)
+        self.var_eps = np.asarray(pooled_var, dtype=np.float64) + eps
+        self.eps = eps
+        channels = len(self.mean)
+        self.result = Divergence(
+            kl=np.full(channels, -np.inf),
+            shift=np.zeros(channels),
+            var_ratio=np.ones(channels),
+            kl_rank=np.zeros(channels, dtype=np.int64),
+        )
+
+    def add(self, rank_index: int, mean: np.ndarray, var: np.ndarray) -> None:
+        """Fold in one rank's statistics."""
+        m = np.asarray(mean, dtype=np.float64)
+        v_eps = np.asarray(var, dtype=np.float64) + self.eps
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = kl_normal(self.mean, self.var_eps, m, v_eps)
+        # A non-finite or non-positive variance makes the rank's normalisation meaningless: rank it worst.
+        kl = np.where(np.isfinite(kl), kl, np.inf)
+        shift = np.abs(m - self.mean) / np.sqrt(self.var_eps)
+        ratio = np.maximum(v_eps / self.var_eps, self.var_eps / v_eps)
+        res = self.result
+        better = kl > res.kl
+        res.kl = np.where(better, kl, res.kl)
+        res.kl_rank = np.where(better, rank_index, res.kl_rank)
+        res.shift = np.maximum(res.shift, shift)
+        res.var_ratio = np.maximum(res.var_ratio, ratio)
+        res.per_rank_max_kl.append(float(np.max(kl)) if kl.size else 0.0)
+        res.per_rank_max_shift.append(float(np.max(shift)) if shift.size else 0.0)

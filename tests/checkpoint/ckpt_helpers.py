@@ -1,0 +1,83 @@
+"""Helpers shared by the checkpoint reader tests: compare bnaudit's lazy tensors with torch.load."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bnaudit.checkpoint import Checkpoint, TensorRef, iter_tensors, load_checkpoint
+
+WIDENED = {
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+}
+
+
+def torch_tensors(obj: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], torch.Tensor]]:
+    """(key path, tensor) for every tensor nested in dicts, lists and tuples, like ``iter_tensors``."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from torch_tensors(v, (*prefix, k))
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from torch_tensors(v, (*prefix, i))
+
+
+def expected_array(t: torch.Tensor) -> np.ndarray:
+    """What ``TensorRef.to_numpy`` must return for ``t``, computed by torch."""
+    t = t.detach()
+    if t.dtype in WIDENED:
+        return t.to(torch.float64).numpy()
+    if t.dtype == torch.uint16:
+        return t.to(torch.int64).numpy().astype(np.uint16)
+    return t.numpy()
+
+
+def assert_same_tensor(ref: TensorRef, t: torch.Tensor, where: Any = "") -> None:
+    assert ref.dtype == str(t.dtype).removeprefix("torch."), where
+    assert ref.shape == tuple(t.shape), where
+    assert ref.stride == tuple(t.stride()), where
+    assert ref.offset == t.storage_offset(), where
+    got, want = ref.to_numpy(), expected_array(t)
+    assert got.dtype == want.dtype, (where, got.dtype, want.dtype)
+    assert got.shape == want.shape, where
+    np.testing.assert_array_equal(got, want, err_msg=str(where))
+
+
+def assert_matches_torch(path: Path) -> Checkpoint:
+    """Load ``path`` with bnaudit and with torch, and compare every tensor reachable through containers."""
+    ckpt = load_checkpoint(path)
+    reference = torch.load(path, weights_only=False)
+    ours = dict(iter_tensors(ckpt.root))
+    theirs = dict(torch_tensors(reference))
+    assert set(ours) == set(theirs)
+    for key, t in theirs.items():
+        assert_same_tensor(ours[key], t, key)
+    return ckpt
+
+
+def rewrite_zip(src: Path, dst: Path, replace: dict[str, bytes | None]) -> None:
+    """Copy a zip entry by entry (stored), replacing (or dropping, for None) the named entries."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            if info.filename in replace:
+                data = replace[info.filename]
+                if data is not None:
+                    zout.writestr(info.filename, data)
+            else:
+                zout.writestr(info.filename, zin.read(info.filename))
+
+
+def entry_name(path: Path, suffix: str) -> str:
+    with zipfile.ZipFile(path) as zf:
+        return next(n for n in zf.namelist() if n.endswith(suffix))
