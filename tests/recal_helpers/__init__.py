@@ -1,0 +1,1 @@
+"""Importable models, loaders and worker scripts for the recalibration tests."""

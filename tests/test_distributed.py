@@ -1,0 +1,88 @@
+"""Distributed recalibration with real torchrun processes on CPU (gloo), and the helpers it builds on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bnaudit.distributed import launch_local, shard_batches, shard_length
+from bnaudit.errors import BnauditError, UsageError
+from tests.recal_helpers import dist_worker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _torchrun(mode: str, out: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tests.recal_helpers.dist_worker", mode, str(out)]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_shard_plain_iterable_and_lengths() -> None:
+    seq = list(range(5))
+    assert list(shard_batches(seq, 0, 2)) == [0, 2, 4]
+    assert list(shard_batches(seq, 1, 2)) == [1, 3]
+    assert list(shard_batches(seq, 1, 2, max_batches=3)) == [1]
+    assert [shard_length(5, r, 2) for r in (0, 1)] == [3, 2]
+    assert shard_length(1, 1, 2) == 0
+
+
+def test_shard_dataloader_rebuilds_batch_sampler() -> None:
+    data = torch.arange(20.0)
+    loader = torch.utils.data.DataLoader(data, batch_size=3)
+    batches = list(loader)
+    shard = shard_batches(loader, 1, 3, max_batches=6)
+    assert isinstance(shard, torch.utils.data.DataLoader) and len(shard) == 2
+    got = list(shard)
+    assert [b.tolist() for b in got] == [batches[1].tolist(), batches[4].tolist()]
+    shuffled = torch.utils.data.DataLoader(data, batch_size=3, shuffle=True)
+    with pytest.raises(UsageError, match="seeded generator"):
+        shard_batches(shuffled, 0, 2)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equals_single_process(tmp_path: Path) -> None:
+    proc = _torchrun("ok", tmp_path / "res")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = dist_worker.cases()
+    for rank in (0, 1):
+        dist = torch.load(tmp_path / f"res.rank{rank}", weights_only=False)
+        for case, layers in single.items():
+            assert dist[case]["_world"] == 2 and layers["_world"] == 1
+            assert dist[case]["_batches"] == layers["_batches"], case
+            assert dist[case]["_samples"] == layers["_samples"], case
+            for name, value in layers.items():
+                if name.startswith("_"):
+                    continue
+                np.testing.assert_allclose(dist[case][name][0], value[0], rtol=1e-9, atol=1e-12, err_msg=case)
+                np.testing.assert_allclose(dist[case][name][1], value[1], rtol=1e-9, err_msg=case)
+                assert dist[case][name][2] == value[2]
+    assert single["uneven"]["_batches"] == 5 and single["loader_max7"]["_batches"] == 7
+
+
+@pytest.mark.slow
+def test_torchrun_failing_rank_stops_every_rank_with_the_same_error(tmp_path: Path) -> None:
+    start = time.monotonic()
+    proc = _torchrun("fail", tmp_path / "res")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("bnaudit: error:")]
+    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-3000:]
+    assert lines[0].startswith("bnaudit: error: rank 1 failed: batch 3 raised RuntimeError: Given groups=1")
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_launch_local_keeps_exit_code_and_line() -> None:
+    with pytest.raises(BnauditError) as info:
+        launch_local(2, dist_worker.failing_entry, (2,))
+    assert info.value.exit_code == 2
+    assert str(info.value).startswith("rank 0 failed: batch 2 raised RuntimeError: Given groups=1")
+    assert launch_local(2, dist_worker.ok_entry) == {0: 10, 1: 10}
