@@ -26,6 +26,10 @@ _EXPORTS: dict[str, str] = {
     "find_bn_layers": "bnaudit.layers",
     "normalize_key": "bnaudit.layers",
     "MergeMethod": "bnaudit.stats",
+    "average_checkpoints": "bnaudit.repair",
+    "AverageResult": "bnaudit.repair",
+    "sync_bn_stats": "bnaudit.training",
+    "save_rank_stats": "bnaudit.training",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,0 +1,219 @@
+"""``bnaudit average``: merge per-rank BatchNorm statistics into one checkpoint (the offline all-reduce)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from tabulate import tabulate
+
+from bnaudit.cli.options import eps_option, ignore_option, write_text_atomically
+from bnaudit.errors import UsageError
+from bnaudit.findings import FailOn, Report, Severity
+from bnaudit.repair import OUTPUT_FORMATS, AverageResult, average_checkpoints
+from bnaudit.report import OutputFormat, render
+from bnaudit.report.table import verdict_line
+from bnaudit.stats import MergeMethod
+
+_COLUMNS = [
+    ("KL before", "max_kl_before"),
+    ("shift before (std)", "max_shift_before"),
+    ("reference KL", "reference_kl"),
+    ("mean move (std)", "mean_move_std"),
+    ("var change (x)", "var_change_ratio"),
+]
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    """``"3,3,3,2"`` -> [3.0, 3.0, 3.0, 2.0]; None stays None.
+
+    Raises:
+        UsageError: an item is not a number.
+    """
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(
+            f"--rank-weights {text!r}: expected comma-separated sample counts, one per rank (e.g. 3,3,3,2)"
+        ) from None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.2e}" if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3) else f"{value:.4f}"
+    return str(value)
+
+
+def render_table(report: Report, fail_on: FailOn) -> str:
+    """The terminal view of an average report: per layer, how far the ranks were apart and what moves."""
+    settings = report.settings
+    title = (
+        f"bnaudit average: {settings['ranks']} ranks, {len(report.layers)} BatchNorm layer(s), method "
+        f"{settings['method']}, reference {settings['reference']}"
+    )
+    multi_sd = len({r.state_dict for r in report.layers}) > 1
+    headers = ["layer", *(["state dict"] if multi_sd else []), "worst rank", *(c for c, _ in _COLUMNS)]
+    rows = [
+        [
+            r.name or "<root>",
+            *([r.state_dict or "<root>"] if multi_sd else []),
+            _fmt(r.worst_rank),
+            *(_fmt(r.metrics.get(m)) for _, m in _COLUMNS),
+        ]
+        for r in report.layers
+    ]
+    parts = [title, "", tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True), ""]
+    shown = [f for f in report.findings if f.severity is not Severity.INFO]
+    if shown:
+        parts.append("Findings:")
+        parts += [f"  {f.severity.value.upper():5} {f.kind.value:18} {f.message}" for f in shown[:20]]
+        parts.append("")
+    parts.append(_outcome(report))
+    parts.append(verdict_line(report, fail_on))
+    return "\n".join(parts) + "\n"
+
+
+def _outcome(report: Report) -> str:
+    info = report.extra.get("average", {})
+    if info.get("output"):
+        return f"Wrote {info['output']} (provenance: {info['sidecar']})"
+    if info.get("refused"):
+        return "Refused: nothing was written"
+    return "Dry run: nothing was written"
+
+
+@click.command("average")
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The checkpoint to write (required unless --dry-run); never an input; replacing needs --force.",
+)
+@click.option(
+    "--method",
+    type=click.Choice([m.value for m in MergeMethod]),
+    default=MergeMethod.POOLED.value,
+    show_default=True,
+    help="pooled: law of total variance (the variance of all ranks' data); mean: mean of running_var.",
+)
+@click.option(
+    "--rank-weights",
+    metavar="N,N,...",
+    default=None,
+    help="Per-rank sample counts in rank order (uneven shards), e.g. 3,3,3,2. Default: counts recorded by "
+    "save_rank_stats, else equal.",
+)
+@click.option("--key", metavar="PATH", default=None, help="Merge only this state dict of the reference.")
+@click.option(
+    "--reference",
+    type=click.Path(dir_okay=True, path_type=Path),
+    default=None,
+    help="The checkpoint to copy and patch (default: the lowest rank), e.g. rank 0's full checkpoint "
+    "when the ranks are save_rank_stats files.",
+)
+@click.option(
+    "--to",
+    type=click.Choice(list(OUTPUT_FORMATS)),
+    default=None,
+    help="Convert: pt (torch.save of the state dict; needs torch) or safetensors (one state dict's tensors).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
+@click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
+@click.option(
+    "--allow-unsafe-input",
+    is_flag=True,
+    help="Repair even when an input's pickle references dangerous callables (the output carries them too).",
+)
+@eps_option
+@ignore_option
+@click.option(
+    "--report",
+    "report_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the report to this file instead of stdout.",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice([f.value for f in OutputFormat]),
+    default=OutputFormat.TABLE.value,
+    show_default=True,
+    help="Report format; the exit code is the same for every format.",
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice([f.value for f in FailOn]),
+    default=FailOn.ERROR.value,
+    show_default=True,
+    help="Exit 1 when a finding about the inputs is at least this severe (a refused write always exits 1).",
+)
+def average_command(
+    checkpoints: tuple[str, ...],
+    output: Path | None,
+    method: str,
+    rank_weights: str | None,
+    key: str | None,
+    reference: Path | None,
+    to: str | None,
+    force: bool,
+    dry_run: bool,
+    allow_unsafe_input: bool,
+    eps: float,
+    ignore: tuple[str, ...],
+    report_file: Path | None,
+    output_format: str,
+    fail_on: str,
+) -> int:
+    """Merge the BatchNorm statistics of per-rank CHECKPOINTS into one checkpoint, -o OUT.
+
+    OUT is the reference checkpoint (the lowest rank, or --reference) with only running_mean / running_var
+    replaced, byte for byte: optimizer state, metadata, other tensors and num_batches_tracked are kept. A
+    provenance file OUT.bnaudit.json is written next to it. Exit codes: 0 written, 1 refused (an input with
+    an unsafe pickle, unusable statistics, parameters that differ) or a finding at or above --fail-on,
+    2 usage or input error, 3 internal error, 130 interrupted.
+    """
+    result = average_checkpoints(
+        list(checkpoints),
+        output,
+        method=method,
+        rank_weights=parse_weights(rank_weights),
+        key=key,
+        reference=reference,
+        to=to,
+        force=force,
+        dry_run=dry_run,
+        allow_unsafe_input=allow_unsafe_input,
+        eps=eps,
+        ignore=ignore,
+    )
+    return _emit(result, output_format, report_file, FailOn(fail_on))
+
+
+def _emit(result: AverageResult, output_format: str, report_file: Path | None, gate: FailOn) -> int:
+    report = result.report
+    fmt = OutputFormat(output_format)
+    text = render_table(report, gate) if fmt is OutputFormat.TABLE else render(report, fmt, gate)
+    if report_file is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_text_atomically(report_file, text)
+    if result.refused:
+        click.echo(f"bnaudit: refused: {result.refused}", err=True)
+        return 1
+    if result.output is not None:
+        click.echo(f"bnaudit: wrote {result.output} and {result.sidecar}", err=True)
+    return 1 if report.verdict(gate) == "fail" else 0
