@@ -65,6 +65,7 @@ class Finding:
         tensor: the normalised tensor key, when the finding is about one tensor.
         rank: the rank concerned (compare), when one is.
         channel: the worst channel, when one is.
+        baselined: accepted by a ``--baseline`` report: still reported, but never fails the gate.
     """
 
     severity: Severity
@@ -76,6 +77,7 @@ class Finding:
     tensor: str | None = None
     rank: int | None = None
     channel: int | None = None
+    baselined: bool = False
 
     @property
     def location(self) -> str:
@@ -97,6 +99,7 @@ class Finding:
             "tensor": self.tensor,
             "rank": self.rank,
             "channel": self.channel,
+            "baselined": self.baselined,
         }
 
 
@@ -175,11 +178,11 @@ class Report:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def failing(self, fail_on: FailOn) -> list[Finding]:
-        """The findings at or above ``fail_on``."""
+        """The findings at or above ``fail_on``, less those a baseline accepted."""
         if fail_on is FailOn.NEVER:
             return []
         threshold = Severity(fail_on.value).rank
-        return [f for f in self.findings if f.severity.rank >= threshold]
+        return [f for f in self.findings if f.severity.rank >= threshold and not f.baselined]
 
     def verdict(self, fail_on: FailOn) -> str:
         """``pass`` or ``fail``: fail when any finding is at or above ``fail_on``."""

@@ -13,6 +13,7 @@ from bnaudit.cli.options import (
     ignore_option,
     key_option,
     layer_option,
+    plot_option,
     report_options,
 )
 
@@ -44,6 +45,7 @@ _positive = click.FloatRange(min=0.0, min_open=True)
 )
 @layer_option
 @report_options
+@plot_option
 def compare_command(
     checkpoints: tuple[str, ...],
     key: str | None,
@@ -54,8 +56,8 @@ def compare_command(
     check_weights: bool,
     allow_empty: bool,
     layer: str | None,
-    output_format: str,
-    output: Path | None,
+    output_format: tuple[str, ...],
+    output: tuple[Path, ...],
     fail_on: str,
 ) -> int:
     """Compare the BatchNorm statistics of per-rank CHECKPOINTS of one DDP run.

@@ -63,8 +63,8 @@ def inspect_command(
     ignore: tuple[str, ...],
     layer: str | None,
     security: bool,
-    output_format: str,
-    output: Path | None,
+    output_format: tuple[str, ...],
+    output: tuple[Path, ...],
     fail_on: str,
 ) -> int:
     """Check the BatchNorm statistics of each CHECKPOINT: NaN/Inf, negative or tiny variance, layers never

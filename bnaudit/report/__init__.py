@@ -6,7 +6,7 @@ from collections.abc import Callable
 from enum import Enum
 
 from bnaudit.findings import FailOn, Report
-from bnaudit.report import json_format, table
+from bnaudit.report import github, json_format, junit, markdown, sarif, table
 
 Renderer = Callable[[Report, FailOn], str]
 
@@ -16,11 +16,30 @@ class OutputFormat(str, Enum):
 
     TABLE = "table"
     JSON = "json"
+    MARKDOWN = "markdown"
+    JUNIT = "junit"
+    SARIF = "sarif"
+    GITHUB = "github"
 
 
 RENDERERS: dict[OutputFormat, Renderer] = {
     OutputFormat.TABLE: table.render,
     OutputFormat.JSON: json_format.render,
+    OutputFormat.MARKDOWN: markdown.render,
+    OutputFormat.JUNIT: junit.render,
+    OutputFormat.SARIF: sarif.render,
+    OutputFormat.GITHUB: github.render,
+}
+
+# File name suffixes that say which format a -o file is meant to hold; used to catch a -o paired with the
+# wrong --format. A suffix not listed anywhere (.txt, .log, none) fits every format.
+SUFFIXES: dict[OutputFormat, frozenset[str]] = {
+    OutputFormat.TABLE: frozenset({".txt", ".log"}),
+    OutputFormat.JSON: frozenset({".json"}),
+    OutputFormat.MARKDOWN: frozenset({".md", ".markdown"}),
+    OutputFormat.JUNIT: frozenset({".xml"}),
+    OutputFormat.SARIF: frozenset({".sarif", ".json"}),
+    OutputFormat.GITHUB: frozenset({".txt", ".log"}),
 }
 
 

@@ -29,7 +29,12 @@ def report_to_dict(report: Report, fail_on: FailOn) -> dict[str, Any]:
         "command": report.command,
         "verdict": report.verdict(fail_on),
         "fail_on": fail_on.value,
-        "summary": {"layers": len(report.layers), **report.counts()},
+        "summary": {
+            "layers": len(report.layers),
+            **report.counts(),
+            "baselined": sum(f.baselined for f in report.findings),
+        },
+        "headline": report.headline,
         "settings": report.settings,
         "inputs": [i.to_dict() for i in report.inputs],
         "layers": [row.to_dict() for row in report.layers],

@@ -16,32 +16,33 @@ MAX_FINDINGS_SHOWN = 20
 Column = tuple[str, Callable[[LayerRow], Any]]
 
 
-def _metric(name: str) -> Callable[[LayerRow], Any]:
+def metric(name: str) -> Callable[[LayerRow], Any]:
     return lambda row: row.metrics.get(name)
 
 
 _INSPECT_COLUMNS: list[Column] = [
     ("channels", lambda r: r.channels),
-    ("max |mean|", _metric("mean_abs_max")),
-    ("min var", _metric("var_min")),
-    ("max var", _metric("var_max")),
-    ("batches", _metric("num_batches_tracked")),
+    ("max |mean|", metric("mean_abs_max")),
+    ("min var", metric("var_min")),
+    ("max var", metric("var_max")),
+    ("batches", metric("num_batches_tracked")),
 ]
 _COMPARE_COLUMNS: list[Column] = [
-    ("max KL", _metric("max_kl")),
-    ("max shift (std)", _metric("max_shift")),
-    ("max var ratio", _metric("max_var_ratio")),
+    ("max KL", metric("max_kl")),
+    ("max shift (std)", metric("max_shift")),
+    ("max var ratio", metric("max_var_ratio")),
     ("worst rank", lambda r: r.worst_rank),
     ("channel", lambda r: r.worst_channel),
 ]
 COLUMNS: dict[str, list[Column]] = {"inspect": _INSPECT_COLUMNS, "compare": _COMPARE_COLUMNS}
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A metric as a short string: 4 decimals, scientific notation for very small or large values."""
     if value is None:
         return "-"
     if isinstance(value, list | tuple):
-        return ", ".join(_fmt(v) for v in value)
+        return ", ".join(format_value(v) for v in value)
     if isinstance(value, float):
         if math.isinf(value):
             return "inf"
@@ -62,7 +63,7 @@ def _layer_table(report: Report) -> str:
                 r.name or "<root>",
                 *([r.state_dict or "<root>"] if multi_sd else []),
                 r.severity.value,
-                *(_fmt(get(r)) for _, get in columns),
+                *(format_value(get(r)) for _, get in columns),
             ]
         )
     return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
@@ -71,7 +72,7 @@ def _layer_table(report: Report) -> str:
 def _channel_table(rows: Sequence[dict[str, Any]]) -> str:
     headers = list(rows[0])
     return tabulate(
-        [[_fmt(row[h]) for h in headers] for row in rows],
+        [[format_value(row[h]) for h in headers] for row in rows],
         headers=headers,
         tablefmt="simple",
         disable_numparse=True,
@@ -83,7 +84,8 @@ def _findings_block(report: Report) -> list[str]:
     lines = []
     for f in shown[:MAX_FINDINGS_SHOWN]:
         where = f"[{f.state_dict}] " if f.state_dict else ""
-        lines.append(f"  {f.severity.value.upper():5} {f.kind.value:18} {where}{f.message}")
+        accepted = " (accepted by the baseline)" if f.baselined else ""
+        lines.append(f"  {f.severity.value.upper():5} {f.kind.value:18} {where}{f.message}{accepted}")
     if len(shown) > MAX_FINDINGS_SHOWN:
         lines.append(f"  ... and {len(shown) - MAX_FINDINGS_SHOWN} more (use --format json for all)")
     return lines
@@ -99,10 +101,17 @@ def _title(report: Report) -> str:
     return f"bnaudit {report.command}: {sources} ({n_layers} BatchNorm layer(s))"
 
 
+def counts_text(report: Report) -> str:
+    """``2 error(s), 1 warning(s), 0 note(s)``, and how many of them a baseline accepted."""
+    counts = report.counts()
+    text = f"{counts['error']} error(s), {counts['warn']} warning(s), {counts['info']} note(s)"
+    baselined = sum(f.baselined for f in report.findings)
+    return f"{text}, {baselined} accepted by the baseline" if baselined else text
+
+
 def verdict_line(report: Report, fail_on: FailOn) -> str:
     """``PASS``/``FAIL`` with the counts and, on failure, the next step to take."""
-    counts = report.counts()
-    summary = f"{counts['error']} error(s), {counts['warn']} warning(s), {counts['info']} note(s)"
+    summary = counts_text(report)
     if report.verdict(fail_on) == "pass":
         return f"PASS: {summary} (fail-on: {fail_on.value})"
     line = f"FAIL: {summary} (fail-on: {fail_on.value})"
