@@ -39,9 +39,15 @@ SAFE_GLOBALS = frozenset(
         "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
         "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
         "torch._tensor._rebuild_from_type_v2", "torch.Tensor", "torch.nn.parameter.Parameter",
-        "torch.Size", "torch.device",
+        "torch.Size", "torch.device", "torch.serialization._get_layout",
     }
 )  # fmt: skip
+# torch.distributed.checkpoint's own metadata classes: every DCP .metadata pickle is made of them.
+SAFE_MODULES = (
+    "torch.distributed.checkpoint.metadata.*",
+    "torch.distributed.checkpoint.planner.*",
+    "torch.distributed.checkpoint.filesystem.*",
+)
 SAFE_PATTERNS = (
     "torch.*Storage",
     "torch.float*",
@@ -63,8 +69,7 @@ BENIGN_GLOBALS = frozenset(
         "datetime.datetime", "datetime.date", "datetime.timedelta", "datetime.timezone",
         "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.Path",
         "copyreg._reconstructor", "builtins.object", "builtins.range",
-        "torch.nn.modules.*", "torch.ao.nn.*", "torch.optim.*", "torch.distributed.checkpoint.metadata.*",
-        "torch.distributed.checkpoint.planner.*", "torch.distributed.checkpoint.filesystem.*",
+        "torch.nn.modules.*", "torch.ao.nn.*", "torch.optim.*",
         "torch._utils._rebuild_qtensor", "torch._utils._rebuild_sparse_tensor",
         "numpy.dtypes.*", "enum.Enum", "types.SimpleNamespace",
     }
@@ -110,7 +115,7 @@ def classify_global(module: str, name: str) -> Safety:
     qualname = f"{module}.{name}"
     if _matches(qualname, DANGEROUS_GLOBALS):
         return Safety.DANGEROUS
-    if qualname in SAFE_GLOBALS or _matches(qualname, SAFE_PATTERNS):
+    if qualname in SAFE_GLOBALS or _matches(qualname, SAFE_PATTERNS) or _matches(qualname, SAFE_MODULES):
         return Safety.SAFE
     if _matches(qualname, BENIGN_GLOBALS):
         return Safety.BENIGN

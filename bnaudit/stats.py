@@ -171,8 +171,12 @@ class DivergenceAccumulator:
             kl = kl_normal(self.mean, self.var_eps, m, v_eps)
         # A non-finite or non-positive variance makes the rank's normalisation meaningless: rank it worst.
         kl = np.where(np.isfinite(kl), kl, np.inf)
-        shift = np.abs(m - self.mean) / np.sqrt(self.var_eps)
-        ratio = np.maximum(v_eps / self.var_eps, self.var_eps / v_eps)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shift = np.abs(m - self.mean) / np.sqrt(self.var_eps)
+            ratio = np.maximum(v_eps / self.var_eps, self.var_eps / v_eps)
+        # A negative pooled or rank variance has no meaningful shift or ratio: count it as infinitely off.
+        shift = np.where(np.isnan(shift), np.inf, shift)
+        ratio = np.where(np.isfinite(ratio) & (ratio > 0), ratio, np.inf)
         res = self.result
         better = kl > res.kl
         res.kl = np.where(better, kl, res.kl)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from bnaudit.checkpoint.dcp import read_dcp
 from bnaudit.checkpoint.detect import detect_format
 from bnaudit.checkpoint.discover import find_state_dicts, select_state_dicts
 from bnaudit.checkpoint.legacy import read_legacy
@@ -22,7 +23,7 @@ from bnaudit.checkpoint.types import (
     iter_tensors,
 )
 from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, inert_load
-from bnaudit.errors import BnauditError, InputError, UnsupportedFormatError
+from bnaudit.errors import BnauditError, InputError
 
 __all__ = [
     "Checkpoint",
@@ -54,13 +55,6 @@ def _read_pickle(path: Path) -> Checkpoint:
     return Checkpoint(path=path, format="pickle", root=root, state_dicts=[], globals=refs, warnings=warnings)
 
 
-def _read_dcp(path: Path) -> Checkpoint:
-    raise UnsupportedFormatError(
-        f"{path}: torch.distributed.checkpoint folders are not yet supported; convert it with "
-        "torch.distributed.checkpoint.format_utils.dcp_to_torch_save and audit the result"
-    )
-
-
 # One entry per container format: adding a format is adding a reader here.
 _READERS: dict[str, Callable[[Path], Checkpoint]] = {
     "torch-zip": read_torch_zip,
@@ -68,7 +62,7 @@ _READERS: dict[str, Callable[[Path], Checkpoint]] = {
     "pickle": _read_pickle,
     "safetensors": read_safetensors,
     "hf-sharded": read_sharded,
-    "dcp": _read_dcp,
+    "dcp": read_dcp,
 }
 
 
@@ -83,7 +77,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         The Checkpoint with its state dicts found (tensors stay lazy: call ``TensorRef.to_numpy``).
 
     Raises:
-        UnsupportedFormatError: a recognised container bnaudit does not read (TorchScript, DCP for now).
+        UnsupportedFormatError: a recognised container bnaudit does not read (TorchScript).
         InputError: the path is missing, unreadable, empty, truncated, corrupt or of an unknown format.
     """
     path = Path(path)

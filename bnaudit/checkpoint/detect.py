@@ -12,6 +12,7 @@ from bnaudit.errors import BnauditError, InputError
 
 _SNIFF_BYTES = 64 * 1024  # enough to see "weight_map" near the top of a sharded index
 _MAX_SAFETENSORS_HEADER = 100_000_000
+_TEXT_BYTES = frozenset(range(0x20, 0x7F)) | frozenset(b"\t\n\r\x0b\x0c")
 _EXPECTED = "expected a torch.save file (.pt/.pth/.bin/.ckpt), a .safetensors file or a sharded *.index.json"
 
 
@@ -29,8 +30,11 @@ def _looks_like_safetensors(head: bytes, file_size: int) -> bool:
         return False
     (length,) = struct.unpack("<Q", head[:8])
     # A corrupt length still means "safetensors" when the JSON brace is there; the reader reports it. Only
-    # rule out lengths that no header could have, so that JSON text starting with '{' is not mistaken.
-    return length <= max(file_size, _MAX_SAFETENSORS_HEADER) * 16
+    # rule out lengths that no header could have when they read as text, so that JSON text with '{' at
+    # byte 8 (indented JSON) is not mistaken; binary length bytes are a corrupt safetensors header.
+    if length <= max(file_size, _MAX_SAFETENSORS_HEADER) * 16:
+        return True
+    return not all(b in _TEXT_BYTES for b in head[:8])
 
 
 def detect_format(path: str | Path) -> str:

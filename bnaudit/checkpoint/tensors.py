@@ -7,6 +7,7 @@ import zipfile
 
 import numpy as np
 
+from bnaudit.checkpoint.torchzip import ZIP_READ_ERRORS
 from bnaudit.checkpoint.types import ITEMSIZE, NUMPY_DTYPES, TensorRef
 from bnaudit.errors import InputError
 
@@ -79,7 +80,7 @@ def _read_compressed(ref: TensorRef, start: int, end: int) -> bytes:
         with zipfile.ZipFile(storage.path) as zf, zf.open(storage.key) as entry:
             entry.read(start)
             return entry.read(end - start)
-    except (OSError, zipfile.BadZipFile, KeyError, EOFError) as exc:
+    except (*ZIP_READ_ERRORS, KeyError) as exc:
         raise InputError(
             f"{storage.path}: cannot decompress zip entry '{storage.key}' ({exc}); "
             "the file is corrupt — re-save it"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,17 @@ from bnaudit.errors import InputError, UnsupportedFormatError
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version..sizes skipped), name length, extra length
 _LOCAL_SIGNATURE = b"PK\x03\x04"
+# What zipfile raises on a corrupt entry: unsupported "compression methods" or zip versions
+# (NotImplementedError) and the encryption flag (RuntimeError) come from flipped bits, not real archives.
+ZIP_READ_ERRORS = (
+    zipfile.BadZipFile,
+    EOFError,
+    OSError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+    zlib.error,
+)
 
 
 @dataclass(frozen=True)
@@ -30,7 +42,14 @@ class ZipEntry:
 def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, struct.error) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        EOFError,
+        ValueError,
+        struct.error,
+        NotImplementedError,
+    ) as exc:
         raise InputError(
             f"{path}: is not a complete zip archive ({exc}); the file is truncated or corrupt — "
             "re-save it or copy it again"
@@ -72,13 +91,15 @@ def archive_prefix(path: Path, names: list[str]) -> str:
     return candidates[0]
 
 
-def read_entries(path: Path, zf: zipfile.ZipFile, file_size: int) -> dict[str, ZipEntry]:
+def read_entries(path: Path, zf: zipfile.ZipFile, file_size: int, base: int = 0) -> dict[str, ZipEntry]:
     """Locate every entry's data in the file and check that no two overlap.
 
     Args:
         path: the zip file.
         zf: the open archive.
-        file_size: the file's size in bytes.
+        file_size: the file's size in bytes (for an embedded archive: where the archive ends).
+        base: absolute offset of the archive's first byte in ``path`` (non-zero for the archives DCP embeds
+            in its ``.distcp`` files); ZipEntry offsets are absolute.
 
     Returns:
         Entry name -> ZipEntry.
@@ -89,7 +110,7 @@ def read_entries(path: Path, zf: zipfile.ZipFile, file_size: int) -> dict[str, Z
     entries: dict[str, ZipEntry] = {}
     with open(path, "rb") as f:
         for info in zf.infolist():
-            f.seek(info.header_offset)
+            f.seek(base + info.header_offset)
             header = f.read(_LOCAL_HEADER.size)
             if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_SIGNATURE:
                 raise InputError(
@@ -97,10 +118,10 @@ def read_entries(path: Path, zf: zipfile.ZipFile, file_size: int) -> dict[str, Z
                     f"{info.header_offset}; the file is truncated or corrupt — re-save it"
                 )
             _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-            data_offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+            data_offset = base + info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
             entries[info.filename] = ZipEntry(
                 info.filename,
-                info.header_offset,
+                base + info.header_offset,
                 data_offset,
                 info.compress_size,
                 info.file_size,
@@ -178,7 +199,7 @@ def read_torch_zip(path: Path) -> Checkpoint:
 def _read_entry(path: Path, zf: zipfile.ZipFile, name: str) -> bytes:
     try:
         return zf.read(name)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    except ZIP_READ_ERRORS as exc:
         raise InputError(
             f"{path}: cannot read zip entry '{name}' ({exc}); the file is corrupt — re-save it"
         ) from None

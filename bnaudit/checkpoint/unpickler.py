@@ -176,11 +176,16 @@ def _int_tuple(value: Any) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-class InertUnpickler(pickle.Unpickler):
-    """A ``pickle.Unpickler`` that resolves every global to an inert object and records it.
+class InertUnpickler(pickle._Unpickler):
+    """An unpickler that resolves every global to an inert object and records it.
 
     Containers, torch tensor rebuild functions, storage and dtype globals get safe stand-ins; everything else
     becomes a generated :class:`PlaceholderObject` class. Nothing named by the file is imported or called.
+
+    It builds on the pure-Python unpickler, whose memo is a dict: the C unpickler keeps its memo in an array
+    sized by the largest memo index seen, so a 60-byte pickle with ``LONG_BINPUT 0xFFFFFFF0`` makes it
+    allocate and zero tens of gigabytes (found by the mutation fuzzer). The cost is about a third more time
+    on a pickle that is all tensor references, where the Python callbacks dominate anyway.
     """
 
     def __init__(

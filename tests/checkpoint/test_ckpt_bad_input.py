@@ -44,10 +44,10 @@ def test_directory_without_metadata(tmp_path: Path) -> None:
     _fails(tmp_path, "directory")
 
 
-def test_dcp_directory_is_recognised_but_unsupported(tmp_path: Path) -> None:
+def test_dcp_directory_with_corrupt_metadata(tmp_path: Path) -> None:
     (tmp_path / ".metadata").write_bytes(b"x")
     assert detect_format(tmp_path) == "dcp"
-    _fails(tmp_path, "not yet supported", exc=UnsupportedFormatError)
+    _fails(tmp_path, ".metadata", "corrupt")
 
 
 def test_empty_file(tmp_path: Path) -> None:
