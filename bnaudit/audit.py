@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,12 @@ log = logging.getLogger(__name__)
 # Calibrated on the committed DDP fixtures; the reasoning and the measured values are in the README
 # ("Thresholds"). KL is in nats: KL(N(pooled) || N(rank)) per channel, max over ranks and channels.
 DEFAULT_WARN_KL = 0.02
+DCP_NOTE = (
+    "note: {path} is a torch.distributed.checkpoint folder: DCP saves one copy of each replicated tensor, so "
+    "it holds one rank's BatchNorm statistics (per layer, possibly different ranks for running_mean and "
+    "running_var), not every rank's; to compare ranks, save them with bnaudit.save_rank_stats and compare "
+    "those files"
+)
 DEFAULT_ERROR_KL = 0.1
 
 
@@ -243,7 +252,7 @@ def model_signature(sd: StateDictRef) -> dict[str, tuple[tuple[int, ...], str]]:
     return {normalize_key(k): (t.shape, t.dtype) for k, t in sd.tensors.items()}
 
 
-def _describe_difference(
+def describe_model_difference(
     ref: dict[str, tuple[tuple[int, ...], str]], other: dict[str, tuple[tuple[int, ...], str]]
 ) -> str | None:
     missing = [k for k in ref if k not in other]
@@ -275,6 +284,7 @@ def compare_ranks(
     check_weights: bool = False,
     layer: str | None = None,
     allow_empty: bool = False,
+    jobs: int = 1,
 ) -> Report:
     """Compare per-rank checkpoints' BatchNorm statistics.
 
@@ -292,6 +302,7 @@ def compare_ranks(
         check_weights: also compare every non-BatchNorm tensor across ranks.
         layer: a layer name whose per-channel detail goes to ``Report.channel_rows``.
         allow_empty: a model without BatchNorm layers passes instead of being an input error.
+        jobs: read up to this many rank files ahead in threads (for high-latency storage).
 
     Returns:
         A Report whose rows are ordered worst first (by max KL).
@@ -306,7 +317,15 @@ def compare_ranks(
         log.warning(w)
     inputs: list[InputInfo] = []
     findings: list[Finding] = []
-    plan = _first_pass(files, key, eps, ignore, check_weights, inputs, findings)
+    try:
+        plan = _plan_from_reference(files, key, eps, ignore)
+        cache = _first_pass(files, plan, key, check_weights, jobs, inputs, findings)
+    except _UnsafeUnreadable as exc:
+        return _unsafe_report(exc, files)
+    for info in inputs:
+        if info.format == "dcp":
+            warnings.append(DCP_NOTE.format(path=info.path))
+            log.warning(warnings[-1])
     if not plan.layers:
         if not allow_empty:
             raise NoBatchNormError(
@@ -322,7 +341,7 @@ def compare_ranks(
                 file=files[0].display,
             )
         )
-    _second_pass(files, key, plan)
+    _second_pass(files, key, plan, cache, jobs)
     rows, channel_rows = _divergence_rows(plan, files, warn_kl, error_kl, layer, findings)
     findings.extend(_counter_findings(plan, files))
     ordered = sort_findings(_divergence_first(findings))
@@ -352,12 +371,48 @@ def _divergence_first(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: f.kind is not FindingKind.DIVERGENCE)
 
 
+class _UnsafeUnreadable(Exception):
+    """A rank whose pickle references dangerous callables and whose layout cannot be compared.
+
+    The unsafe pickle is the finding that matters (exit 1), not the layout error it causes.
+    """
+
+    def __init__(self, rf: RankFile, ckpt: Checkpoint, findings: list[Finding], reason: str) -> None:
+        super().__init__(reason)
+        self.rf, self.ckpt, self.findings, self.reason = rf, ckpt, findings, reason
+
+
+def _unsafe_report(exc: _UnsafeUnreadable, files: list[RankFile]) -> Report:
+    return Report(
+        command="compare",
+        inputs=(_input_info(exc.ckpt, exc.rf.display, exc.rf.rank, list(exc.ckpt.state_dicts)),),
+        settings={"ranks": len(files)},
+        layers=(),
+        findings=sort_findings(exc.findings),
+        headline="max_kl",
+        next_step=f"{exc.rf.display} was not compared ({exc.reason}); replace it with a file from a trusted "
+        "source",
+    )
+
+
 def _open_rank(
     rf: RankFile, key: str | None, names: list[str] | None
 ) -> tuple[Checkpoint, list[StateDictRef]]:
     ckpt = _load(rf.path, rf.display)
+    try:
+        return ckpt, _select_rank_state_dicts(ckpt, rf, key, names)
+    except InputError as exc:
+        unsafe = [f for f in pickle_findings(ckpt.globals, rf.display) if f.kind is FindingKind.UNSAFE_PICKLE]
+        if unsafe:
+            raise _UnsafeUnreadable(rf, ckpt, unsafe, str(exc)) from exc
+        raise
+
+
+def _select_rank_state_dicts(
+    ckpt: Checkpoint, rf: RankFile, key: str | None, names: list[str] | None
+) -> list[StateDictRef]:
     if names is None:
-        return ckpt, _state_dicts(ckpt, key)
+        return _state_dicts(ckpt, key)
     found = {sd.name: sd for sd in ckpt.state_dicts}
     missing = [n for n in names if n not in found]
     if missing:
@@ -366,23 +421,74 @@ def _open_rank(
             f"{rf.display}: rank {rf.rank} has no state dict '{missing[0] or '<root>'}' (it has: {have}); "
             "all ranks must be checkpoints of the same model and layout"
         )
-    return ckpt, [found[n] for n in names]
+    return [found[n] for n in names]
 
 
 def _layers_by_name(sd: StateDictRef) -> dict[str, BnLayer]:
     return {bn.name: bn for bn in find_bn_layers(sd.tensors)}
 
 
-def _first_pass(
-    files: list[RankFile],
-    key: str | None,
-    eps: float,
-    ignore: Sequence[str],
-    check_weights: bool,
-    inputs: list[InputInfo],
-    findings: list[Finding],
+@dataclass
+class _RankData:
+    """One rank opened and read: its checkpoint, state dicts and the planned layers' statistics."""
+
+    rf: RankFile
+    ckpt: Checkpoint
+    sds: list[StateDictRef]
+    stats: list[LayerStats]
+
+    @property
+    def stats_bytes(self) -> int:
+        return sum(s.mean.nbytes + s.var.nbytes for s in self.stats)
+
+
+# Statistics of this many bytes are kept between the two passes instead of being read again: four ranks
+# of a large CNN (4 x 120 layers x 512 channels x 2 x 8 bytes = 4 MB) are kept, 1,024 ranks are streamed.
+CACHE_BUDGET_BYTES = 32 << 20
+
+
+def _read_rank(rf: RankFile, key: str | None, plan: _ComparePlan, reference: RankFile) -> _RankData:
+    ckpt, sds = _open_rank(rf, key, plan.state_dicts)
+    _check_same_model(plan, rf, reference, sds)
+    by_sd = {sd.name: (sd, _layers_by_name(sd)) for sd in sds}
+    stats = []
+    for lp in plan.layers:
+        sd, layers = by_sd[lp.state_dict]
+        bn = layers.get(lp.name)
+        if bn is None:
+            raise ModelMismatchError(f"{rf.display}: rank {rf.rank} has no BatchNorm layer '{lp.name}'")
+        stats.append(read_layer(sd, bn, rf.display))
+    return _RankData(rf, ckpt, sds, stats)
+
+
+def _read_ranks(
+    files: Sequence[RankFile], key: str | None, plan: _ComparePlan, jobs: int, reference: RankFile
+) -> Iterator[_RankData]:
+    """Read ranks in order; with ``jobs`` > 1, up to ``jobs`` files are read ahead in threads.
+
+    File reads release the GIL, so threads help on high-latency storage; memory stays bounded by the
+    ``jobs`` ranks in flight.
+    """
+    if jobs <= 1:
+        for rf in files:
+            yield _read_rank(rf, key, plan, reference)
+        return
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending: deque[Future[_RankData]] = deque()
+        queue = iter(files)
+        for rf in itertools.islice(queue, jobs):
+            pending.append(pool.submit(_read_rank, rf, key, plan, reference))
+        while pending:
+            data = pending.popleft().result()
+            for rf in itertools.islice(queue, 1):
+                pending.append(pool.submit(_read_rank, rf, key, plan, reference))
+            yield data
+
+
+def _plan_from_reference(
+    files: list[RankFile], key: str | None, eps: float, ignore: Sequence[str]
 ) -> _ComparePlan:
-    ref_ckpt, ref_sds = _open_rank(files[0], key, None)
+    _, ref_sds = _open_rank(files[0], key, None)
     plan = _ComparePlan(
         eps, [sd.name for sd in ref_sds], {sd.name: model_signature(sd) for sd in ref_sds}, []
     )
@@ -397,20 +503,40 @@ def _first_pass(
                 )
             channels = sd.tensors[bn.running_mean].shape[0]
             plan.layers.append(_LayerPlan(sd.name, bn.name, channels, RankMerger(channels)))
-    for rf in files:
-        ckpt, sds = (ref_ckpt, ref_sds) if rf is files[0] else _open_rank(rf, key, plan.state_dicts)
-        inputs.append(_input_info(ckpt, rf.display, rf.rank, sds))
-        findings.extend(pickle_findings(ckpt.globals, rf.display))
-        _check_same_model(plan, rf, files[0], sds)
-        _accumulate_rank(plan, rf, sds, eps, findings)
-        if check_weights and rf is not files[0]:
-            findings.extend(_compare_other_tensors(ref_sds, sds, rf, files[0]))
     return plan
+
+
+def _first_pass(
+    files: list[RankFile],
+    plan: _ComparePlan,
+    key: str | None,
+    check_weights: bool,
+    jobs: int,
+    inputs: list[InputInfo],
+    findings: list[Finding],
+) -> dict[int, list[LayerStats]]:
+    """Check and pool every rank; return the statistics kept for the second pass (within the budget)."""
+    cache: dict[int, list[LayerStats]] = {}
+    cached_bytes = 0
+    reference: _RankData | None = None
+    for index, data in enumerate(_read_ranks(files, key, plan, jobs, files[0])):
+        rf = data.rf
+        inputs.append(_input_info(data.ckpt, rf.display, rf.rank, data.sds))
+        findings.extend(pickle_findings(data.ckpt.globals, rf.display))
+        _accumulate_rank(plan, data, findings)
+        if reference is None:
+            reference = data
+        elif check_weights:
+            findings.extend(_compare_other_tensors(reference.sds, data.sds, rf, files[0]))
+        if cached_bytes + data.stats_bytes <= CACHE_BUDGET_BYTES:
+            cache[index] = data.stats
+            cached_bytes += data.stats_bytes
+    return cache
 
 
 def _check_same_model(plan: _ComparePlan, rf: RankFile, ref: RankFile, sds: list[StateDictRef]) -> None:
     for sd in sds:
-        diff = _describe_difference(plan.signatures[sd.name], model_signature(sd))
+        diff = describe_model_difference(plan.signatures[sd.name], model_signature(sd))
         if diff:
             where = f" in state dict '{sd.name}'" if sd.name else ""
             raise ModelMismatchError(
@@ -419,18 +545,14 @@ def _check_same_model(plan: _ComparePlan, rf: RankFile, ref: RankFile, sds: list
             )
 
 
-def _accumulate_rank(
-    plan: _ComparePlan, rf: RankFile, sds: list[StateDictRef], eps: float, findings: list[Finding]
-) -> None:
-    by_sd = {sd.name: (sd, _layers_by_name(sd)) for sd in sds}
-    for lp in plan.layers:
-        sd, layers = by_sd[lp.state_dict]
-        bn = layers[lp.name]
-        stats = read_layer(sd, bn, rf.display)
+def _accumulate_rank(plan: _ComparePlan, data: _RankData, findings: list[Finding]) -> None:
+    rf = data.rf
+    for lp, stats in zip(plan.layers, data.stats, strict=True):
         lp.merger.add(stats.mean, stats.var)
         findings.extend(
-            health_findings(stats, eps, file=rf.display, state_dict=sd.name, layer=bn.name, rank=rf.rank)
-        )
+            health_findings(stats, plan.eps, file=rf.display, state_dict=lp.state_dict, layer=lp.name,
+                            rank=rf.rank)
+        )  # fmt: skip
         if stats.num_batches_tracked is not None:
             lp.counters[rf.rank] = stats.num_batches_tracked
         if lp.reference is None:
@@ -502,18 +624,19 @@ def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> str:
         return "n/a"
 
 
-def _second_pass(files: list[RankFile], key: str | None, plan: _ComparePlan) -> None:
+def _second_pass(
+    files: list[RankFile], key: str | None, plan: _ComparePlan, cache: dict[int, list[LayerStats]], jobs: int
+) -> None:
     for lp in plan.layers:
         mean, var = lp.merger.result(MergeMethod.POOLED)
         lp.divergence = DivergenceAccumulator(mean, var, eps=plan.eps)
-    for index, rf in enumerate(files):
-        _, sds = _open_rank(rf, key, plan.state_dicts)
-        by_sd = {sd.name: (sd, _layers_by_name(sd)) for sd in sds}
-        for lp in plan.layers:
-            sd, layers = by_sd[lp.state_dict]
-            stats = read_layer(sd, layers[lp.name], rf.display)
+    uncached = [rf for i, rf in enumerate(files) if i not in cache]
+    reread = _read_ranks(uncached, key, plan, jobs, files[0])
+    for index in range(len(files)):
+        stats = cache[index] if index in cache else next(reread).stats
+        for lp, layer_stats in zip(plan.layers, stats, strict=True):
             assert lp.divergence is not None
-            lp.divergence.add(index, stats.mean, stats.var)
+            lp.divergence.add(index, layer_stats.mean, layer_stats.var)
 
 
 def _divergence_rows(
@@ -526,7 +649,7 @@ def _divergence_rows(
 ) -> tuple[list[LayerRow], list[dict[str, Any]]]:
     rows: list[LayerRow] = []
     channel_rows: list[dict[str, Any]] = []
-    for lp in plan.layers:
+    for depth, lp in enumerate(plan.layers):
         assert lp.divergence is not None
         div = lp.divergence.result
         mean, var = lp.merger.result(MergeMethod.POOLED)
@@ -539,6 +662,7 @@ def _divergence_rows(
             "max_shift": float(div.shift.max()) if lp.channels else 0.0,
             "max_var_ratio": float(div.var_ratio.max()) if lp.channels else 1.0,
             "channels_over_warn": int((div.kl >= warn_kl).sum()),
+            "layer_index": depth,
         }
         rows.append(
             LayerRow(
@@ -549,7 +673,13 @@ def _divergence_rows(
                 metrics,
                 rank,
                 channel,
-                arrays={"pooled_mean": mean.tolist(), "pooled_var": var.tolist()},
+                # per_rank_*: one value per input, in the order of Report.inputs (for --plot).
+                arrays={
+                    "pooled_mean": mean.tolist(),
+                    "pooled_var": var.tolist(),
+                    "per_rank_max_kl": list(div.per_rank_max_kl),
+                    "per_rank_max_shift": list(div.per_rank_max_shift),
+                },
             )
         )
         if severity is not Severity.OK:

@@ -5,12 +5,17 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
 from bnaudit import __version__
+from bnaudit.cli.average_cmd import average_command
 from bnaudit.cli.compare_cmd import compare_command
+from bnaudit.cli.config_cmd import apply_config, config_command
+from bnaudit.cli.drift_cmd import drift_command
 from bnaudit.cli.inspect_cmd import inspect_command
+from bnaudit.cli.recalibrate_cmd import recalibrate_command
 from bnaudit.errors import BnauditError
 
 EXIT_INTERNAL = 3
@@ -22,20 +27,39 @@ ISSUES_URL = "the bnaudit issue tracker"
 @click.version_option(__version__, prog_name="bnaudit", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors and debug logs.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
-def cli(debug: bool, quiet: bool) -> None:
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Read settings from FILE (a bnaudit.toml, or a pyproject.toml's [tool.bnaudit]) instead of the "
+    "nearest bnaudit.toml / pyproject.toml.",
+)
+@click.option(
+    "--no-config", is_flag=True, help="Ignore configuration files: defaults and the command line only."
+)
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool, config_file: Path | None, no_config: bool) -> None:
     """Audit and repair BatchNorm running statistics in PyTorch checkpoints.
 
-    Exit codes: 0 pass, 1 the gate failed (a finding at or above --fail-on), 2 usage or input error,
-    3 internal error, 130 interrupted.
+    Exit codes: 0 pass, 1 the gate failed (a finding at or above --fail-on), 2 usage or input error
+    (including a bad [tool.bnaudit] setting), 3 internal error, 130 interrupted.
     """
     level = logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(
         level=level, format="bnaudit: %(levelname)s: %(message)s", stream=sys.stderr, force=True
     )
+    # Settings from the file become the commands' defaults, so the command line overrides them.
+    apply_config(ctx, config_file, no_config)
 
 
 cli.add_command(inspect_command)
 cli.add_command(compare_command)
+cli.add_command(average_command)
+cli.add_command(recalibrate_command)
+cli.add_command(drift_command)
+cli.add_command(config_command)
 
 
 def _fail(message: str, code: int) -> None:

@@ -1,0 +1,61 @@
+"""Shared helpers for the benchmark scripts: whole-process timing and peak memory of a command."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Run:
+    """One whole-process run: wall seconds, peak resident memory (MiB) and exit code."""
+
+    seconds: float
+    peak_mib: float
+    returncode: int
+
+
+def run_process(argv: Sequence[str], env: dict[str, str] | None = None) -> Run:
+    """Run ``argv`` to completion, measuring wall time and the child's own peak RSS (via wait4)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.stderr is not None:
+        err = proc.stderr.read().decode(errors="replace")
+        proc.stderr.close()
+        if proc.returncode not in (0, 1):
+            print(err, file=sys.stderr)
+    return Run(seconds, usage.ru_maxrss / 1024, proc.returncode)
+
+
+def best_of(argv: Sequence[str], repeats: int, env: dict[str, str] | None = None) -> Run:
+    """Median time and max peak memory over ``repeats`` runs (after one warm-up run for the page cache)."""
+    run_process(argv, env)
+    runs = [run_process(argv, env) for _ in range(repeats)]
+    return Run(
+        statistics.median(r.seconds for r in runs),
+        max(r.peak_mib for r in runs),
+        runs[-1].returncode,
+    )
+
+
+def python_env() -> dict[str, str]:
+    """The environment for child Pythons: this repo importable, one thread per process for fair timing."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def bnaudit_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bnaudit", *args]

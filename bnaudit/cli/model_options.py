@@ -1,0 +1,67 @@
+"""Options shared by the commands that run a model (recalibrate, drift), and their progress display."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_MODEL_OPTIONS = [
+    click.option("--model", "model_spec", required=True, metavar="SPEC",
+                 help="'package.module:factory' or 'path/to/file.py:factory' returning the nn.Module."),
+    click.option("--model-arg", "model_args", multiple=True, default=(), metavar="KEY=VALUE",
+                 help="Keyword argument for the model factory (repeatable; JSON values are parsed)."),
+    click.option("--data", "data_spec", required=True, metavar="SPEC",
+                 help="A callable spec returning an iterable of batches (a DataLoader or a list), or a "
+                      "tensor file of inputs (.pt, .safetensors, .npy) batched in order with --batch-size."),
+    click.option("--data-arg", "data_args", multiple=True, default=(), metavar="KEY=VALUE",
+                 help="Keyword argument for the data callable (repeatable)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                 help="Batch size for a tensor file (also passed to a data callable that takes batch_size)."),
+    click.option("--input-index", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Position of the input in tuple/list batches."),
+    click.option("--input-key", default=None, metavar="KEY", help="Key of the input in dict batches."),
+    click.option("--forward", "forward_spec", default=None, metavar="SPEC",
+                 help="A callable(model, batch) that runs the model, for batches of any other shape."),
+    click.option("--max-samples", type=click.IntRange(min=1), default=None,
+                 help="Stop after this many samples."),
+    click.option("--max-batches", type=click.IntRange(min=1), default=None,
+                 help="Use at most this many batches (counted over all ranks)."),
+    click.option("--device", default=None, metavar="DEVICE", help="cpu (default), cuda, cuda:1, ..."),
+    click.option("--prefix", default=None, metavar="PREFIX",
+                 help="Key prefix the checkpoint adds to the model's keys (found automatically if unique)."),
+    click.option("--method", type=click.Choice(["population", "batch-mean"]), default="population",
+                 show_default=True,
+                 help="population: exact statistics of all inputs; batch-mean: average of per-batch "
+                      "statistics (what torch.optim.swa_utils.update_bn computes)."),
+    click.option("--full-forward", is_flag=True,
+                 help="Run every forward to the end (by default the pass stops after the last BatchNorm)."),
+    click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Run on this many local processes (torch.distributed, gloo on CPU / nccl on CUDA)."),
+    click.option("--quiet", is_flag=True, help="No progress bar."),
+]  # fmt: skip
+
+
+def model_options(func: F) -> F:
+    """Attach every option of :data:`_MODEL_OPTIONS` to a command."""
+    for option in reversed(_MODEL_OPTIONS):
+        func = option(func)
+    return func
+
+
+def progress_printer(enabled: bool) -> Callable[[int, int | None], None] | None:
+    """A progress callback drawing ``batch i/N`` on stderr, or None when disabled or stderr is no terminal."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int | None) -> None:
+        of = f"/{total}" if total else ""
+        end = "\n" if total and done >= total else ""
+        sys.stderr.write(f"\rbnaudit: batch {done}{of}{end}")
+        sys.stderr.flush()
+
+    return show
