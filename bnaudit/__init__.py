@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "AverageResult": "bnaudit.repair",
     "sync_bn_stats": "bnaudit.training",
     "save_rank_stats": "bnaudit.training",
+    "recalibrate": "bnaudit.recalibrate",
+    "RecalibrationResult": "bnaudit.recalibrate",
 }
 
 __all__ = ["__version__", *_EXPORTS]

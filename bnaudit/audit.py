@@ -318,8 +318,8 @@ def compare_ranks(
     inputs: list[InputInfo] = []
     findings: list[Finding] = []
     try:
-        plan = _plan_from_reference(files, key, eps, ignore)
-        cache = _first_pass(files, plan, key, check_weights, jobs, inputs, findings)
+        plan, reference = _plan_from_reference(files, key, eps, ignore)
+        cache = _first_pass(files, plan, reference, key, check_weights, jobs, inputs, findings)
     except _UnsafeUnreadable as exc:
         return _unsafe_report(exc, files)
     for info in inputs:
@@ -447,8 +447,14 @@ class _RankData:
 CACHE_BUDGET_BYTES = 32 << 20
 
 
-def _read_rank(rf: RankFile, key: str | None, plan: _ComparePlan, reference: RankFile) -> _RankData:
-    ckpt, sds = _open_rank(rf, key, plan.state_dicts)
+def _read_rank(
+    rf: RankFile,
+    key: str | None,
+    plan: _ComparePlan,
+    reference: RankFile,
+    opened: tuple[Checkpoint, list[StateDictRef]] | None = None,
+) -> _RankData:
+    ckpt, sds = opened or _open_rank(rf, key, plan.state_dicts)
     _check_same_model(plan, rf, reference, sds)
     by_sd = {sd.name: (sd, _layers_by_name(sd)) for sd in sds}
     stats = []
@@ -487,8 +493,8 @@ def _read_ranks(
 
 def _plan_from_reference(
     files: list[RankFile], key: str | None, eps: float, ignore: Sequence[str]
-) -> _ComparePlan:
-    _, ref_sds = _open_rank(files[0], key, None)
+) -> tuple[_ComparePlan, tuple[Checkpoint, list[StateDictRef]]]:
+    ref_ckpt, ref_sds = _open_rank(files[0], key, None)
     plan = _ComparePlan(
         eps, [sd.name for sd in ref_sds], {sd.name: model_signature(sd) for sd in ref_sds}, []
     )
@@ -503,12 +509,13 @@ def _plan_from_reference(
                 )
             channels = sd.tensors[bn.running_mean].shape[0]
             plan.layers.append(_LayerPlan(sd.name, bn.name, channels, RankMerger(channels)))
-    return plan
+    return plan, (ref_ckpt, ref_sds)
 
 
 def _first_pass(
     files: list[RankFile],
     plan: _ComparePlan,
+    opened_reference: tuple[Checkpoint, list[StateDictRef]],
     key: str | None,
     check_weights: bool,
     jobs: int,
@@ -519,7 +526,9 @@ def _first_pass(
     cache: dict[int, list[LayerStats]] = {}
     cached_bytes = 0
     reference: _RankData | None = None
-    for index, data in enumerate(_read_ranks(files, key, plan, jobs, files[0])):
+    first = _read_rank(files[0], key, plan, files[0], opened=opened_reference)
+    others = _read_ranks(files[1:], key, plan, jobs, files[0])
+    for index, data in enumerate(itertools.chain([first], others)):
         rf = data.rf
         inputs.append(_input_info(data.ckpt, rf.display, rf.rank, data.sds))
         findings.extend(pickle_findings(data.ckpt.globals, rf.display))

@@ -45,6 +45,9 @@ class CalibrationSpec:
     method: str = "population"
     stop_after_last_bn: bool = True
     eval: str | None = None
+    channels_last: bool = False
+    amp: bool = False
+    amp_dtype: str | None = None
 
 
 @dataclass
@@ -158,6 +161,7 @@ def run_passes(
             input_key=spec.input_key, max_batches=spec.max_batches, max_samples=spec.max_samples,
             device=device, write=write or spec.eval is not None, progress=progress,
             stop_after_last_bn=spec.stop_after_last_bn, sharded=source.sharded,
+            channels_last=spec.channels_last, amp=spec.amp, amp_dtype=spec.amp_dtype,
         )  # fmt: skip
         after = _evaluate(spec, model) if spec.eval else None
         passes.append(StateDictPass(sd, prefix, unused, result, before, after))
@@ -191,6 +195,7 @@ def _unreached_finding(display: str, sd_name: str, name: str, *, changed: bool) 
 def _layer_row(sd_name: str, layer: Any, severity: Severity) -> LayerRow:
     metrics = layer.metrics()
     worst = metrics.pop("worst_channel")
+    metrics["samples"] = int(metrics["samples"] or 0)  # values per channel: a count
     return LayerRow(layer.name, sd_name, severity, layer.channels, metrics, None, worst)
 
 
@@ -238,7 +243,8 @@ def drift_report(
             f"CALIBRATION_DATA -o {_recalibrated_name(display)}"
         ),
         extra={"samples": passes[0].result.samples if passes else None,
-               "batches": passes[0].result.batches if passes else None},
+               "batches": passes[0].result.batches if passes else None,
+               "unused_keys": {p.state_dict.name: p.unused_keys for p in passes if p.unused_keys}},
     )  # fmt: skip
 
 
@@ -312,7 +318,8 @@ def recalibration_report(
         findings=sort_findings(findings),
         headline="max_kl",
         extra={"output": output, "eval": evals, "samples": passes[0].result.samples if passes else None,
-               "batches": passes[0].result.batches if passes else None},
+               "batches": passes[0].result.batches if passes else None,
+               "unused_keys": {p.state_dict.name: p.unused_keys for p in passes if p.unused_keys}},
     )  # fmt: skip
 
 

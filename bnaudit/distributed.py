@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 # How long a failing rank waits for the others to read its error before it exits. Rank 0 may host the store
 # (plain init without torchrun's agent): leaving at once would cut the others off from the message.
 ACK_TIMEOUT_S = 5.0
-EXIT_GRACE_S = 0.5
 # How long a rank that finished its pass waits for the slowest rank to finish its own.
 DEFAULT_STATUS_TIMEOUT_S = 1800.0
 _POLL_S = 0.02
@@ -270,6 +269,7 @@ class RunChannel:
         if self._peer_failed():
             err = self._failure()
             self.ctx.store.add(self._key("acks"), 1)
+            self._leave_together()
             raise err
 
     def post_failure(self, exc: BaseException) -> RankFailedError:
@@ -286,6 +286,7 @@ class RunChannel:
                 store.set(self._key("failure"), f"{code}|{self.ctx.rank}|{line}")
             shared = self._failure()
             self._wait_acks()
+            self._leave_together()
         except Exception as store_exc:  # the store itself is gone: keep the local error
             log.debug("could not share the failure through the store: %s", store_exc)
             return RankFailedError(f"rank {self.ctx.rank} failed: {line}", code)
@@ -299,10 +300,20 @@ class RunChannel:
             acks = self.ctx.store.add(self._key("acks"), 0)
             failed = self.ctx.store.add(self._key("nfail"), 0)
             if acks + failed - 1 >= others:
-                # The others now print the error and exit; torchrun's agent stops every worker as soon as
-                # one exits, so leave them a moment to do so.
-                time.sleep(EXIT_GRACE_S)
                 return
+            time.sleep(_POLL_S)
+
+    def _leave_together(self) -> None:
+        """Wait until every rank is about to raise the shared error, so that all of them print it.
+
+        torchrun's agent stops every worker as soon as one exits: a rank still sleeping or waiting then
+        would be killed before its error line is printed. Leaving together narrows that to the moment
+        between raising and printing. A rank that died never arrives: the wait is bounded.
+        """
+        store = self.ctx.store
+        store.add(self._key("leaving"), 1)
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while time.monotonic() < deadline and store.add(self._key("leaving"), 0) < self.ctx.world_size:
             time.sleep(_POLL_S)
 
     def finish_ok(self, signature: str) -> None:
@@ -336,6 +347,11 @@ def all_gather_array(ctx: DistContext, values: np.ndarray) -> list[np.ndarray]:
     """Gather one float64 vector (same length on every rank) from every rank, in rank order."""
     local = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(ctx.device)
     gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
+    # The whole cross-rank traffic of a pass (benchmarks/bench_distributed.py reads this line).
+    log.debug(
+        "all_gather: %d float64 values (%d bytes) per rank, %d bytes gathered on each of %d ranks",
+        local.numel(), local.numel() * 8, local.numel() * 8 * ctx.world_size, ctx.world_size,
+    )  # fmt: skip
     dist.all_gather(gathered, local, group=ctx.group)
     return [t.cpu().numpy() for t in gathered]
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -102,14 +103,20 @@ class LayerSums:
 _FLOAT32_MEAN_STD_RATIO = 8.0
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def _moments(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (biased variance, mean) of ``x`` over ``dims``, accurate to float64 tolerance.
 
     On CPU a float32 ``var_mean`` (accumulated in double inside ATen) is as cheap as BatchNorm's own
     statistics and exact to float32 rounding of its results, enough unless a channel's mean dwarfs its
-    spread; those calls are recomputed in float64. Elsewhere (CUDA: no host sync wanted) the input is
-    widened to float64.
+    spread; those calls are recomputed in float64. A half / bfloat16 input (under ``amp``) is widened to
+    float32 first, which is exact (every such value is a float32 value), so only the forward itself is low
+    precision, never the moments. Elsewhere (CUDA: no host sync wanted) the input is widened to float64.
     """
+    if x.dtype in _LOW_PRECISION and x.device.type == "cpu":
+        x = x.float()
     if x.dtype == torch.float32 and x.device.type == "cpu":
         var, mean = torch.var_mean(x, dim=dims, correction=0)
         if bool((mean.abs() <= _FLOAT32_MEAN_STD_RATIO * var.sqrt()).all()):
@@ -354,12 +361,31 @@ def _measuring_forward(
         if moments is None:
             return x.clone()
         mean, var = moments
-        dtype = x.dtype if module.weight is None else module.weight.dtype
+        # Under autocast x may be half / bfloat16 while the affine parameters stay float32: batch_norm takes
+        # that mix (the usual AMP layout); float32 statistics keep the normalisation as exact as it can be.
+        if module.weight is not None:
+            dtype = module.weight.dtype
+        else:
+            dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
         return nn.functional.batch_norm(
             x, mean.to(dtype), var.to(dtype), module.weight, module.bias, False, 0.0, module.eps
         )
 
     return forward
+
+
+def to_channels_last(batch: Any) -> Any:
+    """Every 4-D (5-D) tensor of a tensor / tuple / list / dict batch in channels_last(_3d) memory format."""
+    if isinstance(batch, torch.Tensor):
+        fmt = _CHANNELS_LAST.get(batch.dim())
+        return batch if fmt is None else batch.contiguous(memory_format=fmt)
+    if isinstance(batch, Mapping):
+        return {k: to_channels_last(v) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_channels_last(v) for v in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_channels_last(v) for v in batch)
+    return batch
 
 
 def to_device(batch: Any, device: torch.device | None) -> Any:
@@ -406,15 +432,22 @@ class _Options:
     # local batch k is global batch offset + k * stride (distributed sharding), for error messages
     batch_offset: int = 0
     batch_stride: int = 1
+    # (device type, dtype) for torch.autocast, None: full precision
+    autocast: tuple[str, torch.dtype] | None = None
+    channels_last: bool = False
 
 
 def _run_one(model: nn.Module, batch: Any, opts: _Options) -> None:
     from bnaudit.specs import batch_input
 
-    if opts.forward is not None:
-        opts.forward(model, batch)
-    else:
-        model(batch_input(batch, opts.input_index, opts.input_key))
+    amp: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if opts.autocast is not None:
+        amp = torch.autocast(opts.autocast[0], dtype=opts.autocast[1])
+    with amp:
+        if opts.forward is not None:
+            opts.forward(model, batch)
+        else:
+            model(batch_input(batch, opts.input_index, opts.input_key))
 
 
 def _iterate(batches: Iterable[Any], opts: _Options) -> Iterator[tuple[int, Any]]:
@@ -455,6 +488,8 @@ def _run_pass(
         if opts.check_peers is not None:
             opts.check_peers()
         batch = to_device(raw, opts.device)
+        if opts.channels_last:
+            batch = to_channels_last(batch)
         size = _batch_len(batch, opts.input_index, opts.input_key)
         if size is None:
             if opts.max_samples is not None:
@@ -496,12 +531,19 @@ class _Saved:
     buffers: list[tuple[torch.Tensor, torch.Tensor]]
     hooks: list[Any]
     patched: list[nn.Module]
+    # 4-D / 5-D parameters and buffers moved to channels_last: the format (or the very tensor) to put back
+    formats: list[tuple[torch.Tensor, torch.memory_format | torch.Tensor]] = field(default_factory=list)
 
     def restore(self) -> None:
         for handle in self.hooks:
             handle.remove()
         for module in self.patched:
             del module.forward
+        for tensor, original in self.formats:
+            if isinstance(original, torch.Tensor):
+                tensor.data = original
+            else:
+                tensor.data = tensor.data.contiguous(memory_format=original)
         for module, flag in self.training.items():
             module.training = flag
         with torch.no_grad():
@@ -510,10 +552,31 @@ class _Saved:
 
 
 _PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
-def _prepare(model: nn.Module, accs: list[_Accumulator], state: _PassState) -> _Saved:
+def _to_channels_last(model: nn.Module, saved: _Saved) -> None:
+    """Move the model's 4-D / 5-D parameters and buffers to channels_last, noting how to put each back.
+
+    Done tensor by tensor rather than with ``model.to(memory_format=...)``, which refuses 5-D tensors, and so
+    that a tensor already in neither standard format is restored as the very same tensor.
+    """
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            fmt = _CHANNELS_LAST.get(tensor.dim())
+            if fmt is None or (tensor.is_contiguous(memory_format=fmt) and not tensor.is_contiguous()):
+                continue
+            original: torch.memory_format | torch.Tensor = tensor.data
+            if tensor.is_contiguous():
+                original = torch.contiguous_format
+            saved.formats.append((tensor, original))
+            tensor.data = tensor.data.contiguous(memory_format=fmt)
+
+
+def _prepare(model: nn.Module, accs: list[_Accumulator], state: _PassState, channels_last: bool) -> _Saved:
     saved = _Saved({m: m.training for m in model.modules()}, [], [], [])
+    if channels_last:
+        _to_channels_last(model, saved)
     # The layers' own running updates during the pass are discarded: the buffers (num_batches_tracked too)
     # are put back afterwards, then overwritten with the exact statistics when writing.
     for acc in accs:
@@ -641,6 +704,9 @@ def recalibrate(
     process_group: Any = None,
     sharded: bool = False,
     status_timeout_s: float | None = None,
+    channels_last: bool = False,
+    amp: bool = False,
+    amp_dtype: str | torch.dtype | None = None,
 ) -> RecalibrationResult:
     """Re-estimate the running statistics of every BatchNorm layer of ``model`` on ``batches``.
 
@@ -685,6 +751,14 @@ def recalibrate(
         process_group: the group to reduce over (None: the default group).
         sharded: ``batches`` already yields only this rank's batches (a loader built with rank/world_size).
         status_timeout_s: how long a finished rank waits for the others (distributed only).
+        channels_last: run the pass with the model's 4-D (5-D) parameters and inputs in channels_last
+            (channels_last_3d) memory format, often faster for convolutions; the original formats are put
+            back afterwards. The statistics are the same to float32 rounding.
+        amp: run each forward under ``torch.autocast`` (mixed precision). The layer inputs are then computed
+            in low precision, but their moments are still taken in float32 / float64 from the exact widened
+            values; only the forward's own rounding changes the statistics (measured in BENCHMARKS.md).
+        amp_dtype: ``bfloat16`` / ``float16`` (or a torch dtype) for ``amp``; default bfloat16 on CPU,
+            float16 elsewhere.
 
     Returns:
         A :class:`RecalibrationResult` with per-layer before/after statistics.
@@ -693,9 +767,13 @@ def recalibrate(
         NoBatchNormError: the model has no layer with running statistics.
         InputError: the data yields no batches, a batch raises in forward ("batch 3 raised ValueError: ..."),
             or (distributed) another rank failed.
-        UsageError: bad options, or batches whose input cannot be found.
+        UsageError: bad options (an ``amp_dtype`` the device cannot autocast to, ``amp_dtype`` without
+            ``amp``), or batches whose input cannot be found.
     """
     _check_args(method, max_batches, max_samples)
+    if amp_dtype is not None and not amp:
+        raise UsageError("--amp-dtype needs --amp")
+    autocast = _autocast_target(_resolve_device(model, device), amp_dtype) if amp else None
     modules = find_bn_modules(model)
     if not modules:
         raise NoBatchNormError(
@@ -713,7 +791,8 @@ def recalibrate(
         channel.check_peers if channel is not None else None,
         ctx.rank if ctx is not None else 0, ctx.world_size if ctx is not None else 1,
     )  # fmt: skip
-    saved = _prepare(model, accs, state)
+    opts.autocast, opts.channels_last = autocast, channels_last
+    saved = _prepare(model, accs, state, channels_last)
     try:
         try:
             with torch.no_grad():
@@ -791,3 +870,30 @@ def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torc
     if device is not None:
         return torch.device(device)
     return _model_device(model)
+
+
+_AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+               "fp16": torch.float16, "half": torch.float16}  # fmt: skip
+
+
+def _autocast_target(
+    device: torch.device | None, amp_dtype: str | torch.dtype | None
+) -> tuple[str, torch.dtype]:
+    """The (device type, dtype) for ``torch.autocast``, checked here: autocast itself only warns and disables
+    itself for an unsupported combination, which would silently run in full precision."""
+    kind = device.type if device is not None else "cpu"
+    if isinstance(amp_dtype, str):
+        if amp_dtype.lower() not in _AMP_DTYPES:
+            raise UsageError(f"--amp-dtype must be bfloat16 or float16, got '{amp_dtype}'")
+        dtype = _AMP_DTYPES[amp_dtype.lower()]
+    elif amp_dtype is None:
+        dtype = torch.bfloat16 if kind == "cpu" else torch.float16
+    else:
+        dtype = amp_dtype
+    if dtype not in _LOW_PRECISION:
+        raise UsageError(f"--amp-dtype must be bfloat16 or float16, got {dtype}")
+    if not torch.amp.is_autocast_available(kind):
+        raise UsageError(f"--amp: torch cannot autocast on device type '{kind}'; drop --amp")
+    if kind == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UsageError("--amp-dtype bfloat16: this GPU does not support bfloat16; use --amp-dtype float16")
+    return kind, dtype

@@ -175,3 +175,17 @@ def test_layer_detail(tmp_path, rng):
     assert len(report.channel_rows) == 6 and {"pooled_mean", "max_kl"} <= set(report.channel_rows[0])
     with pytest.raises(InputError, match="no BatchNorm layer named"):
         compare_ranks(save_ranks(tmp_path, states), layer="missing")
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_jobs_and_rereading_give_identical_reports(tmp_path, rng, monkeypatch, jobs, budget):
+    """Prefetching threads and the re-read second pass (no cache) must not change any number."""
+    states = [bn_state(CHANNELS, rng, shift=0.2 * r) for r in range(7)]
+    paths = save_ranks(tmp_path, states)
+    expected = compare_ranks(paths)
+    monkeypatch.setattr("bnaudit.audit.CACHE_BUDGET_BYTES", budget)
+    got = compare_ranks(paths, jobs=jobs)
+    assert [r.to_dict() for r in got.layers] == [r.to_dict() for r in expected.layers]
+    assert [f.to_dict() for f in got.findings] == [f.to_dict() for f in expected.findings]
+    assert [i.rank for i in got.inputs] == list(range(7))

@@ -31,6 +31,9 @@ def build_spec(params: dict[str, Any], eval_spec: str | None = None) -> Calibrat
         method=params["method"],
         stop_after_last_bn=not params["full_forward"],
         eval=eval_spec,
+        channels_last=params["channels_last"],
+        amp=params["amp"],
+        amp_dtype=params["amp_dtype"],
     )
 
 

@@ -43,6 +43,13 @@ _positive = click.FloatRange(min=0.0, min_open=True)
 @click.option(
     "--allow-empty", is_flag=True, help="Pass, instead of failing, when the model has no BatchNorm."
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Read up to this many rank files ahead in threads (helps on network or object storage).",
+)
 @layer_option
 @report_options
 @plot_option
@@ -55,6 +62,7 @@ def compare_command(
     ignore: tuple[str, ...],
     check_weights: bool,
     allow_empty: bool,
+    jobs: int,
     layer: str | None,
     output_format: tuple[str, ...],
     output: tuple[Path, ...],
@@ -77,5 +85,6 @@ def compare_command(
         check_weights=check_weights,
         layer=layer,
         allow_empty=allow_empty,
+        jobs=jobs,
     )
     return emit_report(report, output_format, output, fail_on)

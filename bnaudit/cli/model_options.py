@@ -40,6 +40,14 @@ _MODEL_OPTIONS = [
                       "statistics (what torch.optim.swa_utils.update_bn computes)."),
     click.option("--full-forward", is_flag=True,
                  help="Run every forward to the end (by default the pass stops after the last BatchNorm)."),
+    click.option("--channels-last", is_flag=True,
+                 help="Run the pass with the model and 4-D inputs in channels_last memory format (often "
+                      "faster for convolutions; the statistics are the same to float32 rounding)."),
+    click.option("--amp", is_flag=True,
+                 help="Run the forward under torch.autocast (mixed precision); moments are still taken in "
+                      "float32/float64, only the forward's own rounding changes the statistics."),
+    click.option("--amp-dtype", type=click.Choice(["bfloat16", "float16"]), default=None,
+                 help="Autocast dtype for --amp (default: bfloat16 on CPU, float16 on CUDA)."),
     click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
                  help="Run on this many local processes (torch.distributed, gloo on CPU / nccl on CUDA)."),
     click.option("--quiet", is_flag=True, help="No progress bar."),

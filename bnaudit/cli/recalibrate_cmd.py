@@ -166,6 +166,6 @@ def recalibrate_command(
         if target is not None and out is not None:
             _write(checkpoint, out, ckpt, passes, spec, report)
         _emit(report, output_format, report_file, fail_on)
-        if target is not None:
+        if target is not None and (report_file is not None or output_format != "table"):
             click.echo(f"bnaudit: wrote {out} (provenance: {out}.bnaudit.json)", err=True)
         return 1 if report.verdict(FailOn(fail_on)) == "fail" else 0

@@ -17,8 +17,33 @@ def _finite(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
+        if _all_finite_floats(value):
+            return value  # per-channel arrays: thousands of floats, checked without rebuilding
         return [_finite(v) for v in value]
     return value
+
+
+def _all_finite_floats(values: list[Any] | tuple[Any, ...]) -> bool:
+    return all(type(v) is float and math.isfinite(v) for v in values)
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    """Indented at the top two levels, each list item on one compact line.
+
+    Readable in a terminal and fast: ``json.dumps`` with ``indent`` falls back to its pure-Python encoder,
+    which takes seconds on the per-channel arrays of a large model; compact items use the C encoder.
+    """
+    lines = ["{"]
+    for i, (key, value) in enumerate(doc.items()):
+        comma = "," if i < len(doc) - 1 else ""
+        head = f"  {json.dumps(key)}: "
+        if isinstance(value, list) and value:
+            items = [f"    {json.dumps(item, allow_nan=False)}" for item in value]
+            lines.append(head + "[\n" + ",\n".join(items) + "\n  ]" + comma)
+        else:
+            lines.append(head + json.dumps(value, allow_nan=False) + comma)
+    lines.append("}")
+    return "\n".join(lines)
 
 
 def report_to_dict(report: Report, fail_on: FailOn) -> dict[str, Any]:
@@ -48,5 +73,5 @@ def report_to_dict(report: Report, fail_on: FailOn) -> dict[str, Any]:
 
 
 def render(report: Report, fail_on: FailOn) -> str:
-    """Render the report as indented JSON followed by a newline."""
-    return json.dumps(report_to_dict(report, fail_on), indent=2) + "\n"
+    """Render the report as JSON (top levels indented, one line per layer or finding) and a newline."""
+    return _dumps(report_to_dict(report, fail_on)) + "\n"

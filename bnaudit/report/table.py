@@ -34,7 +34,27 @@ _COMPARE_COLUMNS: list[Column] = [
     ("worst rank", lambda r: r.worst_rank),
     ("channel", lambda r: r.worst_channel),
 ]
-COLUMNS: dict[str, list[Column]] = {"inspect": _INSPECT_COLUMNS, "compare": _COMPARE_COLUMNS}
+_DRIFT_COLUMNS: list[Column] = [
+    ("max KL", metric("max_kl")),
+    ("max shift (std)", metric("max_shift")),
+    ("max std ratio", metric("max_std_ratio")),
+    ("channel", lambda r: r.worst_channel),
+    ("values/channel", metric("samples")),
+]
+# recalibrate: how far each layer moved, old -> new, in the same units as drift.
+_RECALIBRATE_COLUMNS: list[Column] = [
+    ("KL old->new", metric("max_kl")),
+    ("mean move (std)", metric("max_shift")),
+    ("std change (x)", metric("max_std_ratio")),
+    ("channel", lambda r: r.worst_channel),
+    ("values/channel", metric("samples")),
+]
+COLUMNS: dict[str, list[Column]] = {
+    "inspect": _INSPECT_COLUMNS,
+    "compare": _COMPARE_COLUMNS,
+    "drift": _DRIFT_COLUMNS,
+    "recalibrate": _RECALIBRATE_COLUMNS,
+}
 
 
 def format_value(value: Any) -> str:
@@ -118,6 +138,29 @@ def verdict_line(report: Report, fail_on: FailOn) -> str:
     return f"{line}\nNext: {report.next_step}" if report.next_step else line
 
 
+def _calibration_lines(report: Report) -> list[str]:
+    """recalibrate / drift: the data used, the --eval metrics before and after, and what was written."""
+    if report.command not in ("recalibrate", "drift"):
+        return []
+    extra = report.extra
+    lines = [f"Data: {extra.get('batches')} batch(es), {extra.get('samples')} sample(s)"]
+    for name, keys in (extra.get("unused_keys") or {}).items():
+        where = f"[{name}] " if name else ""
+        shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        lines.append(f"Note: {where}{len(keys)} checkpoint key(s) the model does not use: {shown}")
+    for name, metrics in (extra.get("eval") or {}).items():
+        before, after = metrics.get("before") or {}, metrics.get("after") or {}
+        where = f"[{name}] " if name else ""
+        moved = ", ".join(f"{k} {format_value(v)} -> {format_value(after.get(k))}" for k, v in before.items())
+        lines.append(f"Eval {where}before -> after: {moved}")
+    if report.command == "recalibrate":
+        output = extra.get("output")
+        lines.append(
+            f"Wrote {output} (provenance: {output}.bnaudit.json)" if output else "Nothing was written"
+        )
+    return [*lines, ""]
+
+
 def render(report: Report, fail_on: FailOn) -> str:
     """Render the report for a terminal."""
     parts = [_title(report), ""]
@@ -129,5 +172,6 @@ def render(report: Report, fail_on: FailOn) -> str:
         parts += ["Globals referenced by the pickle(s):", _channel_table(report.extra["globals"]), ""]
     if report.findings:
         parts += ["Findings:", *_findings_block(report), ""]
+    parts += _calibration_lines(report)
     parts.append(verdict_line(report, fail_on))
     return "\n".join(parts) + "\n"
