@@ -16,6 +16,7 @@ import numpy as np
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
+from bnaudit.defaults import DEFAULT_ERROR_KL, DEFAULT_WARN_KL
 from bnaudit.errors import InputError, ModelMismatchError, NoBatchNormError, UsageError
 from bnaudit.findings import (
     Finding,
@@ -34,16 +35,12 @@ from bnaudit.stats import DEFAULT_EPS, DivergenceAccumulator, MergeMethod, RankM
 
 log = logging.getLogger(__name__)
 
-# Calibrated on the committed DDP fixtures; the reasoning and the measured values are in the README
-# ("Thresholds"). KL is in nats: KL(N(pooled) || N(rank)) per channel, max over ranks and channels.
-DEFAULT_WARN_KL = 0.02
 DCP_NOTE = (
     "note: {path} is a torch.distributed.checkpoint folder: DCP saves one copy of each replicated tensor, so "
     "it holds one rank's BatchNorm statistics (per layer, possibly different ranks for running_mean and "
     "running_var), not every rank's; to compare ranks, save them with bnaudit.save_rank_stats and compare "
     "those files"
 )
-DEFAULT_ERROR_KL = 0.1
 
 
 def _severity_for(value: float, warn: float, error: float) -> Severity:

@@ -13,17 +13,13 @@ import numpy as np
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
+from bnaudit.defaults import DEFAULT_DRIFT_ERROR_KL, DEFAULT_DRIFT_WARN_KL
 from bnaudit.errors import InputError, ModelMismatchError
 from bnaudit.findings import Finding, FindingKind, InputInfo, LayerRow, Report, Severity, sort_findings
 from bnaudit.layers import is_ignored
 from bnaudit.security import pickle_findings
 
 log = logging.getLogger(__name__)
-
-# Calibrated on the committed fixtures (README "Thresholds"): KL(N(data) || N(stored)) in nats, max over
-# channels. The noise floor matters here: with n samples per channel the estimate alone gives KL ~ 1/n.
-DEFAULT_DRIFT_WARN_KL = 0.025
-DEFAULT_DRIFT_ERROR_KL = 0.05
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.tensors import read_tensor
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef, TensorRef
 from bnaudit.checkpoint.writer import TensorPatch, WriteResult, check_output_path, write_patched
+from bnaudit.defaults import CONVERSION_FORMATS
 from bnaudit.errors import InputError, ModelMismatchError, NoBatchNormError, UsageError
 from bnaudit.findings import Finding, FindingKind, InputInfo, LayerRow, Report, Severity, sort_findings
 from bnaudit.layers import BnLayer, find_bn_layers, is_ignored
@@ -36,7 +37,7 @@ from bnaudit.stats import DEFAULT_EPS, DivergenceAccumulator, MergeMethod, RankM
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FORMATS = ("pt", "safetensors")
+OUTPUT_FORMATS = CONVERSION_FORMATS
 _TORCH_FORMATS = ("torch-zip", "torch-legacy")
 
 

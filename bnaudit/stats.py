@@ -7,7 +7,7 @@ from enum import Enum
 
 import numpy as np
 
-DEFAULT_EPS = 1e-5
+from bnaudit.defaults import DEFAULT_EPS as DEFAULT_EPS  # re-exported: callers import it from here
 
 
 class MergeMethod(str, Enum):

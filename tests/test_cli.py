@@ -128,7 +128,7 @@ def test_internal_error_exit_3_and_debug_traceback(capsys, ranks, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr("bnaudit.cli.compare_cmd.compare_ranks", boom)
+    monkeypatch.setattr("bnaudit.audit.compare_ranks", boom)
     code, _, err = _call(capsys, "compare", *map(str, good))
     assert code == 3 and "internal error" in err and "kaboom" in err and "Traceback" not in err
     code, _, err = _call(capsys, "--debug", "compare", *map(str, good))
@@ -141,7 +141,7 @@ def test_interrupt_exit_130(capsys, ranks, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("bnaudit.cli.compare_cmd.compare_ranks", interrupted)
+    monkeypatch.setattr("bnaudit.audit.compare_ranks", interrupted)
     code, _, err = _call(capsys, "compare", *map(str, good))
     assert code == 130 and "interrupted" in err
 

@@ -5,18 +5,20 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from tabulate import tabulate
 
 from bnaudit.cli.options import eps_option, ignore_option, write_text_atomically
+from bnaudit.defaults import CONVERSION_FORMATS, MERGE_METHODS
 from bnaudit.errors import UsageError
 from bnaudit.findings import FailOn, Report, Severity
-from bnaudit.repair import OUTPUT_FORMATS, AverageResult, average_checkpoints
 from bnaudit.report import OutputFormat, render
 from bnaudit.report.table import verdict_line
-from bnaudit.stats import MergeMethod
+
+if TYPE_CHECKING:
+    from bnaudit.repair import AverageResult
 
 _COLUMNS = [
     ("KL before", "max_kl_before"),
@@ -103,8 +105,8 @@ def _outcome(report: Report) -> str:
 )
 @click.option(
     "--method",
-    type=click.Choice([m.value for m in MergeMethod]),
-    default=MergeMethod.POOLED.value,
+    type=click.Choice(list(MERGE_METHODS)),
+    default=MERGE_METHODS[0],
     show_default=True,
     help="pooled: law of total variance (the variance of all ranks' data); mean: mean of running_var.",
 )
@@ -125,7 +127,7 @@ def _outcome(report: Report) -> str:
 )
 @click.option(
     "--to",
-    type=click.Choice(list(OUTPUT_FORMATS)),
+    type=click.Choice(list(CONVERSION_FORMATS)),
     default=None,
     help="Convert: pt (torch.save of the state dict; needs torch) or safetensors (one state dict's tensors).",
 )
@@ -185,6 +187,8 @@ def average_command(
     an unsafe pickle, unusable statistics, parameters that differ) or a finding at or above --fail-on,
     2 usage or input error, 3 internal error, 130 interrupted.
     """
+    from bnaudit.repair import average_checkpoints
+
     result = average_checkpoints(
         list(checkpoints),
         output,

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from bnaudit.audit import DEFAULT_ERROR_KL, DEFAULT_WARN_KL, compare_ranks
 from bnaudit.cli.options import (
     emit_report,
     eps_option,
@@ -16,6 +15,7 @@ from bnaudit.cli.options import (
     plot_option,
     report_options,
 )
+from bnaudit.defaults import DEFAULT_ERROR_KL, DEFAULT_WARN_KL
 
 _positive = click.FloatRange(min=0.0, min_open=True)
 
@@ -75,6 +75,8 @@ def compare_command(
     ranks are pooled, and the headline number is KL(N(pooled) || N(rank)) — how wrong a rank's statistics
     are for the data of all ranks — max over ranks and channels.
     """
+    from bnaudit.audit import compare_ranks
+
     report = compare_ranks(
         list(checkpoints),
         key=key,

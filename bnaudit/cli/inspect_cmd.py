@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from bnaudit.audit import inspect_checkpoint
 from bnaudit.cli.options import (
     emit_report,
     eps_option,
@@ -74,6 +73,8 @@ def inspect_command(
     CHECKPOINT is a torch file (.pt/.pth/.ckpt/.bin), a .safetensors file or a sharded index (*.index.json);
     quoted glob patterns are expanded.
     """
+    from bnaudit.audit import inspect_checkpoint
+
     reports = [
         inspect_checkpoint(path, key=key, eps=eps, ignore=ignore, layer=layer, security=security)
         for path in expand_arguments(list(checkpoints))

@@ -23,11 +23,11 @@ from typing import Any, TypeVar
 import click
 
 from bnaudit.baseline import Baseline, apply_baseline, baseline_document, load_baseline
+from bnaudit.defaults import DEFAULT_EPS
 from bnaudit.errors import OutputError, UsageError
 from bnaudit.findings import FailOn, Report
 from bnaudit.report import SUFFIXES, OutputFormat, render
 from bnaudit.report.json_format import report_to_dict
-from bnaudit.stats import DEFAULT_EPS
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import click
 
-from bnaudit.calibration import recalibration_report, run_passes, statistic_patches
 from bnaudit.cli.calibration_run import build_spec, in_worker, is_rank_zero, launch_workers, process_group
 from bnaudit.cli.model_options import model_options, progress_printer
 from bnaudit.cli.options import key_option, write_text_atomically
@@ -32,6 +31,7 @@ def _refuse_unsafe(checkpoint: str, allow: bool) -> Report | None:
 
 
 def _write(checkpoint: str, out: Path, ckpt: Any, passes: list[Any], spec: Any, report: Report) -> None:
+    from bnaudit.calibration import statistic_patches
     from bnaudit.checkpoint.writer import write_patched
     from bnaudit.provenance import header_entry, sidecar_path, sidecar_text
 
@@ -133,6 +133,7 @@ def recalibrate_command(
     statistics' bytes replaced, plus a provenance file OUT.bnaudit.json. Runs on several processes with
     --nproc N or under torchrun (rank 0 writes).
     """
+    from bnaudit.calibration import recalibration_report, run_passes
     from bnaudit.checkpoint.writer import check_output_path
     from bnaudit.provenance import sidecar_path
 

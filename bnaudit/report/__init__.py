@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from enum import Enum
 
 from bnaudit.findings import FailOn, Report
-from bnaudit.report import github, json_format, junit, markdown, sarif, table
 
 Renderer = Callable[[Report, FailOn], str]
 
@@ -22,13 +22,14 @@ class OutputFormat(str, Enum):
     GITHUB = "github"
 
 
-RENDERERS: dict[OutputFormat, Renderer] = {
-    OutputFormat.TABLE: table.render,
-    OutputFormat.JSON: json_format.render,
-    OutputFormat.MARKDOWN: markdown.render,
-    OutputFormat.JUNIT: junit.render,
-    OutputFormat.SARIF: sarif.render,
-    OutputFormat.GITHUB: github.render,
+# Each format's module, imported when that format is rendered (keeps start-up light).
+RENDERER_MODULES: dict[OutputFormat, str] = {
+    OutputFormat.TABLE: "bnaudit.report.table",
+    OutputFormat.JSON: "bnaudit.report.json_format",
+    OutputFormat.MARKDOWN: "bnaudit.report.markdown",
+    OutputFormat.JUNIT: "bnaudit.report.junit",
+    OutputFormat.SARIF: "bnaudit.report.sarif",
+    OutputFormat.GITHUB: "bnaudit.report.github",
 }
 
 # File name suffixes that say which format a -o file is meant to hold; used to catch a -o paired with the
@@ -45,4 +46,5 @@ SUFFIXES: dict[OutputFormat, frozenset[str]] = {
 
 def render(report: Report, fmt: OutputFormat, fail_on: FailOn) -> str:
     """Render ``report`` in ``fmt``; the verdict comes from ``fail_on``, never from the renderer."""
-    return RENDERERS[fmt](report, fail_on)
+    renderer: Renderer = importlib.import_module(RENDERER_MODULES[fmt]).render
+    return renderer(report, fail_on)
