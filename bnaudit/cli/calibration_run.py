@@ -6,13 +6,15 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bnaudit.calibration import CalibrationSpec
+if TYPE_CHECKING:
+    from bnaudit.calibration import CalibrationSpec
 
 
 def build_spec(params: dict[str, Any], eval_spec: str | None = None) -> CalibrationSpec:
     """A CalibrationSpec from the parsed model options (see ``cli/model_options.py``)."""
+    from bnaudit.calibration import CalibrationSpec
     from bnaudit.specs import parse_kv
 
     return CalibrationSpec(
