@@ -222,3 +222,41 @@ def test_nproc_keeps_exit_code_and_one_line_error(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("bnaudit:")]
     assert lines and "no_such_loader" in lines[-1] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["json", "sarif", "junit", "markdown", "github"])
+def test_drift_speaks_every_format_with_the_same_exit_code(fmt, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    report = tmp_path / "report.out"
+    result = run_cli("drift", str(SORTED0), *MODEL, *HELDOUT, "--format", fmt, "-o", str(report))
+    assert result.returncode == 1, result.stderr
+    text = report.read_text()
+    if fmt == "json":
+        assert json.loads(text)["command"] == "drift"
+    elif fmt == "sarif":
+        results = json.loads(text)["runs"][0]["results"]
+        assert {r["ruleId"] for r in results} >= {"drift"}
+    elif fmt == "junit":
+        assert ET.fromstring(text).iter("failure")
+    elif fmt == "markdown":
+        assert "fc_bn" in text
+    else:
+        assert "::error" in text and "fc_bn" in text
+
+
+def test_drift_flags_an_unsafe_pickle_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    ckpt = torch.load(FIXTURES / "ddp_sync" / "ckpt_rank0.pt", weights_only=True)
+    ckpt["payload"] = Payload()
+    torch.save(ckpt, evil)
+    result = run_cli("drift", str(evil), *MODEL, *HELDOUT, "--format", "json")
+    assert result.returncode == 1, result.stderr
+    kinds = [f["kind"] for f in json.loads(result.stdout)["findings"]]
+    assert kinds == ["unsafe-pickle"] and not marker.exists()
