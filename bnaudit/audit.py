@@ -25,6 +25,7 @@ from bnaudit.findings import (
     LayerRow,
     Report,
     Severity,
+    sort_by_layer_metric,
     sort_findings,
 )
 from bnaudit.layers import BnLayer, find_bn_layers, is_ignored, normalize_key
@@ -699,17 +700,8 @@ def _divergence_rows(
             f"{files[0].display}: no BatchNorm layer named '{layer}'; " + _layer_names_hint(rows)
         )
     rows.sort(key=lambda r: (-r.severity.rank, -(r.metrics.get("max_kl") or 0.0)))
-    findings.sort(key=lambda f: -(_kl_of(f, rows)))
+    sort_by_layer_metric(findings, rows, FindingKind.DIVERGENCE)
     return rows, channel_rows
-
-
-def _kl_of(finding: Finding, rows: list[LayerRow]) -> float:
-    if finding.kind is not FindingKind.DIVERGENCE:
-        return 0.0
-    for r in rows:
-        if r.name == finding.layer and r.state_dict == finding.state_dict:
-            return float(r.metrics.get("max_kl") or 0.0)
-    return 0.0
 
 
 def _divergence_finding(

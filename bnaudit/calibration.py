@@ -15,7 +15,16 @@ from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
 from bnaudit.defaults import DEFAULT_DRIFT_ERROR_KL, DEFAULT_DRIFT_WARN_KL
 from bnaudit.errors import InputError, ModelMismatchError
-from bnaudit.findings import Finding, FindingKind, InputInfo, LayerRow, Report, Severity, sort_findings
+from bnaudit.findings import (
+    Finding,
+    FindingKind,
+    InputInfo,
+    LayerRow,
+    Report,
+    Severity,
+    sort_by_layer_metric,
+    sort_findings,
+)
 from bnaudit.layers import is_ignored
 from bnaudit.security import pickle_findings
 
@@ -226,7 +235,7 @@ def drift_report(
             if severity is not Severity.OK:
                 findings.append(_drift_finding(display, p, layer, metrics, severity, warn_kl, error_kl))
     rows.sort(key=lambda r: (-r.severity.rank, -float(r.metrics.get("max_kl") or 0.0)))
-    findings.sort(key=lambda f: -_kl_of(f, rows))
+    sort_by_layer_metric(findings, rows, FindingKind.DRIFT)
     return Report(
         command="drift",
         inputs=(InputInfo(display, ckpt.format, None, tuple(p.state_dict.name for p in passes)),),
@@ -247,13 +256,6 @@ def drift_report(
 def _recalibrated_name(display: str) -> str:
     path = Path(display)
     return str(path.with_name(f"{path.stem}.recalibrated{path.suffix}"))
-
-
-def _kl_of(finding: Finding, rows: list[LayerRow]) -> float:
-    for r in rows:
-        if r.name == finding.layer and r.state_dict == finding.state_dict:
-            return float(r.metrics.get("max_kl") or 0.0)
-    return 0.0
 
 
 def _drift_finding(

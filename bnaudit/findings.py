@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -202,3 +203,20 @@ class Report:
 def sort_findings(findings: list[Finding]) -> tuple[Finding, ...]:
     """Worst first; stable within a severity so the audit's own order (worst layer first) is kept."""
     return tuple(sorted(findings, key=lambda f: -f.severity.rank))
+
+
+def sort_by_layer_metric(
+    findings: list[Finding], rows: Sequence[LayerRow], kind: FindingKind, metric: str = "max_kl"
+) -> None:
+    """Sort ``findings`` in place so that those of ``kind`` come by their layer's ``metric``, largest first.
+
+    Other findings keep their place relative to each other (the sort is stable); they count as 0.
+    """
+    values = {(r.state_dict, r.name): float(r.metrics.get(metric) or 0.0) for r in rows}
+
+    def key(finding: Finding) -> float:
+        if finding.kind is not kind:
+            return 0.0
+        return -values.get((finding.state_dict or "", finding.layer or ""), 0.0)
+
+    findings.sort(key=key)

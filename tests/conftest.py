@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections import OrderedDict
@@ -41,6 +42,19 @@ def save_ranks(folder: Path, states: list[dict], layout: str = "model", name: st
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+REPORT_SCHEMA = json.loads((REPO / "bnaudit" / "schemas" / "report-v1.json").read_text())
+
+
+def call_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``bnaudit.cli.main`` in-process; return (exit code, stdout, stderr)."""
+    from bnaudit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -20,20 +20,12 @@ from safetensors.torch import save_file
 
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.zippatch import locate_entries
-from bnaudit.cli import main
 from bnaudit.repair import average_checkpoints
-from tests.conftest import REPO, bn_state, run_cli
+from tests.conftest import REPO, bn_state, call_main, run_cli
 from tests.training_helpers.userclass import RunInfo
 
 CHANNELS = {"stem": 4, "layer1": 6}
 LAYERS = [f"{name}.bn" for name in CHANNELS]
-
-
-def _call(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(exc.value.code or 0), out, err
 
 
 def reference_merge(states: list[dict], prefix: str, layer: str, method: str, weights=None):
@@ -287,14 +279,14 @@ def test_counter_mismatch_warns_and_keeps_reference_counter(tmp_path, rng, capsy
     for r, sd in enumerate(states):
         torch.save({"model": sd}, tmp_path / f"c_rank{r}.pt")
     out = tmp_path / "avg.pt"
-    code, stdout, _ = _call(
+    code, stdout, _ = call_main(
         capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(out), "--format", "json"
     )
     doc = json.loads(stdout)
     assert code == 0 and doc["findings"][0]["kind"] == "counter-mismatch"
     assert int(torch.load(out)["model"]["stem.bn.num_batches_tracked"]) == 100
     assert (
-        _call(
+        call_main(
             capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(out), "--force", "--fail-on", "warn"
         )[0]
         == 1
@@ -309,25 +301,27 @@ def test_overwrite_refusal_and_input_protection(tmp_path, rng, capsys):
     before = [sha(p) for p in paths]
     out = tmp_path / "avg.pt"
     out.write_bytes(b"precious")
-    code, _, err = _call(capsys, "average", *map(str, paths), "-o", str(out))
+    code, _, err = call_main(capsys, "average", *map(str, paths), "-o", str(out))
     assert code == 2 and "--force" in err and out.read_bytes() == b"precious"
     for args in (["-o", str(paths[1])], ["-o", str(paths[0]), "--force"]):
-        code, _, err = _call(capsys, "average", *map(str, paths), *args)
+        code, _, err = call_main(capsys, "average", *map(str, paths), *args)
         assert code == 2 and "never writes over an input" in err and len(err.strip().splitlines()) == 1
     os.link(paths[0], tmp_path / "hardlink.pt")  # same file under another name
-    code, _, err = _call(capsys, "average", *map(str, paths), "-o", str(tmp_path / "hardlink.pt"), "--force")
+    code, _, err = call_main(
+        capsys, "average", *map(str, paths), "-o", str(tmp_path / "hardlink.pt"), "--force"
+    )
     assert code == 2 and "never writes over an input" in err
-    code, _, err = _call(capsys, "average", *map(str, paths), "-o", str(tmp_path / "nowhere" / "a.pt"))
+    code, _, err = call_main(capsys, "average", *map(str, paths), "-o", str(tmp_path / "nowhere" / "a.pt"))
     assert code == 2 and "does not exist" in err
-    assert _call(capsys, "average", *map(str, paths), "-o", str(out), "--force")[0] == 0
+    assert call_main(capsys, "average", *map(str, paths), "-o", str(out), "--force")[0] == 0
     assert [sha(p) for p in paths] == before
-    assert _call(capsys, "average", *map(str, paths))[0] == 2  # -o is required without --dry-run
+    assert call_main(capsys, "average", *map(str, paths))[0] == 2  # -o is required without --dry-run
 
 
 def test_dry_run_writes_nothing(tmp_path, rng, capsys):
     for r, sd in enumerate(rank_states(rng, n=2)):
         torch.save({"model": sd}, tmp_path / f"c_rank{r}.pt")
-    code, out, _ = _call(
+    code, out, _ = call_main(
         capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(tmp_path / "a.pt"), "--dry-run"
     )
     assert code == 0 and "Dry run: nothing was written" in out and "stem.bn" in out and "KL before" in out
@@ -349,10 +343,10 @@ def test_unsafe_input_is_refused_and_never_executed(tmp_path, rng, capsys):
     for r, sd in enumerate(rank_states(rng, n=2)):
         torch.save({"model": sd, "hook": Evil(marker)}, tmp_path / f"c_rank{r}.pt")
     out = tmp_path / "avg.pt"
-    code, stdout, err = _call(capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(out))
+    code, stdout, err = call_main(capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(out))
     assert code == 1 and "unsafe-pickle" in stdout and "--allow-unsafe-input" in err
     assert not out.exists() and not marker.exists()
-    code, _, _ = _call(
+    code, _, _ = call_main(
         capsys,
         "average",
         str(tmp_path / "c_rank*.pt"),
@@ -368,7 +362,7 @@ def test_unsafe_input_is_refused_and_never_executed(tmp_path, rng, capsys):
 def test_different_models_exit_2(tmp_path, rng, capsys):
     torch.save({"model": bn_state(CHANNELS, rng)}, tmp_path / "c_rank0.pt")
     torch.save({"model": bn_state({"stem": 4}, rng)}, tmp_path / "c_rank1.pt")
-    code, _, err = _call(capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(tmp_path / "a.pt"))
+    code, _, err = call_main(capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(tmp_path / "a.pt"))
     assert code == 2 and "not the same model" in err and len(err.strip().splitlines()) == 1
 
 
@@ -376,7 +370,7 @@ def test_bad_rank_weights_exit_2(tmp_path, rng, capsys):
     for r, sd in enumerate(rank_states(rng, n=2)):
         torch.save({"model": sd}, tmp_path / f"c_rank{r}.pt")
     for weights in ("1,2,3", "1,x", "1,-2"):
-        code, _, err = _call(
+        code, _, err = call_main(
             capsys,
             "average",
             str(tmp_path / "c_rank*.pt"),
@@ -393,7 +387,7 @@ def test_convert_pt_to_safetensors_and_back(tmp_path, rng, capsys):
     for r, sd in enumerate(states):
         torch.save({"model": sd, "epoch": 1}, tmp_path / f"c_rank{r}.pt")
     st = tmp_path / "avg.safetensors"
-    code, _, err = _call(
+    code, _, err = call_main(
         capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(st), "--to", "safetensors"
     )
     assert code == 0 and "dropped top-level entries: epoch" in err
@@ -407,7 +401,7 @@ def test_convert_pt_to_safetensors_and_back(tmp_path, rng, capsys):
     for r in range(2):
         save_file({k: v.contiguous() for k, v in states[r].items()}, tmp_path / f"s_rank{r}.safetensors")
     pt = tmp_path / "avg.pt"
-    code, _, err = _call(
+    code, _, err = call_main(
         capsys, "average", str(tmp_path / "s_rank*.safetensors"), "-o", str(pt), "--to", "pt"
     )
     assert code == 0, err
@@ -426,7 +420,7 @@ def test_interrupt_exit_130_leaves_nothing(tmp_path, rng, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("bnaudit.checkpoint.writer._apply", interrupted)
-    code, _, err = _call(capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(tmp_path / "a.pt"))
+    code, _, err = call_main(capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(tmp_path / "a.pt"))
     assert code == 130 and "interrupted" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c_rank0.pt", "c_rank1.pt"]
 
@@ -435,7 +429,7 @@ def test_failed_verification_exit_3_leaves_nothing(tmp_path, rng, capsys, monkey
     for r, sd in enumerate(rank_states(rng, n=2)):
         torch.save({"model": sd}, tmp_path / f"c_rank{r}.pt")
     monkeypatch.setattr("bnaudit.checkpoint.writer._verify_zip", _raise_verification)
-    code, _, err = _call(capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(tmp_path / "a.pt"))
+    code, _, err = call_main(capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(tmp_path / "a.pt"))
     assert code == 3 and "verification" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c_rank0.pt", "c_rank1.pt"]
 

@@ -9,20 +9,11 @@ import jsonschema
 import pytest
 
 from bnaudit.baseline import apply_baseline, load_baseline
-from bnaudit.cli import main
 from bnaudit.errors import InputError
 from bnaudit.findings import FailOn, Finding, FindingKind, LayerRow, Report, Severity
-from tests.conftest import REPO, bn_state, save_ranks
+from tests.conftest import REPORT_SCHEMA, bn_state, call_main, save_ranks
 
-SCHEMA = json.loads((REPO / "bnaudit" / "schemas" / "report-v1.json").read_text())
 CHANNELS = {"stem": 4, "layer1": 8}
-
-
-def _call(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(exc.value.code or 0), out, err
 
 
 @pytest.fixture
@@ -43,32 +34,32 @@ def _ranks(folder, rng, shifts: dict[str, float], name: str) -> list[str]:
 
 def test_accepted_findings_pass_and_are_marked(capsys, folder, rng):
     paths = _ranks(folder, rng, {"stem": 3.0}, "run1")
-    code, _, err = _call(capsys, "compare", *paths, "--write-baseline", "baseline.json")
+    code, _, err = call_main(capsys, "compare", *paths, "--write-baseline", "baseline.json")
     assert code == 1 and "baseline of 1 finding(s) written to baseline.json" in err
     written = json.loads((folder / "baseline.json").read_text())
-    jsonschema.validate(written, SCHEMA)  # a baseline is a JSON report
+    jsonschema.validate(written, REPORT_SCHEMA)  # a baseline is a JSON report
     assert "pooled_mean" not in written["layers"][0]
     # A later run in another folder (paths differ): the same finding is accepted.
     (folder / "elsewhere").mkdir()
     moved = [f"elsewhere/{p}" for p in paths]
     for src, dst in zip(paths, moved, strict=True):
         (folder / dst).write_bytes((folder / src).read_bytes())
-    code, out, _ = _call(capsys, "compare", *moved, "--baseline", "baseline.json", "--format", "json")
+    code, out, _ = call_main(capsys, "compare", *moved, "--baseline", "baseline.json", "--format", "json")
     doc = json.loads(out)
-    jsonschema.validate(doc, SCHEMA)
+    jsonschema.validate(doc, REPORT_SCHEMA)
     assert code == 0 and doc["verdict"] == "pass"
     assert [f["baselined"] for f in doc["findings"]] == [True]
     assert doc["summary"]["baselined"] == 1 and doc["summary"]["error"] == 1
     assert doc["baseline"] == {"path": "baseline.json", "accepted": 1}
-    code, out, _ = _call(capsys, "compare", *paths, "--baseline", "baseline.json")
+    code, out, _ = call_main(capsys, "compare", *paths, "--baseline", "baseline.json")
     assert code == 0 and "(accepted by the baseline)" in out and "1 accepted by the baseline" in out
 
 
 def test_new_finding_fails(capsys, folder, rng):
     paths = _ranks(folder, rng, {"stem": 3.0}, "run")
-    _call(capsys, "compare", *paths, "--write-baseline", "baseline.json", "--format", "json")
+    call_main(capsys, "compare", *paths, "--write-baseline", "baseline.json", "--format", "json")
     worse = _ranks(folder, rng, {"stem": 3.0, "layer1": 3.0}, "run")
-    code, out, _ = _call(capsys, "compare", *worse, "--baseline", "baseline.json", "--format", "json")
+    code, out, _ = call_main(capsys, "compare", *worse, "--baseline", "baseline.json", "--format", "json")
     doc = json.loads(out)
     by_layer = {f["layer"]: f["baselined"] for f in doc["findings"]}
     assert code == 1 and by_layer == {"stem.bn": True, "layer1.bn": False}
@@ -76,9 +67,9 @@ def test_new_finding_fails(capsys, folder, rng):
 
 def test_worse_divergence_fails(capsys, folder, rng):
     paths = _ranks(folder, rng, {"stem": 1.0}, "run")
-    _call(capsys, "compare", *paths, "--write-baseline", "baseline.json", "--format", "json")
+    call_main(capsys, "compare", *paths, "--write-baseline", "baseline.json", "--format", "json")
     worse = _ranks(folder, rng, {"stem": 3.0}, "run")
-    code, out, _ = _call(capsys, "compare", *worse, "--baseline", "baseline.json", "--format", "json")
+    code, out, _ = call_main(capsys, "compare", *worse, "--baseline", "baseline.json", "--format", "json")
     assert code == 1 and [f["baselined"] for f in json.loads(out)["findings"]] == [False]
 
 
@@ -130,7 +121,7 @@ def test_bad_baseline_exits_2(capsys, folder, rng, content, message):
     paths = _ranks(folder, rng, {}, "run")
     if content is not None:
         (folder / "b.json").write_text(content)
-    code, out, err = _call(capsys, "compare", *paths, "--baseline", "b.json")
+    code, out, err = call_main(capsys, "compare", *paths, "--baseline", "b.json")
     assert code == 2 and out == "" and message in err and "Traceback" not in err
     with pytest.raises(InputError):
         load_baseline(folder / "b.json")

@@ -12,18 +12,9 @@ import pytest
 import torch
 
 import bnaudit
-from bnaudit.cli import main
-from tests.conftest import REPO, bn_state, run_cli, save_ranks
+from tests.conftest import REPO, REPORT_SCHEMA, bn_state, call_main, run_cli, save_ranks
 
-SCHEMA = json.loads((REPO / "bnaudit" / "schemas" / "report-v1.json").read_text())
 CHANNELS = {"stem": 4, "layer1": 8}
-
-
-def _call(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(exc.value.code or 0), out, err
 
 
 @pytest.fixture
@@ -35,30 +26,30 @@ def ranks(tmp_path, rng):
 
 
 def test_version(capsys):
-    code, out, _ = _call(capsys, "--version")
+    code, out, _ = call_main(capsys, "--version")
     assert code == 0 and out.strip() == f"bnaudit {bnaudit.__version__}"
 
 
 @pytest.mark.parametrize("fmt", ["table", "json"])
 def test_exit_codes_do_not_depend_on_format(capsys, ranks, fmt):
     good, bad = ranks
-    assert _call(capsys, "compare", *map(str, good), "--format", fmt)[0] == 0
-    assert _call(capsys, "compare", *map(str, bad), "--format", fmt)[0] == 1
-    assert _call(capsys, "compare", *map(str, bad), "--format", fmt, "--fail-on", "never")[0] == 0
+    assert call_main(capsys, "compare", *map(str, good), "--format", fmt)[0] == 0
+    assert call_main(capsys, "compare", *map(str, bad), "--format", fmt)[0] == 1
+    assert call_main(capsys, "compare", *map(str, bad), "--format", fmt, "--fail-on", "never")[0] == 0
 
 
 def test_json_report_follows_the_schema(capsys, ranks):
     _, bad = ranks
-    code, out, _ = _call(capsys, "compare", *map(str, bad), "--format", "json")
+    code, out, _ = call_main(capsys, "compare", *map(str, bad), "--format", "json")
     doc = json.loads(out)
-    jsonschema.validate(doc, SCHEMA)
+    jsonschema.validate(doc, REPORT_SCHEMA)
     assert code == 1 and doc["verdict"] == "fail" and doc["schema_version"] == 1
     assert doc["layers"][0]["severity"] == "error" and doc["findings"][0]["kind"] == "divergence"
 
 
 def test_table_names_worst_layer_and_next_step(capsys, ranks):
     _, bad = ranks
-    code, out, _ = _call(capsys, "compare", *map(str, bad))
+    code, out, _ = call_main(capsys, "compare", *map(str, bad))
     assert code == 1
     assert "FAIL:" in out and "Next: bnaudit average" in out
     table_lines = out.splitlines()
@@ -67,7 +58,7 @@ def test_table_names_worst_layer_and_next_step(capsys, ranks):
 
 
 def test_quoted_glob_is_expanded(capsys, ranks, tmp_path):
-    code, out, _ = _call(capsys, "compare", str(tmp_path / "bad_rank*.pt"), "--format", "json")
+    code, out, _ = call_main(capsys, "compare", str(tmp_path / "bad_rank*.pt"), "--format", "json")
     assert code == 1 and len(json.loads(out)["inputs"]) == 3
 
 
@@ -75,21 +66,21 @@ def test_report_to_file(capsys, ranks, tmp_path):
     good, _ = ranks
     target = tmp_path / "report.json"
     target.write_text("old")
-    code, out, err = _call(capsys, "compare", *map(str, good), "--format", "json", "-o", str(target))
+    code, out, err = call_main(capsys, "compare", *map(str, good), "--format", "json", "-o", str(target))
     assert code == 0 and out == "" and "report written" in err
-    jsonschema.validate(json.loads(target.read_text()), SCHEMA)
+    jsonschema.validate(json.loads(target.read_text()), REPORT_SCHEMA)
 
 
 def test_inspect_exit_codes(capsys, tmp_path, rng):
     sd = bn_state(CHANNELS, rng)
     torch.save({"model": sd}, tmp_path / "ok.pt")
-    assert _call(capsys, "inspect", str(tmp_path / "ok.pt"))[0] == 0
+    assert call_main(capsys, "inspect", str(tmp_path / "ok.pt"))[0] == 0
     sd["stem.bn.running_var"][0] = float("inf")
     torch.save({"model": sd}, tmp_path / "bad.pt")
-    code, out, _ = _call(capsys, "inspect", str(tmp_path / "bad.pt"), "--format", "json")
+    code, out, _ = call_main(capsys, "inspect", str(tmp_path / "bad.pt"), "--format", "json")
     assert code == 1
     doc = json.loads(out)
-    jsonschema.validate(doc, SCHEMA)
+    jsonschema.validate(doc, REPORT_SCHEMA)
     assert doc["findings"][0]["kind"] == "nonfinite"
 
 
@@ -102,23 +93,23 @@ def test_inspect_exit_codes(capsys, tmp_path, rng):
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, tmp_path, make, expected):
-    code, _, err = _call(capsys, "compare", *make(tmp_path))
+    code, _, err = call_main(capsys, "compare", *make(tmp_path))
     assert code == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and expected in err
 
 
 def test_different_models_exit_2(capsys, tmp_path, rng):
     paths = save_ranks(tmp_path, [bn_state(CHANNELS, rng), bn_state({"stem": 4}, rng)])
-    code, _, err = _call(capsys, "compare", *map(str, paths))
+    code, _, err = call_main(capsys, "compare", *map(str, paths))
     assert code == 2 and "not the same model" in err and len(err.strip().splitlines()) == 1
 
 
 def test_usage_errors_exit_2(capsys, ranks):
     good, _ = ranks
-    assert _call(capsys, "compare", *map(str, good), "--fail-on", "sometimes")[0] == 2
-    assert _call(capsys, "compare")[0] == 2
-    assert _call(capsys, "nonsense")[0] == 2
-    code, _, err = _call(capsys, "compare", *map(str, good), "--warn-kl", "2", "--error-kl", "1")
+    assert call_main(capsys, "compare", *map(str, good), "--fail-on", "sometimes")[0] == 2
+    assert call_main(capsys, "compare")[0] == 2
+    assert call_main(capsys, "nonsense")[0] == 2
+    code, _, err = call_main(capsys, "compare", *map(str, good), "--warn-kl", "2", "--error-kl", "1")
     assert code == 2 and "--warn-kl" in err
 
 
@@ -129,9 +120,9 @@ def test_internal_error_exit_3_and_debug_traceback(capsys, ranks, monkeypatch):
         raise RuntimeError("kaboom")
 
     monkeypatch.setattr("bnaudit.audit.compare_ranks", boom)
-    code, _, err = _call(capsys, "compare", *map(str, good))
+    code, _, err = call_main(capsys, "compare", *map(str, good))
     assert code == 3 and "internal error" in err and "kaboom" in err and "Traceback" not in err
-    code, _, err = _call(capsys, "--debug", "compare", *map(str, good))
+    code, _, err = call_main(capsys, "--debug", "compare", *map(str, good))
     assert code == 3 and "Traceback" in err
 
 
@@ -142,7 +133,7 @@ def test_interrupt_exit_130(capsys, ranks, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("bnaudit.audit.compare_ranks", interrupted)
-    code, _, err = _call(capsys, "compare", *map(str, good))
+    code, _, err = call_main(capsys, "compare", *map(str, good))
     assert code == 130 and "interrupted" in err
 
 

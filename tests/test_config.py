@@ -7,19 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from bnaudit.cli import main
 from bnaudit.config import find_config_file, load_config
 from bnaudit.errors import ConfigError
-from tests.conftest import bn_state, save_ranks
+from tests.conftest import bn_state, call_main, save_ranks
 
 CHANNELS = {"stem": 4, "layer1": 8}
-
-
-def _call(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(exc.value.code or 0), out, err
 
 
 @pytest.fixture
@@ -40,7 +32,7 @@ def _pyproject(folder: Path, text: str) -> Path:
 
 def _settings(capsys, *args: str) -> dict:
     """The settings a compare run used, from its JSON report (the command line adds --format json)."""
-    code, out, err = _call(capsys, *args[:-1], args[-1], "--format", "json")
+    code, out, err = call_main(capsys, *args[:-1], args[-1], "--format", "json")
     assert code in (0, 1), err
     doc = json.loads(out)
     return {**doc["settings"], "fail_on": doc["fail_on"]}
@@ -49,7 +41,7 @@ def _settings(capsys, *args: str) -> dict:
 def test_missing_table_means_defaults(capsys, repo):
     folder, paths = repo
     _pyproject(folder, "[tool.ruff]\nline-length = 100\n")
-    code, out, _ = _call(capsys, "config", "compare")
+    code, out, _ = call_main(capsys, "config", "compare")
     fail_on = next(line for line in out.splitlines() if line.startswith("fail-on"))
     assert code == 0 and "none found" in out
     assert fail_on.startswith('fail-on = "error"') and fail_on.endswith("# default")
@@ -77,7 +69,7 @@ def test_global_key_for_some_commands_only(capsys, repo):
     _pyproject(folder, "[tool.bnaudit]\nwarn-kl = 0.01\nsecurity = true\n")
     # warn-kl is compare's, security is inspect's: each command takes its own and ignores the other.
     assert _settings(capsys, "compare", *paths)["warn_kl"] == 0.01
-    code, out, _ = _call(capsys, "inspect", paths[0], "--format", "json")
+    code, out, _ = call_main(capsys, "inspect", paths[0], "--format", "json")
     assert code == 0 and "globals" in json.loads(out)
 
 
@@ -126,7 +118,7 @@ def test_bnaudit_toml_is_discovered(capsys, repo):
 def test_paths_are_relative_to_the_config_file(capsys, repo):
     folder, _ = repo
     _pyproject(folder, '[tool.bnaudit]\nbaseline = "gate/baseline.json"\n')
-    code, out, _ = _call(capsys, "config", "compare")
+    code, out, _ = call_main(capsys, "config", "compare")
     assert code == 0 and f'baseline = "{folder / "gate" / "baseline.json"}"' in out
 
 
@@ -171,7 +163,7 @@ def test_paths_are_relative_to_the_config_file(capsys, repo):
 def test_bad_configuration_exits_2_naming_key_and_file(capsys, repo, table, message):
     folder, paths = repo
     path = _pyproject(folder, table)
-    code, out, err = _call(capsys, "compare", *paths)
+    code, out, err = call_main(capsys, "compare", *paths)
     assert code == 2 and out == ""
     assert err.startswith(f"bnaudit: error: {path}") and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -179,14 +171,14 @@ def test_bad_configuration_exits_2_naming_key_and_file(capsys, repo, table, mess
 
 def test_missing_config_file_option(capsys, repo):
     _, paths = repo
-    code, _, err = _call(capsys, "--config", "nope.toml", "compare", *paths)
+    code, _, err = call_main(capsys, "--config", "nope.toml", "compare", *paths)
     assert code == 2 and "nope.toml: no such configuration file" in err
 
 
 def test_config_command_shows_sources(capsys, repo):
     folder, _ = repo
     path = _pyproject(folder, '[tool.bnaudit]\nfail-on = "warn"\n[tool.bnaudit.compare]\nerror-kl = 0.3\n')
-    code, out, _ = _call(capsys, "config", "compare")
+    code, out, _ = call_main(capsys, "config", "compare")
     lines = {line.split("=")[0].strip(): line for line in out.splitlines() if "=" in line}
     assert code == 0 and f"configuration file: {path} [tool.bnaudit]" in out
     assert lines["fail-on"].endswith(f"# {path} [tool.bnaudit]")
@@ -194,9 +186,9 @@ def test_config_command_shows_sources(capsys, repo):
         "[tool.bnaudit.compare]"
     )
     assert lines["warn-kl"].endswith("# default")
-    code, out, _ = _call(capsys, "config")
+    code, out, _ = call_main(capsys, "config")
     assert code == 0 and "[compare]" in out and "[inspect]" in out
-    code, _, err = _call(capsys, "config", "nosuch")
+    code, _, err = call_main(capsys, "config", "nosuch")
     assert code == 2 and "has no settings" in err
 
 
@@ -211,6 +203,6 @@ def test_global_value_applies_where_it_fits(capsys, repo):
     folder, paths = repo
     # A list of formats fits compare's repeatable --format, not a command with a single --format.
     _pyproject(folder, '[tool.bnaudit]\nformat = ["json", "markdown"]\n')
-    code, out, err = _call(capsys, "compare", *paths, "-o", "r.json")
+    code, out, err = call_main(capsys, "compare", *paths, "-o", "r.json")
     assert code in (0, 1), err
     assert "schema_version" in (folder / "r.json").read_text() and out.startswith("## ")

@@ -11,14 +11,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from bnaudit.cli import main
 from bnaudit.findings import FailOn, Finding, FindingKind, Severity
 from bnaudit.report import OutputFormat
 from bnaudit.report.github import annotation, escape_data, escape_property
 from bnaudit.report.sarif import RULES
-from tests.conftest import REPO, bn_state, save_ranks
+from tests.conftest import REPO, REPORT_SCHEMA, bn_state, call_main, save_ranks
 
-SCHEMA = json.loads((REPO / "bnaudit" / "schemas" / "report-v1.json").read_text())
 CHANNELS = {"stem": 4, "layer1": 8}
 FORMATS = [f.value for f in OutputFormat]
 
@@ -128,13 +126,6 @@ SARIF_SUBSET = {
 }
 
 
-def _call(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(exc.value.code or 0), out, err
-
-
 @pytest.fixture
 def runs(tmp_path, rng, monkeypatch):
     """A repository (``.git``) holding a passing and a failing set of rank checkpoints under ckpts/."""
@@ -151,17 +142,17 @@ def runs(tmp_path, rng, monkeypatch):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_exit_code_is_the_same_for_every_format(capsys, runs, fmt):
     good, bad = runs
-    assert _call(capsys, "--no-config", "compare", *good, "--format", fmt)[0] == 0
-    assert _call(capsys, "--no-config", "compare", *bad, "--format", fmt)[0] == 1
-    assert _call(capsys, "--no-config", "compare", *bad, "--format", fmt, "--fail-on", "never")[0] == 0
+    assert call_main(capsys, "--no-config", "compare", *good, "--format", fmt)[0] == 0
+    assert call_main(capsys, "--no-config", "compare", *bad, "--format", fmt)[0] == 1
+    assert call_main(capsys, "--no-config", "compare", *bad, "--format", fmt, "--fail-on", "never")[0] == 0
 
 
 @pytest.mark.parametrize("which", ["pass", "fail"])
 def test_json_follows_its_schema(capsys, runs, which):
     paths = runs[0] if which == "pass" else runs[1]
-    code, out, _ = _call(capsys, "compare", *paths, "--format", "json")
+    code, out, _ = call_main(capsys, "compare", *paths, "--format", "json")
     doc = json.loads(out)
-    jsonschema.validate(doc, SCHEMA)
+    jsonschema.validate(doc, REPORT_SCHEMA)
     assert doc["verdict"] == which and code == (which == "fail")
     assert doc["headline"] == "max_kl" and doc["summary"]["baselined"] == 0
     assert all(len(row["per_rank_max_shift"]) == len(paths) for row in doc["layers"])
@@ -170,7 +161,7 @@ def test_json_follows_its_schema(capsys, runs, which):
 @pytest.mark.parametrize("which", ["pass", "fail"])
 def test_sarif_is_a_valid_log_with_a_rule_per_kind(capsys, runs, which):
     paths = runs[0] if which == "pass" else runs[1]
-    code, out, _ = _call(capsys, "compare", *paths, "--format", "sarif")
+    code, out, _ = call_main(capsys, "compare", *paths, "--format", "sarif")
     log = json.loads(out)
     jsonschema.validate(log, SARIF_SUBSET)
     run = log["runs"][0]
@@ -191,7 +182,7 @@ def test_sarif_is_a_valid_log_with_a_rule_per_kind(capsys, runs, which):
 def test_sarif_paths_are_relative_to_the_repository_root_from_a_subfolder(capsys, runs, monkeypatch):
     _, bad = runs
     monkeypatch.chdir("ckpts")
-    _, out, _ = _call(capsys, "compare", *(Path(p).name for p in bad), "--format", "sarif")
+    _, out, _ = call_main(capsys, "compare", *(Path(p).name for p in bad), "--format", "sarif")
     result = json.loads(out)["runs"][0]["results"][0]
     assert result["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "ckpts/bad_rank0.pt"
 
@@ -203,7 +194,7 @@ def test_every_finding_kind_has_a_sarif_rule():
 @pytest.mark.parametrize("which", ["pass", "fail"])
 def test_junit_has_a_suite_per_state_dict_and_a_case_per_layer(capsys, runs, which):
     paths = runs[0] if which == "pass" else runs[1]
-    code, out, _ = _call(capsys, "compare", *paths, "--format", "junit")
+    code, out, _ = call_main(capsys, "compare", *paths, "--format", "junit")
     root = ET.fromstring(out)
     assert root.tag == "testsuites"
     suites = root.findall("testsuite")
@@ -220,7 +211,7 @@ def test_junit_has_a_suite_per_state_dict_and_a_case_per_layer(capsys, runs, whi
 
 def test_junit_failures_follow_fail_on(capsys, runs):
     _, bad = runs
-    _, out, _ = _call(capsys, "compare", *bad, "--format", "junit", "--fail-on", "never")
+    _, out, _ = call_main(capsys, "compare", *bad, "--format", "junit", "--fail-on", "never")
     assert ET.fromstring(out).get("failures") == "0"
 
 
@@ -230,7 +221,7 @@ def test_junit_findings_without_a_layer_are_their_own_cases(capsys, tmp_path, mo
 
     path = tmp_path / "plain.pt"
     torch.save({"model": {"fc.weight": torch.ones(2, 2)}}, path)
-    code, out, _ = _call(capsys, "inspect", "plain.pt", "--format", "junit", "--fail-on", "warn")
+    code, out, _ = call_main(capsys, "inspect", "plain.pt", "--format", "junit", "--fail-on", "warn")
     root = ET.fromstring(out)
     names = [c.get("name") for c in root.iter("testcase")]
     assert code == 1 and names == ["no-batchnorm: plain.pt"]
@@ -239,10 +230,10 @@ def test_junit_findings_without_a_layer_are_their_own_cases(capsys, tmp_path, mo
 
 def test_markdown_report(capsys, runs):
     good, bad = runs
-    code, out, _ = _call(capsys, "compare", *bad, "--format", "markdown")
+    code, out, _ = call_main(capsys, "compare", *bad, "--format", "markdown")
     assert code == 1 and out.startswith("## ❌ bnaudit compare: FAIL")
     assert "| layer | state dict | status | max KL |" in out and "### Findings" in out
-    code, out, _ = _call(capsys, "compare", *good, "--format", "markdown")
+    code, out, _ = call_main(capsys, "compare", *good, "--format", "markdown")
     assert code == 0 and out.startswith("## ✅ bnaudit compare: PASS") and "### Findings" not in out
 
 
@@ -257,7 +248,7 @@ _COMMAND = re.compile(r"^::(error|warning|notice)( (?P<props>[^:]*))?::(?P<messa
 
 def test_github_annotations(capsys, runs):
     _, bad = runs
-    code, out, _ = _call(capsys, "compare", *bad, "--format", "github")
+    code, out, _ = call_main(capsys, "compare", *bad, "--format", "github")
     lines = out.splitlines()
     annotations = [m for m in map(_COMMAND.match, lines) if m]
     assert code == 1 and len(annotations) >= 1
@@ -290,37 +281,39 @@ def test_github_job_summary_is_appended(capsys, runs, tmp_path, monkeypatch):
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    code, _, _ = _call(capsys, "compare", *bad, "--format", "github")
+    code, _, _ = call_main(capsys, "compare", *bad, "--format", "github")
     text = summary.read_text()
     assert code == 1 and text.startswith("earlier step\n## ❌ bnaudit compare: FAIL")
     # Other formats leave the summary alone.
-    _call(capsys, "compare", *bad, "--format", "json")
+    call_main(capsys, "compare", *bad, "--format", "json")
     assert summary.read_text() == text
 
 
 def test_several_formats_with_paired_files(capsys, runs, tmp_path):
     _, bad = runs
-    code, out, err = _call(
+    code, out, err = call_main(
         capsys, "compare", *bad, "--format", "github", "--format", "sarif", "-o", "r.sarif",
         "--format", "json", "-o", "r.json", "--format", "junit", "-o", "r.xml",
     )  # fmt: skip
     assert code == 1 and out.startswith("::error ")  # github, the format without -o, on stdout
     assert json.loads((tmp_path / "r.sarif").read_text())["version"] == "2.1.0"
-    jsonschema.validate(json.loads((tmp_path / "r.json").read_text()), SCHEMA)
+    jsonschema.validate(json.loads((tmp_path / "r.json").read_text()), REPORT_SCHEMA)
     assert ET.parse(tmp_path / "r.xml").getroot().tag == "testsuites"
     assert "sarif report written to r.sarif (verdict: fail)" in err
 
 
 def test_output_before_format_and_in_order_pairing(capsys, runs, tmp_path):
     _, bad = runs
-    _call(capsys, "compare", *bad, "--format", "json", "--format", "sarif", "-o", "a.json", "-o", "b.sarif")
+    call_main(
+        capsys, "compare", *bad, "--format", "json", "--format", "sarif", "-o", "a.json", "-o", "b.sarif"
+    )
     assert "schema_version" in json.loads((tmp_path / "a.json").read_text())
     assert "runs" in json.loads((tmp_path / "b.sarif").read_text())
-    code, out, _ = _call(
+    code, out, _ = call_main(
         capsys, "compare", *bad, "--format", "sarif", "-o", "c.sarif", "--format", "markdown"
     )
     assert code == 1 and out.startswith("## ") and (tmp_path / "c.sarif").exists()
-    code, out, _ = _call(
+    code, out, _ = call_main(
         capsys, "compare", *bad, "--format", "github", "-o", "-", "--format", "json", "-o", "d.json"
     )
     assert code == 1 and out.startswith("::error ") and (tmp_path / "d.json").exists()
@@ -337,13 +330,13 @@ def test_output_before_format_and_in_order_pairing(capsys, runs, tmp_path):
 )
 def test_mismatched_formats_and_files_exit_2(capsys, runs, args, message):
     _, bad = runs
-    code, out, err = _call(capsys, "compare", *bad, *args)
+    code, out, err = call_main(capsys, "compare", *bad, *args)
     assert code == 2 and message in err and "Traceback" not in err and out == ""
 
 
 def test_table_is_still_the_default_and_writes_to_a_file(capsys, runs, tmp_path):
     _, bad = runs
-    code, out, _ = _call(capsys, "compare", *bad, "-o", "report.txt")
+    code, out, _ = call_main(capsys, "compare", *bad, "-o", "report.txt")
     assert code == 1 and out == "" and (tmp_path / "report.txt").read_text().startswith("bnaudit compare:")
 
 

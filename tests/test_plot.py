@@ -7,18 +7,10 @@ import importlib.util
 
 import pytest
 
-from bnaudit.cli import main
-from tests.conftest import bn_state, save_ranks
+from tests.conftest import bn_state, call_main, save_ranks
 
 CHANNELS = {"stem": 4, "layer1": 8}
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
-
-
-def _call(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(exc.value.code or 0), out, err
 
 
 @pytest.fixture
@@ -31,7 +23,7 @@ def ranks(tmp_path, rng, monkeypatch):
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs the plot extra (matplotlib)")
 @pytest.mark.parametrize(("name", "magic"), [("plot.png", b"\x89PNG\r\n\x1a\n"), ("plot.svg", b"<?xml")])
 def test_plot_is_written(capsys, tmp_path, ranks, name, magic):
-    code, _, err = _call(capsys, "compare", *ranks, "--plot", name)
+    code, _, err = call_main(capsys, "compare", *ranks, "--plot", name)
     assert code == 1 and f"plot written to {name}" in err
     data = (tmp_path / name).read_bytes()
     assert data.startswith(magic)
@@ -52,11 +44,11 @@ def test_without_matplotlib_says_how_to_install(capsys, tmp_path, ranks, monkeyp
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else object()
     )
-    code, out, err = _call(capsys, "compare", *ranks, "--plot", "plot.png")
+    code, out, err = call_main(capsys, "compare", *ranks, "--plot", "plot.png")
     assert code == 2 and out == "" and "pip install 'bnaudit[plot]'" in err
     assert not (tmp_path / "plot.png").exists()
 
 
 def test_plot_needs_png_or_svg(capsys, ranks):
-    code, _, err = _call(capsys, "compare", *ranks, "--plot", "plot.pdf")
+    code, _, err = call_main(capsys, "compare", *ranks, "--plot", "plot.pdf")
     assert code == 2 and "must end in .png or .svg" in err

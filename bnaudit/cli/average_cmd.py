@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 from tabulate import tabulate
 
-from bnaudit.cli.options import eps_option, ignore_option, write_text_atomically
+from bnaudit.cli.options import eps_option, ignore_option, repair_report_options, write_report_text
 from bnaudit.defaults import CONVERSION_FORMATS, MERGE_METHODS
 from bnaudit.errors import UsageError
 from bnaudit.findings import FailOn, Report, Severity
@@ -140,28 +139,7 @@ def _outcome(report: Report) -> str:
 )
 @eps_option
 @ignore_option
-@click.option(
-    "--report",
-    "report_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write the report to this file instead of stdout.",
-)
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice([f.value for f in OutputFormat]),
-    default=OutputFormat.TABLE.value,
-    show_default=True,
-    help="Report format; the exit code is the same for every format.",
-)
-@click.option(
-    "--fail-on",
-    type=click.Choice([f.value for f in FailOn]),
-    default=FailOn.ERROR.value,
-    show_default=True,
-    help="Exit 1 when a finding about the inputs is at least this severe (a refused write always exits 1).",
-)
+@repair_report_options
 def average_command(
     checkpoints: tuple[str, ...],
     output: Path | None,
@@ -210,11 +188,7 @@ def _emit(result: AverageResult, output_format: str, report_file: Path | None, g
     report = result.report
     fmt = OutputFormat(output_format)
     text = render_table(report, gate) if fmt is OutputFormat.TABLE else render(report, fmt, gate)
-    if report_file is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        write_text_atomically(report_file, text)
+    write_report_text(text, report_file)
     if result.refused:
         click.echo(f"bnaudit: refused: {result.refused}", err=True)
         return 1

@@ -381,3 +381,39 @@ def emit_report(
         write_bytes_atomically(plan.plot, plot_image(report, plan.plot))
         click.echo(f"bnaudit: plot written to {plan.plot}", err=True)
     return 1 if verdict == "fail" else 0
+
+
+# Commands that write a checkpoint (average, recalibrate) keep -o for it: their report takes --report.
+repair_report_options = _compose(
+    click.option(
+        "--report",
+        "report_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Write the report to this file instead of stdout.",
+    ),
+    click.option(
+        "--format",
+        "output_format",
+        type=click.Choice([f.value for f in OutputFormat]),
+        default=OutputFormat.TABLE.value,
+        show_default=True,
+        help="Report format; the exit code is the same for every format.",
+    ),
+    click.option(
+        "--fail-on",
+        type=click.Choice([f.value for f in FailOn]),
+        default=FailOn.ERROR.value,
+        show_default=True,
+        help="Exit 1 when a finding is at least this severe (a refused write always exits 1).",
+    ),
+)
+
+
+def write_report_text(text: str, report_file: Path | None) -> None:
+    """Send a rendered report to ``report_file`` (atomically) or to stdout."""
+    if report_file is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_text_atomically(report_file, text)

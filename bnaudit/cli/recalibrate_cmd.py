@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import click
 
 from bnaudit.cli.calibration_run import build_spec, in_worker, is_rank_zero, launch_workers, process_group
 from bnaudit.cli.model_options import model_options, progress_printer
-from bnaudit.cli.options import key_option, write_text_atomically
+from bnaudit.cli.options import key_option, repair_report_options, write_report_text
 from bnaudit.findings import FailOn, Report
 from bnaudit.report import OutputFormat, render
 
@@ -56,11 +55,7 @@ def _write(checkpoint: str, out: Path, ckpt: Any, passes: list[Any], spec: Any, 
 
 
 def _emit(report: Report, output_format: str, report_file: Path | None, fail_on: str) -> None:
-    text = render(report, OutputFormat(output_format), FailOn(fail_on))
-    if report_file is None:
-        sys.stdout.write(text)
-    else:
-        write_text_atomically(report_file, text)
+    write_report_text(render(report, OutputFormat(output_format), FailOn(fail_on)), report_file)
 
 
 @click.command("recalibrate")
@@ -90,28 +85,7 @@ def _emit(report: Report, output_format: str, report_file: Path | None, fail_on:
     is_flag=True,
     help="Repair even when the pickle references dangerous callables (the output keeps them).",
 )
-@click.option(
-    "--report",
-    "report_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write the report to this file instead of stdout.",
-)
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Report format.",
-)
-@click.option(
-    "--fail-on",
-    type=click.Choice([f.value for f in FailOn]),
-    default=FailOn.ERROR.value,
-    show_default=True,
-    help="Exit 1 when a finding is at least this severe.",
-)
+@repair_report_options
 def recalibrate_command(
     checkpoint: str,
     out: Path | None,
