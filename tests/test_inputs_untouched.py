@@ -127,6 +127,7 @@ def _runs(inputs: dict[str, list[Path]], out: Path) -> Iterator[list[str]]:
             spec = ["--model", f"{_HELPERS}:make_convnet", "--data", f"{_HELPERS}:make_batches"]
             yield ["recalibrate", str(paths[0]), *spec, "-o", str(out / f"{name}_recal.pt")]
             yield ["recalibrate", str(paths[0]), *spec, "-o", str(paths[0]), "--force"]
+            yield ["drift", str(paths[0]), *spec, "-o", str(out / f"{name}_drift.json"), "--format", "json"]
 
 
 def test_no_command_modifies_or_opens_an_input_for_writing(
