@@ -146,20 +146,35 @@ class _Accumulator:
         no_batch = getattr(module, "_get_no_batch_dim", None)
         self.no_batch_dim: int | None = no_batch() if callable(no_batch) else None
 
-    def add(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Fold one call's input in; returns that call's (mean, biased variance), None for an empty input."""
+    def check(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The input with its batch dimension and its count of values per channel; InputError if misshapen."""
         if self.no_batch_dim is not None and x.dim() == self.no_batch_dim:
             x = x.unsqueeze(0)  # an unbatched InstanceNorm input is one sample
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise InputError(
                 f"layer '{self.name}' expects {self.channels} channels, got an input of shape {list(x.shape)}"
             )
-        n = x.numel() // self.channels
+        return x, x.numel() // self.channels
+
+    def add(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Fold one call's input in; returns that call's (mean, biased variance), None for an empty input."""
+        x, n = self.check(x)
         if n == 0:
             return None
         var, mean = _moments(x.detach(), [0, *range(2, x.dim())])
         self._merge(n, mean.to(torch.float64), var.to(torch.float64))
         return mean, var
+
+    def add_kernel_moments(self, x: torch.Tensor, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Fold in one call's float32 (mean, biased variance) from BatchNorm's own kernel (``x``: that input).
+
+        As in :func:`_moments`, a call whose mean dwarfs its spread is recomputed from ``x`` in float64.
+        """
+        if not bool((mean.abs() <= _FLOAT32_MEAN_STD_RATIO * var.sqrt()).all()):
+            var, mean = torch.var_mean(
+                x.detach().to(torch.float64), dim=[0, *range(2, x.dim())], correction=0
+            )
+        self._merge(n, mean.to(torch.float64), var.to(torch.float64))
 
     def _merge(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         m2 = var * n
@@ -343,18 +358,51 @@ def _make_hook(acc: _Accumulator, index: int, state: _PassState) -> Callable[...
     return hook
 
 
+def _kernel_is_exact(x: torch.Tensor, module: Any) -> bool:
+    """True where BatchNorm's CPU kernel gives statistics as exact as :func:`_moments`: float32 (parameters
+    too) in plain contiguous layout with more than one value per sample and channel. That kernel sums in
+    double, two passes (mean, then squared deviations); its channels-last path (also taken for (N, C) and
+    N x C x 1 x 1 inputs) sums in float32, which is not exact enough, and is left to ``var_mean``.
+    tests/test_recalibrate.py holds it to the float64 reference on a million values per channel.
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 3 or not x.is_contiguous():
+        return False
+    if x.dim() in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
+        return False  # ambiguous strides (C == 1, or H = W = 1): the kernel may take its channels-last path
+    if x.numel() // max(1, x.shape[0] * x.shape[1]) <= 1:
+        return False
+    params = (module.weight, module.bias)
+    return all(p is None or p.dtype == torch.float32 for p in params)
+
+
 def _measuring_forward(
     acc: _Accumulator, index: int, state: _PassState
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A train-mode BatchNorm forward that records the batch statistics and normalises with them.
 
-    BatchNorm would compute the same statistics again; normalising with ours (an inference-mode batch_norm)
-    keeps the pass as cheap as ``update_bn``. It also keeps SyncBatchNorm from syncing across ranks (and from
-    refusing CPU tensors): every batch is normalised by its own statistics, as in a single process.
+    Where BatchNorm's own CPU kernel is exact (see :func:`_kernel_is_exact`) it computes the statistics and
+    normalises in one call, with momentum 1 into scratch buffers: as cheap as ``update_bn``'s forward (a
+    separate ``var_mean`` costs twice the whole BatchNorm there). Elsewhere the statistics come from
+    :func:`_moments` and the input is normalised with them by an inference-mode batch_norm. Either way
+    SyncBatchNorm does not sync across ranks (nor refuse CPU tensors): every batch is normalised by its own
+    statistics, as in a single process.
     """
     module: Any = acc.module  # a BatchNorm: weight/bias/eps are there, typed loosely by nn.Module
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if _kernel_is_exact(x, module):
+            x, n = acc.check(x)
+            if n > 1:  # (train-mode BatchNorm refuses a single value per channel)
+                scratch_mean = torch.zeros(acc.channels, dtype=torch.float32)
+                scratch_var = torch.zeros(acc.channels, dtype=torch.float32)
+                out = nn.functional.batch_norm(
+                    x, scratch_mean, scratch_var, module.weight, module.bias, True, 1.0, module.eps
+                )
+                # With momentum 1 the scratch buffers hold the batch mean and the *unbiased* variance.
+                acc.add_kernel_moments(x, n, scratch_mean, scratch_var.double() * ((n - 1) / n))
+                if state.record(index):
+                    raise _StopForward
+                return out
         moments = acc.add(x)
         if state.record(index):
             raise _StopForward

@@ -126,6 +126,22 @@ def test_large_mean_to_std_ratio_stays_exact() -> None:
     assert_close(recalibrate(model, batches), reference(model, batches))
 
 
+def test_batchnorm_kernel_path_exact_on_a_million_values_per_channel() -> None:
+    """The CPU fast path takes the statistics from BatchNorm's own kernel: it must stay float64-exact on long
+    reductions (a float32-accumulating kernel would be off by far more than 1e-6 std here), and a channel whose
+    mean dwarfs its spread (x100 std) must still fall back to float64."""
+    from bnaudit.recalibrate import _kernel_is_exact
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1.0, 0.01, 3.0]).view(1, 3, 1, 1)
+    shift = torch.tensor([5.0, 1.0, -7.0]).view(1, 3, 1, 1)
+    batches = [torch.randn(64, 3, 128, 128, generator=g) * scale + shift for _ in range(2)]
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    assert _kernel_is_exact(batches[0], model[0])
+    assert not _kernel_is_exact(batches[0].contiguous(memory_format=torch.channels_last), model[0])
+    assert_close(recalibrate(model, batches), reference(model, batches))
+
+
 def test_dict_batches_with_input_key_and_device() -> None:
     model = make_convnet()
     batches = [{"image": b, "label": torch.zeros(len(b))} for b in make_batches(4)]

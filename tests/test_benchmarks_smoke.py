@@ -1,0 +1,33 @@
+"""The recalibrate / average / distributed benchmark scripts run end to end in their ``--smoke`` mode."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("bench_recalibrate.py", "ratio bnaudit / update_bn: median"),
+        ("bench_average.py", "ratio average / torch.load+save: median"),
+        ("bench_distributed.py", "ratio --nproc 2, 1 thread each / 1 process x 2 threads: median"),
+    ],
+)
+def test_benchmark_smoke(script: str, expected: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--smoke"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert expected in done.stdout, done.stdout
+    if script == "bench_distributed.py":
+        assert "volume independent of data: True" in done.stdout, done.stdout
