@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -435,7 +436,9 @@ def launch_local(nproc: int, entry: Callable[..., Any], args: Sequence[Any] = ()
         rdzv_endpoint=f"127.0.0.1:{free_port()}",
         max_restarts=0,
         monitor_interval=0.1,
-        start_method="spawn",
+        # fork: the workers inherit the already imported torch (seconds per worker on a small machine);
+        # the parent has not started threads or CUDA. Elsewhere fork is unsafe or missing: spawn.
+        start_method="fork" if sys.platform.startswith("linux") else "spawn",
     )
     elastic_logger = logging.getLogger("torch.distributed.elastic")
     old_level = elastic_logger.level
