@@ -436,9 +436,10 @@ def launch_local(nproc: int, entry: Callable[..., Any], args: Sequence[Any] = ()
         rdzv_endpoint=f"127.0.0.1:{free_port()}",
         max_restarts=0,
         monitor_interval=0.1,
-        # fork: the workers inherit the already imported torch (seconds per worker on a small machine);
-        # the parent has not started threads or CUDA. Elsewhere fork is unsafe or missing: spawn.
-        start_method="fork" if sys.platform.startswith("linux") else "spawn",
+        # spawn, not fork: a forked worker shares the launcher's process group and signal handlers, and the
+        # agent's SIGTERM on a worker failure then reached the launcher itself (seen in tests). Each spawned
+        # worker imports torch again: a fixed cost of ~1-2 s on a small machine (BENCHMARKS.md).
+        start_method="spawn",
     )
     elastic_logger = logging.getLogger("torch.distributed.elastic")
     old_level = elastic_logger.level
