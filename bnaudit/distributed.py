@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import tempfile
 import time
 import uuid
