@@ -14,7 +14,13 @@ import numpy as np
 
 from bnaudit.checkpoint.torchzip import ZIP_READ_ERRORS, ZipEntry, archive_prefix, read_entries
 from bnaudit.checkpoint.types import ITEMSIZE, Checkpoint, GlobalRef, Placeholder, StorageRef, TensorRef
-from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, DtypeMarker, StorageResolver, inert_load
+from bnaudit.checkpoint.unpickler import (
+    MAX_PICKLE_BYTES,
+    DtypeMarker,
+    StorageResolver,
+    inert_load,
+    int_tuple,
+)
 from bnaudit.errors import BnauditError, InputError
 
 METADATA_FILE = ".metadata"
@@ -117,14 +123,6 @@ def _fields(obj: Any) -> dict[str, Any] | None:
     return found
 
 
-def _int_tuple(value: Any) -> tuple[int, ...] | None:
-    if not isinstance(value, tuple | list):
-        return None
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-        return None
-    return tuple(value)
-
-
 def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
@@ -199,7 +197,7 @@ class _DcpReader:
         assert isinstance(fqn, str) and isinstance(rel, str)
         assert isinstance(start, int) and isinstance(length, int)
         transformed = bool(where.get("transform_descriptors"))
-        return (fqn, _int_tuple(offset)), _Stored(rel, start, length, transformed)
+        return (fqn, int_tuple(offset)), _Stored(rel, start, length, transformed)
 
     # ----- items ---------------------------------------------------------------------------------------
     def item(self, fqn: str, entry: Any, meta: _Metadata) -> Any:
@@ -218,7 +216,7 @@ class _DcpReader:
         return self._tensor_item(fqn, fields, meta)
 
     def _tensor_item(self, fqn: str, fields: dict[str, Any], meta: _Metadata) -> Any:
-        dtype, shape = self._dtype(fqn, fields.get("properties")), _int_tuple(fields.get("size"))
+        dtype, shape = self._dtype(fqn, fields.get("properties")), int_tuple(fields.get("size"))
         chunks = fields.get("chunks")
         if shape is None or not isinstance(chunks, list) or not chunks:
             raise InputError(
@@ -228,7 +226,7 @@ class _DcpReader:
         parts = []
         for chunk in chunks:
             cf = _fields(chunk) or {}
-            offsets, sizes = _int_tuple(cf.get("offsets")), _int_tuple(cf.get("sizes"))
+            offsets, sizes = int_tuple(cf.get("offsets")), int_tuple(cf.get("sizes"))
             if offsets is None or sizes is None or len(offsets) != len(shape) or len(sizes) != len(shape):
                 raise InputError(
                     f"{self.folder}: tensor '{fqn}' has a chunk with invalid offsets or sizes "

@@ -168,7 +168,8 @@ def _is_plain(value: Any) -> bool:
     return isinstance(value, _PLAIN_TYPES) and not isinstance(value, Placeholder)
 
 
-def _int_tuple(value: Any) -> tuple[int, ...] | None:
+def int_tuple(value: Any) -> tuple[int, ...] | None:
+    """``value`` as a tuple of non-negative ints (shapes, strides), or None when it is not one."""
     if not isinstance(value, tuple | list):
         return None
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
@@ -320,14 +321,14 @@ class InertUnpickler(pickle._Unpickler):
         return self._placeholder("copyreg", "__newobj_ex__", cls, args, kwargs)
 
     def _torch_size(self, *args: Any) -> Any:
-        sizes = _int_tuple(args[0]) if len(args) == 1 else None
+        sizes = int_tuple(args[0]) if len(args) == 1 else None
         return sizes if sizes is not None else self._placeholder("torch", "Size", *args)
 
     # ----- tensors --------------------------------------------------------------------------------------
     def _make_tensor(self, func: str, args: tuple[Any, ...], dtype: Any = None) -> Any:
         storage, offset, size, stride = (list(args) + [None] * 4)[:4]
         requires_grad = len(args) > 4 and args[4] is True
-        shape, strides = _int_tuple(size), _int_tuple(stride)
+        shape, strides = int_tuple(size), int_tuple(stride)
         ok_offset = isinstance(offset, int) and not isinstance(offset, bool) and offset >= 0
         name = dtype.name if isinstance(dtype, DtypeMarker) else None
         if not isinstance(storage, StorageRef) or (dtype is not None and name is None):
@@ -403,7 +404,7 @@ class InertUnpickler(pickle._Unpickler):
 
     def _storage_view(self, root: StorageRef, view: Any) -> StorageRef:
         # Pre-1.0 legacy files could save a view of a storage: (view_key, offset, size) in elements.
-        parts = _int_tuple(view[1:]) if isinstance(view, tuple) and len(view) == 3 else None
+        parts = int_tuple(view[1:]) if isinstance(view, tuple) and len(view) == 3 else None
         if parts is None or not isinstance(view[0], str):
             raise InputError(
                 f"{self.display}: storage '{root.key}' has an invalid view {view!r}; "
