@@ -13,25 +13,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bnaudit.cli import main
-from tests.conftest import bn_state, save_ranks
+from tests.conftest import bn_state, call_main, save_ranks
 
 _CD_SIGNATURE = b"PK\x01\x02"
 _CD_HEADER_OFFSET = 42  # offset of "relative offset of local header" inside a central directory record
 
 
-def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    code = exc.value.code
-    return (code if isinstance(code, int) else 0), out, err
-
-
 def assert_one_line_exit_2(capsys: pytest.CaptureFixture[str], *args: str, fragment: str = "") -> str:
     """Run the CLI and require exit 2, one non-empty stderr line containing ``fragment``, no traceback."""
-    code, out, err = run_main(capsys, *args)
+    code, out, err = call_main(capsys, *args)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, (code, out, err)
     assert len(lines) == 1, err
@@ -179,9 +169,9 @@ def _ranks(tmp_path: Path, states: list[dict[str, torch.Tensor]]) -> list[str]:
 def test_no_batchnorm_layers(capsys, tmp_path: Path) -> None:
     paths = _ranks(tmp_path, [{"fc.weight": torch.ones(2, 2), "fc.bias": torch.zeros(2)}] * 2)
     assert_one_line_exit_2(capsys, "compare", *paths, fragment="no BatchNorm")
-    code, _, err = run_main(capsys, "compare", *paths, "--allow-empty")
+    code, _, err = call_main(capsys, "compare", *paths, "--allow-empty")
     assert code == 0, err
-    code, out, _ = run_main(capsys, "inspect", paths[0])
+    code, out, _ = call_main(capsys, "inspect", paths[0])
     assert code == 0 and "no-batchnorm" in out
 
 
@@ -189,7 +179,7 @@ def test_non_floating_statistics(capsys, tmp_path: Path) -> None:
     sd = {"bn.running_mean": torch.arange(4), "bn.running_var": torch.ones(4, dtype=torch.int64)}
     paths = _ranks(tmp_path, [sd, sd])
     assert_one_line_exit_2(capsys, "compare", *paths, fragment="floating")
-    code, out, _ = run_main(capsys, "inspect", paths[0])
+    code, out, _ = call_main(capsys, "inspect", paths[0])
     assert code == 1 and "malformed-layer" in out
 
 
@@ -197,7 +187,7 @@ def test_mismatched_mean_and_var_shapes(capsys, tmp_path: Path) -> None:
     sd = {"bn.running_mean": torch.zeros(4), "bn.running_var": torch.ones(3)}
     paths = _ranks(tmp_path, [sd, sd])
     assert_one_line_exit_2(capsys, "compare", *paths, fragment="shape")
-    code, out, _ = run_main(capsys, "inspect", paths[0], "--format", "json")
+    code, out, _ = call_main(capsys, "inspect", paths[0], "--format", "json")
     assert code == 1
     kinds = {f["kind"] for f in json.loads(out)["findings"]}
     assert "malformed-layer" in kinds
@@ -227,7 +217,7 @@ def test_huge_memo_index_does_not_allocate(capsys, tmp_path: Path) -> None:
     # LONG_BINPUT 0x7FFFFFF0: the C unpickler would size its memo array to twice that (32 GiB).
     path = tmp_path / "memo.pkl"
     path.write_bytes(b"\x80\x02}r\xf0\xff\xff\x7f.")
-    code, out, err = run_main(capsys, "inspect", str(path))
+    code, out, err = call_main(capsys, "inspect", str(path))
     assert code == 0 and "no-batchnorm" in out, err
 
 

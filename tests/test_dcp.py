@@ -22,18 +22,8 @@ from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint import tensors as tensors_module
 from bnaudit.checkpoint.dcp import ChunkedTensorRef, unflatten
 from bnaudit.checkpoint.types import StorageRef, TensorRef
-from bnaudit.cli import main
 from bnaudit.errors import InputError
-from tests.conftest import REPO, bn_state
-
-
-def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    code = exc.value.code
-    return (code if isinstance(code, int) else 0), out, err
+from tests.conftest import REPO, bn_state, call_main
 
 
 def save_dcp(folder: Path, state: dict[str, Any]) -> Path:
@@ -112,17 +102,17 @@ def test_cli_inspect_and_compare_dcp_folders(capsys, tmp_path: Path, rng: np.ran
     far = bn_state({"layer1": 4}, np.random.default_rng(7), shift=5.0)
     for name, sd in (("ok_rank0", close[0]), ("ok_rank1", close[1]), ("far_rank1", far)):
         save_dcp(tmp_path / name, {"model": sd, "step": 10})
-    code, out, err = run_main(capsys, "inspect", str(tmp_path / "ok_rank0"))
+    code, out, err = call_main(capsys, "inspect", str(tmp_path / "ok_rank0"))
     assert code == 0, err
     assert "layer1.bn" in out and "unsafe-pickle" not in out
-    code, out, err = run_main(capsys, "compare", str(tmp_path / "ok_rank0"), str(tmp_path / "ok_rank1"))
+    code, out, err = call_main(capsys, "compare", str(tmp_path / "ok_rank0"), str(tmp_path / "ok_rank1"))
     assert code == 0, err
-    code, out, err = run_main(capsys, "compare", str(tmp_path / "ok_rank0"), str(tmp_path / "far_rank1"))
+    code, out, err = call_main(capsys, "compare", str(tmp_path / "ok_rank0"), str(tmp_path / "far_rank1"))
     assert code == 1 and "divergence" in out, (out, err)
 
 
 def _assert_flagged(capsys, marker: Path, *args: str, global_name: str = "system") -> None:
-    code, out, err = run_main(capsys, *args)
+    code, out, err = call_main(capsys, *args)
     assert code == 1, (out, err)
     assert "unsafe-pickle" in out and global_name in out
     assert "Traceback" not in err
@@ -189,7 +179,7 @@ def test_sharded_tensor_is_assembled_from_raw_chunks(tmp_path: Path) -> None:
 
 def test_sharded_tensor_with_a_gap_is_refused(capsys, tmp_path: Path) -> None:
     folder = _chunked_dcp(tmp_path, [(0, 2), (3, 1)])
-    code, _, err = run_main(capsys, "inspect", str(folder))
+    code, _, err = call_main(capsys, "inspect", str(folder))
     assert code == 2 and "exactly once" in err and "Traceback" not in err
 
 
@@ -218,7 +208,7 @@ def test_broken_dcp_is_one_line_exit_2(
 ) -> None:
     folder = save_dcp(tmp_path / "ckpt", {"model": model_sd})
     damage(folder)
-    code, out, err = run_main(capsys, "inspect", str(folder))
+    code, out, err = call_main(capsys, "inspect", str(folder))
     assert code == 2, (out, err)
     assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 from bnaudit.cli import cli
-from tests.conftest import bn_state, save_ranks
+from tests.conftest import bn_state, call_main, save_ranks
 from tests.recal_helpers.models import make_convnet
-from tests.test_broken_input import run_main, set_header_offset
+from tests.test_broken_input import set_header_offset
 from tests.test_dcp import Touch, save_dcp
 
 _HELPERS = "tests.recal_helpers.models"
@@ -139,7 +139,7 @@ def test_no_command_modifies_or_opens_an_input_for_writing(
     out.mkdir()
     codes = []
     for args in _runs(inputs, out):
-        code, _, err = run_main(capsys, *args)
+        code, _, err = call_main(capsys, *args)
         codes.append(code)
         assert code in (0, 1, 2), (args, err)
     assert fingerprint(every) == before

@@ -61,6 +61,24 @@ def _reference_population(state_dict) -> dict[str, tuple[np.ndarray, np.ndarray]
     return out
 
 
+class _Payload:
+    """Unpickling this with torch.load(weights_only=False) would create ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _with_payload(source, target, marker):
+    """A copy of a fixture checkpoint that also carries a payload creating ``marker`` when unpickled."""
+    ckpt = torch.load(source, weights_only=True)
+    ckpt["payload"] = _Payload(marker)
+    torch.save(ckpt, target)
+    return target
+
+
 @pytest.fixture(scope="module")
 def recalibrated(tmp_path_factory):
     out = tmp_path_factory.mktemp("recal") / "fixed.pt"
@@ -154,15 +172,7 @@ def test_dry_run_writes_nothing(tmp_path):
 
 def test_unsafe_input_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    evil = tmp_path / "evil.pt"
-    ckpt = torch.load(SORTED0, weights_only=True)
-    ckpt["payload"] = Payload()
-    torch.save(ckpt, evil)
+    evil = _with_payload(SORTED0, tmp_path / "evil.pt", marker)
     result = run_cli(
         "recalibrate", str(evil), *MODEL, *CALIB, "-o", str(tmp_path / "out.pt"), "--format", "json"
     )
@@ -247,15 +257,7 @@ def test_drift_speaks_every_format_with_the_same_exit_code(fmt, tmp_path):
 
 def test_drift_flags_an_unsafe_pickle_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    evil = tmp_path / "evil.pt"
-    ckpt = torch.load(FIXTURES / "ddp_sync" / "ckpt_rank0.pt", weights_only=True)
-    ckpt["payload"] = Payload()
-    torch.save(ckpt, evil)
+    evil = _with_payload(FIXTURES / "ddp_sync" / "ckpt_rank0.pt", tmp_path / "evil.pt", marker)
     result = run_cli("drift", str(evil), *MODEL, *HELDOUT, "--format", "json")
     assert result.returncode == 1, result.stderr
     kinds = [f["kind"] for f in json.loads(result.stdout)["findings"]]
