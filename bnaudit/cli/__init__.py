@@ -63,7 +63,9 @@ cli.add_command(config_command)
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(message, err=True)
+    # One write for text and newline: ranks of a torchrun job share stderr and must not interleave.
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
     sys.exit(code)
 
 

@@ -62,7 +62,9 @@ def main() -> None:
             else:
                 torch.save(cases(), f"{out}.rank{ctx.rank}")
     except BnauditError as exc:
-        print(f"bnaudit: error: {exc}", file=sys.stderr)
+        # One write per line: two ranks share stderr, and print() may split text and newline.
+        sys.stderr.write(f"bnaudit: error: {exc}\n")
+        sys.stderr.flush()
         sys.exit(exc.exit_code)
 
 
