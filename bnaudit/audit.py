@@ -29,10 +29,17 @@ from bnaudit.findings import (
     sort_findings,
 )
 from bnaudit.layers import BnLayer, find_bn_layers, is_ignored, normalize_key
-from bnaudit.layerstats import LayerStats, health_findings, layer_problem, read_layer
+from bnaudit.layerstats import (
+    LayerStats,
+    health_findings,
+    layer_problem,
+    layers_to_check,
+    read_layer,
+    read_layers,
+)
 from bnaudit.ranks import RankFile, resolve_rank_files
 from bnaudit.security import global_uses, pickle_findings
-from bnaudit.stats import DEFAULT_EPS, DivergenceAccumulator, MergeMethod, RankMerger
+from bnaudit.stats import DEFAULT_EPS, Divergence, DivergenceAccumulator, MergeMethod, RankMerger
 
 log = logging.getLogger(__name__)
 
@@ -226,23 +233,40 @@ def _inspect_next_step(findings: list[Finding], display: str) -> str | None:
 
 @dataclass
 class _LayerPlan:
-    """One layer to compare: its key in each rank, and the accumulators of both passes."""
+    """One layer to compare: its key in each rank and where its channels sit in the plan's accumulators."""
 
     state_dict: str
     name: str
     channels: int
-    merger: RankMerger
+    start: int  # first channel of this layer in the concatenated vectors of the accumulators
     reference: LayerStats | None = None
-    divergence: DivergenceAccumulator | None = None
     counters: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def part(self) -> slice:
+        return slice(self.start, self.start + self.channels)
 
 
 @dataclass
 class _ComparePlan:
+    """The layers to compare and both passes' accumulators, for all layers at once (channels concatenated)."""
+
     eps: float
     state_dicts: list[str]
     signatures: dict[str, dict[str, tuple[tuple[int, ...], str]]]
     layers: list[_LayerPlan]
+    merger: RankMerger = field(default_factory=lambda: RankMerger(0))
+    divergence: DivergenceAccumulator | None = None
+
+    def add_layer(self, state_dict: str, name: str, channels: int) -> None:
+        start = self.layers[-1].part.stop if self.layers else 0
+        self.layers.append(_LayerPlan(state_dict, name, channels, start))
+        self.merger = RankMerger(start + channels)
+
+
+def _concatenated(stats: list[LayerStats], attr: str) -> np.ndarray:
+    """Every layer's ``mean`` or ``var`` in one vector, in plan order."""
+    return np.concatenate([getattr(s, attr) for s in stats]) if stats else np.zeros(0)
 
 
 def model_signature(sd: StateDictRef) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -455,14 +479,14 @@ def _read_rank(
     ckpt, sds = opened or _open_rank(rf, key, plan.state_dicts)
     _check_same_model(plan, rf, reference, sds)
     by_sd = {sd.name: (sd, _layers_by_name(sd)) for sd in sds}
-    stats = []
+    wanted = []
     for lp in plan.layers:
         sd, layers = by_sd[lp.state_dict]
         bn = layers.get(lp.name)
         if bn is None:
             raise ModelMismatchError(f"{rf.display}: rank {rf.rank} has no BatchNorm layer '{lp.name}'")
-        stats.append(read_layer(sd, bn, rf.display))
-    return _RankData(rf, ckpt, sds, stats)
+        wanted.append((sd, bn))
+    return _RankData(rf, ckpt, sds, read_layers(wanted, rf.display))
 
 
 def _read_ranks(
@@ -505,8 +529,7 @@ def _plan_from_reference(
                 raise InputError(
                     f"{files[0].display}: layer '{bn.display_name}': {problem}; fix or --ignore it"
                 )
-            channels = sd.tensors[bn.running_mean].shape[0]
-            plan.layers.append(_LayerPlan(sd.name, bn.name, channels, RankMerger(channels)))
+            plan.add_layer(sd.name, bn.name, sd.tensors[bn.running_mean].shape[0])
     return plan, (ref_ckpt, ref_sds)
 
 
@@ -554,18 +577,36 @@ def _check_same_model(plan: _ComparePlan, rf: RankFile, ref: RankFile, sds: list
 
 def _accumulate_rank(plan: _ComparePlan, data: _RankData, findings: list[Finding]) -> None:
     rf = data.rf
-    for lp, stats in zip(plan.layers, data.stats, strict=True):
-        lp.merger.add(stats.mean, stats.var)
+    plan.merger.add(_concatenated(data.stats, "mean"), _concatenated(data.stats, "var"))
+    for i in layers_to_check(data.stats, plan.eps):
+        lp = plan.layers[i]
         findings.extend(
-            health_findings(stats, plan.eps, file=rf.display, state_dict=lp.state_dict, layer=lp.name,
-                            rank=rf.rank)
+            health_findings(data.stats[i], plan.eps, file=rf.display, state_dict=lp.state_dict,
+                            layer=lp.name, rank=rf.rank)
         )  # fmt: skip
+    first_rank = not plan.layers or plan.layers[0].reference is None
+    affine_equal = first_rank or _all_affine_equal(plan, data.stats)
+    for lp, stats in zip(plan.layers, data.stats, strict=True):
         if stats.num_batches_tracked is not None:
             lp.counters[rf.rank] = stats.num_batches_tracked
         if lp.reference is None:
             lp.reference = stats
-        else:
+        elif not affine_equal:
             findings.extend(_affine_findings(lp, stats, rf))
+
+
+def _all_affine_equal(plan: _ComparePlan, stats: list[LayerStats]) -> bool:
+    """Whether every layer's weight and bias equal the reference rank's (one comparison for all layers)."""
+    for attr in ("weight", "bias"):
+        pairs = [
+            (getattr(lp.reference, attr), getattr(s, attr)) for lp, s in zip(plan.layers, stats, strict=True)
+        ]
+        present = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if present and not np.array_equal(
+            np.concatenate([a for a, _ in present]), np.concatenate([b for _, b in present]), equal_nan=True
+        ):
+            return False
+    return True
 
 
 def _affine_findings(lp: _LayerPlan, stats: LayerStats, rf: RankFile) -> list[Finding]:
@@ -634,16 +675,13 @@ def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> str:
 def _second_pass(
     files: list[RankFile], key: str | None, plan: _ComparePlan, cache: dict[int, list[LayerStats]], jobs: int
 ) -> None:
-    for lp in plan.layers:
-        mean, var = lp.merger.result(MergeMethod.POOLED)
-        lp.divergence = DivergenceAccumulator(mean, var, eps=plan.eps)
+    mean, var = plan.merger.result(MergeMethod.POOLED)
+    plan.divergence = DivergenceAccumulator(mean, var, plan.eps, [lp.start for lp in plan.layers])
     uncached = [rf for i, rf in enumerate(files) if i not in cache]
     reread = _read_ranks(uncached, key, plan, jobs, files[0])
     for index in range(len(files)):
         stats = cache[index] if index in cache else next(reread).stats
-        for lp, layer_stats in zip(plan.layers, stats, strict=True):
-            assert lp.divergence is not None
-            lp.divergence.add(index, layer_stats.mean, layer_stats.var)
+        plan.divergence.add(index, _concatenated(stats, "mean"), _concatenated(stats, "var"))
 
 
 def _divergence_rows(
@@ -656,10 +694,11 @@ def _divergence_rows(
 ) -> tuple[list[LayerRow], list[dict[str, Any]]]:
     rows: list[LayerRow] = []
     channel_rows: list[dict[str, Any]] = []
+    assert plan.divergence is not None
+    all_mean, all_var = plan.merger.result(MergeMethod.POOLED)
     for depth, lp in enumerate(plan.layers):
-        assert lp.divergence is not None
-        div = lp.divergence.result
-        mean, var = lp.merger.result(MergeMethod.POOLED)
+        div = plan.divergence.layer(depth)
+        mean, var = all_mean[lp.part], all_var[lp.part]
         channel = int(np.argmax(div.kl)) if lp.channels else 0
         max_kl = float(div.kl[channel]) if lp.channels else 0.0
         rank = files[int(div.kl_rank[channel])].rank if lp.channels else None
@@ -694,7 +733,7 @@ def _divergence_rows(
                 _divergence_finding(lp, severity, max_kl, metrics, rank, channel, files, warn_kl, error_kl)
             )
         if layer is not None and lp.name == layer and not channel_rows:
-            channel_rows = _compare_channels(lp, mean, var, files)
+            channel_rows = _compare_channels(lp, div, mean, var, files)
     if layer is not None and not channel_rows:
         raise InputError(
             f"{files[0].display}: no BatchNorm layer named '{layer}'; " + _layer_names_hint(rows)
@@ -735,10 +774,8 @@ def _divergence_finding(
 
 
 def _compare_channels(
-    lp: _LayerPlan, mean: np.ndarray, var: np.ndarray, files: list[RankFile]
+    lp: _LayerPlan, div: Divergence, mean: np.ndarray, var: np.ndarray, files: list[RankFile]
 ) -> list[dict[str, Any]]:
-    assert lp.divergence is not None
-    div = lp.divergence.result
     return [
         {
             "channel": c,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from bnaudit.checkpoint.tensors import read_tensors
 from bnaudit.checkpoint.types import StateDictRef, TensorRef
 from bnaudit.errors import InputError
 from bnaudit.findings import Finding, FindingKind, Severity
 from bnaudit.layers import BnLayer
+from bnaudit.stats import segment_sums
 
 # A variance this far below eps means normalisation divides by ~sqrt(eps) alone: any deviation of the input
 # at eval time is amplified by up to 1/sqrt(eps) (316x for eps=1e-5).
@@ -60,24 +63,51 @@ def read_layer(sd: StateDictRef, layer: BnLayer, file: str) -> LayerStats:
     Raises:
         InputError: the layer's tensors are malformed (see :func:`layer_problem`).
     """
-    problem = layer_problem(sd, layer)
-    if problem:
-        raise InputError(
-            f"{file}: BatchNorm layer '{layer.display_name}': {problem}; the statistics cannot be audited — "
-            "check that the file is a model checkpoint (use `bnaudit inspect` to list its problems)"
+    return read_layers([(sd, layer)], file)[0]
+
+
+_LAYER_TENSORS = 5  # running_mean, running_var, weight, bias, num_batches_tracked
+
+
+def read_layers(layers: Sequence[tuple[StateDictRef, BnLayer]], file: str) -> list[LayerStats]:
+    """Read several layers' tensors in float64, with one open per file and one read per run of tensors.
+
+    Raises:
+        InputError: a layer's tensors are malformed (see :func:`layer_problem`), or a tensor cannot be read.
+    """
+    wanted: list[TensorRef | None] = []
+    for sd, layer in layers:
+        problem = layer_problem(sd, layer)
+        if problem:
+            raise InputError(
+                f"{file}: BatchNorm layer '{layer.display_name}': {problem}; the statistics cannot be "
+                "audited — check that the file is a model checkpoint (use `bnaudit inspect` to list its "
+                "problems)"
+            )
+        nbt = _ref(sd, layer.num_batches_tracked)
+        wanted += [
+            sd.tensors[layer.running_mean],
+            sd.tensors[layer.running_var],
+            _ref(sd, layer.weight),
+            _ref(sd, layer.bias),
+            nbt if nbt is not None and nbt.numel == 1 else None,
+        ]
+    arrays = iter(read_tensors([ref for ref in wanted if ref is not None]))
+    values = [None if ref is None else next(arrays) for ref in wanted]
+    out = []
+    for i in range(0, len(values), _LAYER_TENSORS):
+        mean, var, weight, bias, nbt_value = values[i : i + _LAYER_TENSORS]
+        assert mean is not None and var is not None  # layer_problem checked that both exist
+        out.append(
+            LayerStats(
+                mean=mean.astype(np.float64, copy=False),
+                var=var.astype(np.float64, copy=False),
+                weight=None if weight is None else weight.astype(np.float64, copy=False),
+                bias=None if bias is None else bias.astype(np.float64, copy=False),
+                num_batches_tracked=None if nbt_value is None else int(nbt_value.reshape(-1)[0]),
+            )
         )
-    weight, bias = _ref(sd, layer.weight), _ref(sd, layer.bias)
-    nbt = _ref(sd, layer.num_batches_tracked)
-    counter = None
-    if nbt is not None and nbt.numel == 1:
-        counter = int(nbt.to_numpy().reshape(-1)[0])
-    return LayerStats(
-        mean=sd.tensors[layer.running_mean].to_numpy().astype(np.float64),
-        var=sd.tensors[layer.running_var].to_numpy().astype(np.float64),
-        weight=None if weight is None else weight.to_numpy().astype(np.float64),
-        bias=None if bias is None else bias.to_numpy().astype(np.float64),
-        num_batches_tracked=counter,
-    )
+    return out
 
 
 @dataclass(frozen=True)
@@ -167,6 +197,29 @@ def health_findings(
         )
     out.extend(_never_updated(stats, place))
     return out
+
+
+def layers_to_check(stats: Sequence[LayerStats], eps: float) -> list[int]:
+    """The layers for which :func:`health_findings` may find something; for the others it returns [].
+
+    One vectorised pass over every layer's channels at once: a model's layers are nearly always healthy,
+    and checking them one by one costs a dozen NumPy calls per layer.
+    """
+    if not stats:
+        return []
+    means = np.concatenate([s.mean for s in stats])
+    variances = np.concatenate([s.var for s in stats])
+    with np.errstate(invalid="ignore"):
+        # Non-finite, negative and tiny variances all sit below the tiny-variance limit or are not finite.
+        odd = ~np.isfinite(means) | ~np.isfinite(variances) | (variances < eps * TINY_VARIANCE_FACTOR)
+    moved = (means != 0) | (variances != 1)  # a channel away from the initial statistics
+    sizes = [s.channels for s in stats]
+    odd_counts, moved_counts = segment_sums(odd, sizes), segment_sums(moved, sizes)
+    return [
+        i
+        for i, s in enumerate(stats)
+        if odd_counts[i] or (s.channels and not moved_counts[i]) or s.num_batches_tracked == 0
+    ]
 
 
 def _never_updated(stats: LayerStats, place: _Place) -> list[Finding]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -148,40 +149,85 @@ class Divergence:
     per_rank_max_shift: list[float] = field(default_factory=list)
 
 
-class DivergenceAccumulator:
-    """Second pass of ``compare``: streams ranks against the pooled statistics, keeping per-channel maxima."""
+def segment_sums(flags: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """How many of ``flags`` are set in each consecutive segment of the given sizes (0 for empty ones)."""
+    starts = np.cumsum([0, *sizes[:-1]], dtype=np.intp)
+    nonempty = np.asarray(sizes) > 0
+    out = np.zeros(len(sizes), dtype=np.int64)
+    if nonempty.any():
+        out[nonempty] = np.add.reduceat(flags.astype(np.int64), starts[nonempty])
+    return out
 
-    def __init__(self, pooled_mean: np.ndarray, pooled_var: np.ndarray, eps: float) -> None:
+
+class DivergenceAccumulator:
+    """Second pass of ``compare``: streams ranks against the pooled statistics, keeping per-channel maxima.
+
+    Several layers can share one accumulator, their channels concatenated and ``layer_starts`` giving each
+    layer's first channel: the NumPy work is then a few calls per rank instead of a few per layer and rank
+    (a 120-layer model spends ten times less in call overhead than in arithmetic).
+    """
+
+    def __init__(
+        self, pooled_mean: np.ndarray, pooled_var: np.ndarray, eps: float, layer_starts: Sequence[int] = (0,)
+    ) -> None:
         self.mean = np.asarray(pooled_mean, dtype=np.float64)
         self.var_eps = np.asarray(pooled_var, dtype=np.float64) + eps
         self.eps = eps
         channels = len(self.mean)
-        self.result = Divergence(
-            kl=np.full(channels, -np.inf),
-            shift=np.zeros(channels),
-            var_ratio=np.ones(channels),
-            kl_rank=np.zeros(channels, dtype=np.int64),
-        )
+        self.starts = np.asarray(layer_starts, dtype=np.intp)
+        self.ends = np.append(self.starts[1:], channels).astype(np.intp)[: len(self.starts)]
+        self.kl = np.full(channels, -np.inf)
+        self.shift = np.zeros(channels)
+        self.var_ratio = np.ones(channels)
+        self.kl_rank = np.zeros(channels, dtype=np.int64)
+        self._rank_layer_max_kl: list[np.ndarray] = []  # per rank added: each layer's max over its channels
+        self._rank_layer_max_shift: list[np.ndarray] = []
 
     def add(self, rank_index: int, mean: np.ndarray, var: np.ndarray) -> None:
-        """Fold in one rank's statistics."""
+        """Fold in one rank's statistics (every layer's channels, concatenated like the pooled ones)."""
         m = np.asarray(mean, dtype=np.float64)
         v_eps = np.asarray(var, dtype=np.float64) + self.eps
         with np.errstate(divide="ignore", invalid="ignore"):
             kl = kl_normal(self.mean, self.var_eps, m, v_eps)
-        # A non-finite or non-positive variance makes the rank's normalisation meaningless: rank it worst.
-        kl = np.where(np.isfinite(kl), kl, np.inf)
-        with np.errstate(divide="ignore", invalid="ignore"):
             shift = np.abs(m - self.mean) / np.sqrt(self.var_eps)
             ratio = np.maximum(v_eps / self.var_eps, self.var_eps / v_eps)
+        # A non-finite or non-positive variance makes the rank's normalisation meaningless: rank it worst.
+        kl = np.where(np.isfinite(kl), kl, np.inf)
         # A negative pooled or rank variance has no meaningful shift or ratio: count it as infinitely off.
         shift = np.where(np.isnan(shift), np.inf, shift)
         ratio = np.where(np.isfinite(ratio) & (ratio > 0), ratio, np.inf)
-        res = self.result
-        better = kl > res.kl
-        res.kl = np.where(better, kl, res.kl)
-        res.kl_rank = np.where(better, rank_index, res.kl_rank)
-        res.shift = np.maximum(res.shift, shift)
-        res.var_ratio = np.maximum(res.var_ratio, ratio)
-        res.per_rank_max_kl.append(float(np.max(kl)) if kl.size else 0.0)
-        res.per_rank_max_shift.append(float(np.max(shift)) if shift.size else 0.0)
+        better = kl > self.kl
+        self.kl = np.where(better, kl, self.kl)
+        self.kl_rank = np.where(better, rank_index, self.kl_rank)
+        self.shift = np.maximum(self.shift, shift)
+        self.var_ratio = np.maximum(self.var_ratio, ratio)
+        self._rank_layer_max_kl.append(self._layer_max(kl))
+        self._rank_layer_max_shift.append(self._layer_max(shift))
+
+    def _layer_max(self, values: np.ndarray) -> np.ndarray:
+        # Each layer's maximum; 0.0 for a layer without channels.
+        out = np.zeros(len(self.starts))
+        nonempty = self.ends > self.starts
+        if nonempty.any():
+            # Empty layers are left out of the segment starts, so each segment is exactly one layer.
+            out[nonempty] = np.maximum.reduceat(values, self.starts[nonempty])
+        return out
+
+    def layer(self, index: int) -> Divergence:
+        """The divergence of layer ``index`` (its channels' maxima and each rank's worst value)."""
+        part = slice(int(self.starts[index]), int(self.ends[index]))
+        return Divergence(
+            kl=self.kl[part],
+            shift=self.shift[part],
+            var_ratio=self.var_ratio[part],
+            kl_rank=self.kl_rank[part],
+            per_rank_max_kl=[float(m[index]) for m in self._rank_layer_max_kl],
+            per_rank_max_shift=[float(m[index]) for m in self._rank_layer_max_shift],
+        )
+
+    @property
+    def result(self) -> Divergence:
+        """The divergence of an accumulator holding one layer."""
+        if len(self.starts) != 1:
+            raise ValueError(f"this accumulator holds {len(self.starts)} layers; use layer(index)")
+        return self.layer(0)

@@ -9,6 +9,7 @@ import torch
 from bnaudit.audit import inspect_checkpoint
 from bnaudit.errors import InputError
 from bnaudit.findings import FailOn, FindingKind, Severity
+from bnaudit.layerstats import LayerStats, health_findings, layers_to_check
 from tests.conftest import bn_state
 
 CHANNELS = {"a": 4, "b": 4, "c": 4, "d": 4, "e": 4, "f": 4}
@@ -73,3 +74,42 @@ def test_no_batchnorm_is_a_warning(tmp_path):
     report = inspect_checkpoint(tmp_path / "n.pt")
     (f,) = report.findings
     assert f.kind is FindingKind.NO_BATCHNORM and f.severity is Severity.WARN
+
+
+def _layer(rng, channels, problem):
+    mean, var = rng.normal(size=channels), rng.uniform(0.5, 2.0, size=channels)
+    nbt = 100
+    if problem == "nan":
+        mean[rng.integers(channels)] = np.nan
+    elif problem == "inf-var":
+        var[rng.integers(channels)] = np.inf
+    elif problem == "negative":
+        var[rng.integers(channels)] = -0.5
+    elif problem == "tiny":
+        var[rng.integers(channels)] = 1e-12
+    elif problem == "at-init":
+        mean[:], var[:] = 0.0, 1.0
+    elif problem == "zero-counter":
+        nbt = 0
+    elif problem == "almost-at-init":
+        mean[:], var[:] = 0.0, 1.0
+        var[rng.integers(channels)] = 1.5
+    return LayerStats(mean=mean, var=var, weight=None, bias=None, num_batches_tracked=nbt)
+
+
+def test_vectorised_pre_check_picks_exactly_the_layers_with_health_findings(rng):
+    # layers_to_check lets compare skip health_findings on healthy layers: it must never skip a layer with
+    # a finding, and flags only layers that have one.
+    problems = ["none", "nan", "inf-var", "negative", "tiny", "at-init", "zero-counter", "almost-at-init"]
+    for _ in range(20):
+        layers = [
+            _layer(rng, int(rng.integers(1, 6)), problems[int(rng.integers(len(problems)))])
+            for _ in range(12)
+        ]
+        layers.insert(int(rng.integers(len(layers))), LayerStats(np.zeros(0), np.zeros(0), None, None, 5))
+        with_findings = [
+            i
+            for i, s in enumerate(layers)
+            if health_findings(s, 1e-5, file="f", state_dict="", layer=f"l{i}")
+        ]
+        assert layers_to_check(layers, 1e-5) == with_findings

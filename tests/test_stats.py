@@ -85,3 +85,39 @@ def test_nonfinite_rank_ranks_worst():
     acc.add(0, np.zeros(1), np.ones(1))
     acc.add(1, np.array([np.nan]), np.ones(1))
     assert np.isinf(acc.result.kl[0]) and acc.result.kl_rank[0] == 1
+
+
+def test_divergence_of_concatenated_layers_matches_each_layer_alone():
+    # Three layers (one without channels) in one accumulator: per layer, every result equals a float64
+    # computation written here, rank by rank.
+    eps = 1e-5
+    rng = np.random.default_rng(7)
+    sizes = [3, 0, 5]
+    starts = [0, 3, 3]
+    pooled_mean, pooled_var = rng.normal(size=8), rng.uniform(0.5, 2.0, size=8)
+    ranks = [(rng.normal(size=8), rng.uniform(0.5, 2.0, size=8)) for _ in range(3)]
+    acc = DivergenceAccumulator(pooled_mean, pooled_var, eps, layer_starts=starts)
+    for index, (m, v) in enumerate(ranks):
+        acc.add(index, m, v)
+    for layer, (start, size) in enumerate(zip(starts, sizes, strict=True)):
+        part = slice(start, start + size)
+        res = acc.layer(layer)
+        p_var = pooled_var[part] + eps
+        kls, shifts = [], []
+        for m, v in ranks:
+            q_var = v[part] + eps
+            kls.append(
+                np.log(np.sqrt(q_var) / np.sqrt(p_var))
+                + (p_var + (pooled_mean[part] - m[part]) ** 2) / (2 * q_var)
+                - 0.5
+            )
+            shifts.append(np.abs(m[part] - pooled_mean[part]) / np.sqrt(p_var))
+        np.testing.assert_allclose(res.kl, np.max(kls, axis=0), rtol=1e-12)
+        assert list(res.kl_rank) == list(np.argmax(kls, axis=0))
+        np.testing.assert_allclose(res.shift, np.max(shifts, axis=0), rtol=1e-12)
+        expected_rank_kl = [float(k.max()) if size else 0.0 for k in kls]
+        np.testing.assert_allclose(res.per_rank_max_kl, expected_rank_kl, rtol=1e-12)
+        expected_rank_shift = [float(s.max()) if size else 0.0 for s in shifts]
+        np.testing.assert_allclose(res.per_rank_max_shift, expected_rank_shift, rtol=1e-12)
+    with pytest.raises(ValueError, match="3 layers"):
+        _ = acc.result

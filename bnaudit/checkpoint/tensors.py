@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -58,14 +61,16 @@ def _needed_bytes(ref: TensorRef) -> tuple[int, int]:
     return start, (last + 1) * itemsize
 
 
+def _open_for_reading(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open for reading ({exc.strerror}); check the path") from None
+
+
 def _read_plain(ref: TensorRef, start: int, end: int) -> bytes:
     storage = ref.storage
-    try:
-        fd = os.open(storage.path, os.O_RDONLY)
-    except OSError as exc:
-        raise InputError(
-            f"{storage.path}: cannot open for reading ({exc.strerror}); check the path"
-        ) from None
+    fd = _open_for_reading(storage.path)
     try:
         # pread of only the bytes the tensor spans: memory never grows with the file's size.
         data = os.pread(fd, end - start, storage.file_offset + start)
@@ -101,6 +106,81 @@ def read_tensor(ref: TensorRef) -> np.ndarray:
         InputError: the storage is shorter than the tensor needs, the file is shorter than the storage, or
             the dtype has no decoder.
     """
+    start, end, raw_dtype = _readable_span(ref)
+    if ref.numel == 0:
+        return _decode(np.zeros(ref.shape, dtype=raw_dtype), ref.dtype)
+    data = _read_compressed(ref, start, end) if ref.storage.compressed else _read_plain(ref, start, end)
+    return _from_bytes(ref, data, end - start, raw_dtype)
+
+
+# read_tensors reads neighbouring tensors of one file in one pread when at most this many bytes lie between
+# them, and never more than _MAX_RUN_BYTES in one read: a BatchNorm layer's five small tensors sit side by
+# side in a torch zip, while a convolution's weights (megabytes) separate one layer from the next.
+_MAX_GAP_BYTES = 64 << 10
+_MAX_RUN_BYTES = 4 << 20
+
+
+def read_tensors(refs: Sequence[TensorRef]) -> list[np.ndarray]:
+    """Read many tensors, as :func:`read_tensor` would one by one, with one open per file.
+
+    Tensors stored next to each other are read in one ``pread``, so a model's BatchNorm statistics cost a
+    few system calls per layer rather than one open, read and close per tensor. Memory stays at the
+    tensors plus at most one read run (:data:`_MAX_RUN_BYTES`).
+
+    Args:
+        refs: lazy tensor references, from any files.
+
+    Returns:
+        The arrays, in the order of ``refs``.
+
+    Raises:
+        InputError: as :func:`read_tensor`.
+    """
+    out: list[np.ndarray | None] = [None] * len(refs)
+    by_file: dict[Path, list[tuple[int, int, int, np.dtype[Any]]]] = {}
+    for index, ref in enumerate(refs):
+        if type(ref) is not TensorRef:  # assembled or refused by its own to_numpy (DCP chunks)
+            out[index] = ref.to_numpy()
+            continue
+        start, end, raw_dtype = _readable_span(ref)
+        if ref.storage.compressed or ref.numel == 0:
+            out[index] = read_tensor(ref)
+            continue
+        base = ref.storage.file_offset
+        by_file.setdefault(ref.storage.path, []).append((base + start, base + end, index, raw_dtype))
+    for path, spans in by_file.items():
+        fd = _open_for_reading(path)
+        try:
+            for run in _coalesce(sorted(spans)):
+                run_start, run_end = run[0][0], max(span[1] for span in run)
+                data = os.pread(fd, run_end - run_start, run_start)
+                for start, end, index, raw_dtype in run:
+                    chunk = data[start - run_start : end - run_start]
+                    out[index] = _from_bytes(refs[index], chunk, end - start, raw_dtype)
+        finally:
+            os.close(fd)
+    assert all(array is not None for array in out)  # every index was filled above
+    return cast(list[np.ndarray], out)
+
+
+def _coalesce(
+    spans: list[tuple[int, int, int, np.dtype[Any]]],
+) -> Iterator[list[tuple[int, int, int, np.dtype[Any]]]]:
+    """Group spans sorted by start into runs that one pread covers (small gaps, bounded size)."""
+    run = [spans[0]]
+    run_end = spans[0][1]
+    for span in spans[1:]:
+        if span[0] - run_end <= _MAX_GAP_BYTES and max(run_end, span[1]) - run[0][0] <= _MAX_RUN_BYTES:
+            run.append(span)
+            run_end = max(run_end, span[1])
+            continue
+        yield run
+        run, run_end = [span], span[1]
+    yield run
+
+
+def _readable_span(ref: TensorRef) -> tuple[int, int, np.dtype[Any]]:
+    """The tensor's [start, end) bytes in its storage and the raw dtype to read them as; checks both."""
     storage = ref.storage
     if ref.dtype not in NUMPY_DTYPES and ref.dtype not in _RAW_DTYPES:
         raise InputError(
@@ -114,19 +194,23 @@ def read_tensor(ref: TensorRef) -> np.ndarray:
             f"shape {list(ref.shape)} at offset {ref.offset} needs {end}; "
             "the file is truncated or corrupt — re-save it"
         )
-    raw_dtype = np.dtype(_RAW_DTYPES.get(ref.dtype) or NUMPY_DTYPES[ref.dtype])
-    if ref.numel == 0:
-        return _decode(np.zeros(ref.shape, dtype=raw_dtype), ref.dtype)
-    data = _read_compressed(ref, start, end) if storage.compressed else _read_plain(ref, start, end)
-    if len(data) != end - start:
+    return start, end, np.dtype(_RAW_DTYPES.get(ref.dtype) or NUMPY_DTYPES[ref.dtype])
+
+
+def _from_bytes(ref: TensorRef, data: bytes, expected: int, raw_dtype: np.dtype[Any]) -> np.ndarray:
+    """The tensor's array from the ``expected`` bytes of its span (a new, writable, C-contiguous array)."""
+    storage = ref.storage
+    if len(data) != expected:
         raise InputError(
             f"{storage.path}: storage '{storage.key}' should hold {storage.nbytes} bytes at offset "
             f"{storage.file_offset} but the file ends early; the file is truncated — re-save or copy it again"
         )
     flat = np.frombuffer(data, dtype=raw_dtype)
+    if ref.is_contiguous():
+        return _decode(flat.reshape(ref.shape).copy(), ref.dtype)
     strides = tuple(s * raw_dtype.itemsize for s in ref.stride)
-    values = np.lib.stride_tricks.as_strided(flat, shape=ref.shape, strides=strides, writeable=False).copy()
-    return _decode(values, ref.dtype)
+    view = np.lib.stride_tricks.as_strided(flat, shape=ref.shape, strides=strides, writeable=False)
+    return _decode(view.copy(), ref.dtype)
 
 
 def _decode(raw: np.ndarray, dtype: str) -> np.ndarray:

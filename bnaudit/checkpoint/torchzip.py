@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zipfile
 import zlib
@@ -108,10 +109,11 @@ def read_entries(path: Path, zf: zipfile.ZipFile, file_size: int, base: int = 0)
         InputError: a local header is missing or corrupt, or entries overlap or run past the end of the file.
     """
     entries: dict[str, ZipEntry] = {}
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # One pread of the 30 fixed bytes per header: a buffered file would read 8 KB at every seek.
         for info in zf.infolist():
-            f.seek(base + info.header_offset)
-            header = f.read(_LOCAL_HEADER.size)
+            header = os.pread(fd, _LOCAL_HEADER.size, base + info.header_offset)
             if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_SIGNATURE:
                 raise InputError(
                     f"{path}: zip entry '{info.filename}' has no local header at offset "
@@ -127,6 +129,8 @@ def read_entries(path: Path, zf: zipfile.ZipFile, file_size: int, base: int = 0)
                 info.file_size,
                 info.compress_type != zipfile.ZIP_STORED,
             )
+    finally:
+        os.close(fd)
     _check_layout(path, sorted(entries.values(), key=lambda e: e.header_offset), file_size)
     return entries
 

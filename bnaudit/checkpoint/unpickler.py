@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+from bnaudit.checkpoint.pickle_scan import c_unpickler_safe
 from bnaudit.checkpoint.types import ITEMSIZE, GlobalRef, Placeholder, StorageRef, TensorRef
 from bnaudit.errors import BnauditError, InputError
 
@@ -177,16 +178,12 @@ def int_tuple(value: Any) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-class InertUnpickler(pickle._Unpickler):
-    """An unpickler that resolves every global to an inert object and records it.
+class _InertBehaviour:
+    """What makes an unpickler inert; mixed into both the pure-Python and the C unpickler below.
 
-    Containers, torch tensor rebuild functions, storage and dtype globals get safe stand-ins; everything else
-    becomes a generated :class:`PlaceholderObject` class. Nothing named by the file is imported or called.
-
-    It builds on the pure-Python unpickler, whose memo is a dict: the C unpickler keeps its memo in an array
-    sized by the largest memo index seen, so a 60-byte pickle with ``LONG_BINPUT 0xFFFFFFF0`` makes it
-    allocate and zero tens of gigabytes (found by the mutation fuzzer). The cost is about a third more time
-    on a pickle that is all tensor references, where the Python callbacks dominate anyway.
+    Every global resolves to an inert object and is recorded: containers, torch tensor rebuild functions,
+    storage and dtype globals get safe stand-ins; everything else becomes a generated
+    :class:`PlaceholderObject` class. Nothing named by the file is imported or called.
     """
 
     def __init__(
@@ -197,7 +194,7 @@ class InertUnpickler(pickle._Unpickler):
         source: str,
         resolver: StorageResolver | None = None,
     ) -> None:
-        super().__init__(file)
+        super().__init__(file)  # type: ignore[call-arg]  # the unpickler base that follows in the MRO
         self.display = display
         self.source = source
         self.resolver = resolver
@@ -422,6 +419,18 @@ class InertUnpickler(pickle._Unpickler):
         )
 
 
+class InertUnpickler(_InertBehaviour, pickle._Unpickler):
+    """The inert unpickler on the pure-Python unpickler, whose memo is a dict.
+
+    It takes any pickle, including those :func:`c_unpickler_safe` refuses (a memo index far beyond the
+    entries stored, an argument longer than the file), and reads from a stream without reading ahead.
+    """
+
+
+class _FastInertUnpickler(_InertBehaviour, pickle.Unpickler):
+    """The inert unpickler on the C unpickler: about twice as fast, for pickles that pass the pre-scan."""
+
+
 _CORRUPT = (
     pickle.UnpicklingError,
     EOFError,
@@ -459,14 +468,17 @@ def inert_load(
     Raises:
         InputError: the pickle is corrupt, truncated, too large, or refers to storages that are missing.
     """
+    unpickler_class: type[InertUnpickler | _FastInertUnpickler] = InertUnpickler
     if isinstance(data, bytes | bytearray):
         if len(data) > MAX_PICKLE_BYTES:
             raise InputError(
                 f"{display}: {source} is {len(data)} bytes, over the {MAX_PICKLE_BYTES} byte limit for a "
                 "checkpoint pickle; save a state dict instead"
             )
+        if c_unpickler_safe(data):
+            unpickler_class = _FastInertUnpickler
         data = io.BytesIO(data)
-    unpickler = InertUnpickler(data, display=display, source=source, resolver=resolver)
+    unpickler = unpickler_class(data, display=display, source=source, resolver=resolver)
     try:
         obj = unpickler.load()
     except BnauditError:

@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from tabulate import tabulate
 
 from bnaudit.cli.options import eps_option, ignore_option, repair_report_options, write_report_text
 from bnaudit.defaults import CONVERSION_FORMATS, MERGE_METHODS
 from bnaudit.errors import UsageError
 from bnaudit.findings import FailOn, Report, Severity
 from bnaudit.report import OutputFormat, render
-from bnaudit.report.table import verdict_line
+from bnaudit.report.table import simple_table, verdict_line
 
 if TYPE_CHECKING:
     from bnaudit.repair import AverageResult
@@ -72,7 +71,7 @@ def render_table(report: Report, fail_on: FailOn) -> str:
         ]
         for r in report.layers
     ]
-    parts = [title, "", tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True), ""]
+    parts = [title, "", simple_table(rows, headers), ""]
     shown = [f for f in report.findings if f.severity is not Severity.INFO]
     if shown:
         parts.append("Findings:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any
@@ -17,14 +18,45 @@ def _finite(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        if _all_finite_floats(value):
-            return value  # per-channel arrays: thousands of floats, checked without rebuilding
+        if len(value) >= _MIN_ARRAY_LENGTH and _all_finite_floats(value):
+            return _FiniteFloats(value)  # per-channel arrays: checked once, written by the fast path
         return [_finite(v) for v in value]
     return value
 
 
 def _all_finite_floats(values: list[Any] | tuple[Any, ...]) -> bool:
     return all(type(v) is float and math.isfinite(v) for v in values)
+
+
+class _FiniteFloats(list[float]):
+    """A list of finite floats long enough to be a per-channel array (marked by :func:`_finite`)."""
+
+
+# Per-channel arrays (pooled means and variances: thousands of floats per layer) are written with 10
+# significant digits: finer than the float32 the statistics are stored in (9 digits tell any two float32
+# apart), and about three times faster to produce than the shortest round-trip form json.dumps writes.
+CHANNEL_DIGITS = 10
+_MIN_ARRAY_LENGTH = 16  # shorter lists are written exactly, as any other value
+
+
+@functools.lru_cache(maxsize=64)
+def _array_format(length: int) -> str:
+    # One %-format for the whole array: the per-value cost is the float conversion alone.
+    return ", ".join([f"%.{CHANNEL_DIGITS}g"] * length)
+
+
+def _dumps_value(value: Any) -> str:
+    if isinstance(value, _FiniteFloats):
+        return "[" + _array_format(len(value)) % tuple(value) + "]"
+    return json.dumps(value, allow_nan=False)
+
+
+def _dumps_item(item: Any) -> str:
+    """One list item on one line; a dict's per-channel float arrays go through the fast float format."""
+    if not isinstance(item, dict):
+        return json.dumps(item, allow_nan=False)
+    fields = (f"{json.dumps(str(k))}: {_dumps_value(v)}" for k, v in item.items())
+    return "{" + ", ".join(fields) + "}"
 
 
 def _dumps(doc: dict[str, Any]) -> str:
@@ -38,7 +70,7 @@ def _dumps(doc: dict[str, Any]) -> str:
         comma = "," if i < len(doc) - 1 else ""
         head = f"  {json.dumps(key)}: "
         if isinstance(value, list) and value:
-            items = [f"    {json.dumps(item, allow_nan=False)}" for item in value]
+            items = [f"    {_dumps_item(item)}" for item in value]
             lines.append(head + "[\n" + ",\n".join(items) + "\n  ]" + comma)
         else:
             lines.append(head + json.dumps(value, allow_nan=False) + comma)

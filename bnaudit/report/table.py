@@ -6,8 +6,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tabulate import tabulate
-
 from bnaudit.findings import FailOn, LayerRow, Report, Severity
 
 MAX_FINDINGS_SHOWN = 20
@@ -86,17 +84,20 @@ def _layer_table(report: Report) -> str:
                 *(format_value(get(r)) for _, get in columns),
             ]
         )
+    return simple_table(rows, headers)
+
+
+def simple_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """Rows under a header line, columns aligned; cells are shown as given (no number re-parsing)."""
+    # Imported on use: tabulate costs ~50 ms to import, which the machine-readable formats never need.
+    from tabulate import tabulate
+
     return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
 def _channel_table(rows: Sequence[dict[str, Any]]) -> str:
     headers = list(rows[0])
-    return tabulate(
-        [[format_value(row[h]) for h in headers] for row in rows],
-        headers=headers,
-        tablefmt="simple",
-        disable_numparse=True,
-    )
+    return simple_table([[format_value(row[h]) for h in headers] for row in rows], headers)
 
 
 def _findings_block(report: Report) -> list[str]:

@@ -157,3 +157,43 @@ def test_detect_format_by_content_not_name(tmp_path: Path) -> None:
     legacy = tmp_path / "weights.json"
     torch.save({"w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
     assert [detect_format(p) for p in (st, z, legacy)] == ["safetensors", "torch-zip", "torch-legacy"]
+
+
+def test_read_tensors_equals_torch_and_batches_neighbours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Several files, strided views, offsets, bf16, an empty tensor, and a gap too large to read across.
+    base = torch.arange(40.0)
+    first = {
+        "a.running_mean": torch.randn(8),
+        "a.running_var": torch.rand(8) + 0.5,
+        "a.view": base[3::5],
+        "a.t": torch.randn(3, 4).t(),
+        "a.bf": torch.randn(6).to(torch.bfloat16),
+        "a.empty": torch.zeros(0),
+        "far": torch.zeros(tensors_module._MAX_GAP_BYTES),  # 4x the gap: what follows is not read across it
+        "b.running_mean": torch.randn(5, dtype=torch.float64),
+    }
+    second = {"c.running_var": torch.rand(7) + 0.1}
+    paths = [tmp_path / "first.pt", tmp_path / "second.pt"]
+    torch.save(first, paths[0])
+    torch.save(second, paths[1])
+    roots = [load_checkpoint(p).root for p in paths]
+    wanted = [("b.running_mean", 0), ("a.view", 0), ("c.running_var", 1), ("a.running_mean", 0), ("a.t", 0),
+              ("a.bf", 0), ("a.empty", 0), ("a.running_var", 0)]  # fmt: skip
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, n: int, offset: int) -> bytes:
+        reads.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(tensors_module.os, "pread", counting_pread)
+    got = tensors_module.read_tensors([roots[f][k] for k, f in wanted])
+    for (key, f), array in zip(wanted, got, strict=True):
+        expected = (first if f == 0 else second)[key].to(torch.float64).numpy()
+        np.testing.assert_array_equal(np.asarray(array, dtype=np.float64), expected, err_msg=key)
+        assert array.flags.c_contiguous and array.flags.writeable
+    # The six small tensors of 'a' before the gap in one read, 'b' after it in another, 'c' in its own file.
+    assert len(reads) == 3
+    assert sum(reads) < tensors_module._MAX_GAP_BYTES
