@@ -38,15 +38,27 @@ def run_process(argv: Sequence[str], env: dict[str, str] | None = None) -> Run:
     return Run(seconds, usage.ru_maxrss / 1024, proc.returncode)
 
 
-def best_of(argv: Sequence[str], repeats: int, env: dict[str, str] | None = None) -> Run:
-    """Median time and max peak memory over ``repeats`` runs (after one warm-up run for the page cache)."""
-    run_process(argv, env)
-    runs = [run_process(argv, env) for _ in range(repeats)]
-    return Run(
-        statistics.median(r.seconds for r in runs),
-        max(r.peak_mib for r in runs),
-        runs[-1].returncode,
-    )
+def alternate(
+    sides: dict[str, list[str]], rounds: int, env: dict[str, str] | None = None
+) -> dict[str, list[Run]]:
+    """Run every side once per round after one warm-up each, rotating the order round by round.
+
+    Drift in the machine's speed (other jobs, frequency changes) then hits every side alike.
+    """
+    for argv in sides.values():
+        run_process(argv, env)  # page cache and .pyc files
+    runs: dict[str, list[Run]] = {name: [] for name in sides}
+    names = list(sides)
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name].append(run_process(sides[name], env))
+    return runs
+
+
+def median_run(runs: list[Run]) -> Run:
+    """Median seconds, max peak memory and the last exit code of repeated runs."""
+    return Run(statistics.median(r.seconds for r in runs), max(r.peak_mib for r in runs), runs[-1].returncode)
 
 
 def python_env() -> dict[str, str]:

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, bnaudit_argv, python_env
+from _common import alternate, bnaudit_argv, median_run, python_env
 
 LOAD_SCRIPT = """
 import sys, torch
@@ -32,6 +32,12 @@ for path in sys.argv[2:]:
     # Touch the BatchNorm statistics, as an audit would.
     total = sum(float(v.double().sum()) for k, v in sd["model"].items() if k.endswith("running_var"))
 """
+
+
+COMPARE = "bnaudit compare --format json"
+FULL = "torch.load (full) of every rank"
+MMAP = "torch.load(mmap=True) of every rank"
+HELP = "bnaudit --help"
 
 
 def make_rank(path: Path, layers: int, channels: int, rank: int) -> None:
@@ -61,8 +67,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--layers", type=int, default=120)
     parser.add_argument("--channels", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for CI)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; each round runs every side once")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round (for CI)")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the checkpoints")
     parser.add_argument("--make", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -83,21 +89,23 @@ def main() -> None:
         shape = f"{args.layers} conv+BN layers, {args.channels} channels"
         print(f"{args.ranks} ranks x {size_mb:.0f} MB ({shape})")
         files = [str(p) for p in paths]
-        compare = bnaudit_argv("compare", *files, "--format", "json", "--fail-on", "never")
-        ours = best_of(compare, args.repeats, env)
-        full = best_of([sys.executable, "-c", LOAD_SCRIPT, "full", *files], args.repeats, env)
-        mmap = best_of([sys.executable, "-c", LOAD_SCRIPT, "mmap", *files], args.repeats, env)
-        help_run = best_of(bnaudit_argv("--help"), args.repeats, env)
-    print(f"{'run':38} {'seconds':>8} {'peak MiB':>9}")
-    for name, run in (
-        ("bnaudit compare --format json", ours),
-        ("torch.load (full) of every rank", full),
-        ("torch.load(mmap=True) of every rank", mmap),
-        ("bnaudit --help", help_run),
-    ):
-        print(f"{name:38} {run.seconds:8.3f} {run.peak_mib:9.1f}")
-    print(f"ratio compare / torch.load full: {ours.seconds / full.seconds:.3f}")
-    print(f"ratio compare / torch.load mmap: {ours.seconds / mmap.seconds:.3f}")
+        sides = {
+            COMPARE: bnaudit_argv("compare", *files, "--format", "json", "--fail-on", "never"),
+            FULL: [sys.executable, "-c", LOAD_SCRIPT, "full", *files],
+            MMAP: [sys.executable, "-c", LOAD_SCRIPT, "mmap", *files],
+            HELP: bnaudit_argv("--help"),
+        }
+        runs = alternate(sides, args.repeats, env)
+    print(f"{'run':38} {'median s':>9} {'min s':>8} {'peak MiB':>9}   ({args.repeats} rounds)")
+    for name, side_runs in runs.items():
+        mid, low = median_run(side_runs), min(r.seconds for r in side_runs)
+        print(f"{name:38} {mid.seconds:9.3f} {low:8.3f} {mid.peak_mib:9.1f}")
+    ours, full, mmap = (median_run(runs[name]) for name in (COMPARE, FULL, MMAP))
+    low = {name: min(r.seconds for r in runs[name]) for name in (COMPARE, FULL, MMAP)}
+    print(f"ratio compare / torch.load full: median {ours.seconds / full.seconds:.3f} "
+          f"(min {low[COMPARE] / low[FULL]:.3f})")  # fmt: skip
+    print(f"ratio compare / torch.load mmap: median {ours.seconds / mmap.seconds:.3f} "
+          f"(min {low[COMPARE] / low[MMAP]:.3f})")  # fmt: skip
     if ours.returncode not in (0, 1):
         sys.exit(f"bnaudit compare exited {ours.returncode}")
 

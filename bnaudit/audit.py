@@ -21,6 +21,7 @@ from bnaudit.errors import InputError, ModelMismatchError, NoBatchNormError, Usa
 from bnaudit.findings import (
     Finding,
     FindingKind,
+    FiniteFloats,
     InputInfo,
     LayerRow,
     Report,
@@ -721,8 +722,8 @@ def _divergence_rows(
                 channel,
                 # per_rank_*: one value per input, in the order of Report.inputs (for --plot).
                 arrays={
-                    "pooled_mean": mean.tolist(),
-                    "pooled_var": var.tolist(),
+                    "pooled_mean": _channel_values(mean),
+                    "pooled_var": _channel_values(var),
                     "per_rank_max_kl": list(div.per_rank_max_kl),
                     "per_rank_max_shift": list(div.per_rank_max_shift),
                 },
@@ -741,6 +742,11 @@ def _divergence_rows(
     rows.sort(key=lambda r: (-r.severity.rank, -(r.metrics.get("max_kl") or 0.0)))
     sort_by_layer_metric(findings, rows, FindingKind.DIVERGENCE)
     return rows, channel_rows
+
+
+def _channel_values(values: np.ndarray) -> list[float]:
+    # One NumPy check here saves the JSON writer a Python-level check of every value.
+    return FiniteFloats(values.tolist()) if np.isfinite(values).all() else values.tolist()
 
 
 def _divergence_finding(

@@ -104,6 +104,13 @@ class Finding:
         }
 
 
+class FiniteFloats(list[float]):
+    """Per-channel values already known to be finite floats (checked with NumPy where they were made).
+
+    The JSON report writes such lists through its fast path without checking every value again.
+    """
+
+
 @dataclass(frozen=True)
 class LayerRow:
     """One BatchNorm layer's line in a report.

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from bnaudit.checkpoint.dcp import read_dcp
 from bnaudit.checkpoint.detect import detect_format
 from bnaudit.checkpoint.discover import find_state_dicts, select_state_dicts
 from bnaudit.checkpoint.legacy import read_legacy
@@ -55,6 +54,13 @@ def _read_pickle(path: Path) -> Checkpoint:
     return Checkpoint(path=path, format="pickle", root=root, state_dicts=[], globals=refs, warnings=warnings)
 
 
+def _read_dcp(path: Path) -> Checkpoint:
+    # Imported on use: the DCP reader is the largest reader module, and most runs read files, not folders.
+    from bnaudit.checkpoint.dcp import read_dcp
+
+    return read_dcp(path)
+
+
 # One entry per container format: adding a format is adding a reader here.
 _READERS: dict[str, Callable[[Path], Checkpoint]] = {
     "torch-zip": read_torch_zip,
@@ -62,7 +68,7 @@ _READERS: dict[str, Callable[[Path], Checkpoint]] = {
     "pickle": _read_pickle,
     "safetensors": read_safetensors,
     "hf-sharded": read_sharded,
-    "dcp": read_dcp,
+    "dcp": _read_dcp,
 }
 
 

@@ -15,6 +15,8 @@ Anything else is left to the pure-Python unpickler (whose memo is a dict), which
 
 from __future__ import annotations
 
+import threading
+
 # Opcode byte -> how its argument is laid out (opcodes of protocols 0-5, as listed in pickletools):
 # n >= 0: n fixed bytes; -1/-4/-8: data preceded by its length in 1/4/8 little-endian bytes;
 # _ONE_LINE/_TWO_LINES: newline-terminated text; None: not an opcode.
@@ -39,6 +41,14 @@ _STOP, _BINPUT, _LONG_BINPUT, _MEMOIZE, _PUT, _FRAME = 0x2E, 0x71, 0x72, 0x94, 0
 _CHECKED = frozenset({_STOP, _BINPUT, _LONG_BINPUT, _MEMOIZE, _FRAME})  # fixed-argument opcodes to look at
 
 
+# The ranks of one job save the same pickle byte for byte (same keys, shapes and storage names), so the
+# verdicts on the last few pickles are kept: a lookup hashes and compares bytes, far cheaper than a scan.
+_VERDICTS: dict[bytes, bool] = {}
+_VERDICTS_KEPT = 8
+_VERDICT_MAX_BYTES = 1 << 20  # larger pickles are scanned every time rather than kept in memory
+_VERDICTS_LOCK = threading.Lock()  # compare --jobs reads ranks in threads
+
+
 def c_unpickler_safe(data: bytes) -> bool:
     """Whether the C unpickler can run on ``data`` without an outsized memo or argument allocation.
 
@@ -49,6 +59,20 @@ def c_unpickler_safe(data: bytes) -> bool:
         True when the pickle passes every check in the module docstring; False sends it to the
         pure-Python unpickler.
     """
+    if len(data) > _VERDICT_MAX_BYTES:
+        return _scan(data)
+    with _VERDICTS_LOCK:
+        verdict = _VERDICTS.get(data)
+    if verdict is None:
+        verdict = _scan(data)
+        with _VERDICTS_LOCK:
+            if len(_VERDICTS) >= _VERDICTS_KEPT:
+                del _VERDICTS[next(iter(_VERDICTS))]  # the oldest
+            _VERDICTS[data] = verdict
+    return verdict
+
+
+def _scan(data: bytes) -> bool:
     argument, checked = _ARGUMENT, _CHECKED  # locals: this loop runs once per opcode
     end, pos, stores = len(data), 0, 0
     while pos < end:

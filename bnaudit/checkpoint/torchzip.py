@@ -6,8 +6,8 @@ import os
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from bnaudit.checkpoint.types import Checkpoint, StorageRef
 from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, StorageResolver, inert_load
@@ -28,9 +28,8 @@ ZIP_READ_ERRORS = (
 )
 
 
-@dataclass(frozen=True)
-class ZipEntry:
-    """Where one zip entry's data lies in the file."""
+class ZipEntry(NamedTuple):
+    """Where one zip entry's data lies in the file (a tuple: archives hold thousands of entries)."""
 
     name: str
     header_offset: int

@@ -173,8 +173,9 @@ def int_tuple(value: Any) -> tuple[int, ...] | None:
     """``value`` as a tuple of non-negative ints (shapes, strides), or None when it is not one."""
     if not isinstance(value, tuple | list):
         return None
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-        return None
+    for v in value:  # a plain loop: this runs for every tensor's shape and stride
+        if type(v) is not int or v < 0:  # exactly int: bool and other int subclasses are not sizes
+            return None
     return tuple(value)
 
 
@@ -475,7 +476,7 @@ def inert_load(
                 f"{display}: {source} is {len(data)} bytes, over the {MAX_PICKLE_BYTES} byte limit for a "
                 "checkpoint pickle; save a state dict instead"
             )
-        if c_unpickler_safe(data):
+        if c_unpickler_safe(bytes(data)):  # bytes() of bytes is the same object, no copy
             unpickler_class = _FastInertUnpickler
         data = io.BytesIO(data)
     unpickler = unpickler_class(data, display=display, source=source, resolver=resolver)

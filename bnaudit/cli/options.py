@@ -18,16 +18,18 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from bnaudit.baseline import Baseline, apply_baseline, baseline_document, load_baseline
 from bnaudit.defaults import DEFAULT_EPS
 from bnaudit.errors import OutputError, UsageError
 from bnaudit.findings import FailOn, Report
 from bnaudit.report import SUFFIXES, OutputFormat, render
 from bnaudit.report.json_format import report_to_dict
+
+if TYPE_CHECKING:
+    from bnaudit.baseline import Baseline
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -189,6 +191,8 @@ def _prepare(ctx: click.Context, formats: Sequence[str], outputs: Sequence[Path]
     values = ctx.meta.get(_VALUES_KEY, {})
     plan = OutputPlan(pair_formats(formats, outputs, ctx.meta.get(_ORDER_KEY)))
     if values.get("baseline") is not None:
+        from bnaudit.baseline import load_baseline  # on use, like every optional output below
+
         plan.baseline = load_baseline(values["baseline"])
     plan.write_baseline = values.get("write_baseline")
     plan.plot = values.get("plot")
@@ -358,6 +362,8 @@ def emit_report(
     gate = FailOn(fail_on)
     plan = _current_plan(output_format, output)
     if plan.baseline is not None:
+        from bnaudit.baseline import apply_baseline
+
         report = apply_baseline(report, plan.baseline)
     verdict = report.verdict(gate)
     for fmt, path in plan.targets:
@@ -371,6 +377,8 @@ def emit_report(
     if any(fmt is OutputFormat.GITHUB for fmt, _ in plan.targets):
         _append_job_summary(report, gate)
     if plan.write_baseline is not None:
+        from bnaudit.baseline import baseline_document
+
         document = baseline_document(report_to_dict(report, gate))
         write_text_atomically(plan.write_baseline, json.dumps(document, indent=2) + "\n")
         count = len(report.findings)

@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from bnaudit import __version__
-from bnaudit.findings import SCHEMA_VERSION, FailOn, Report
+from bnaudit.findings import SCHEMA_VERSION, FailOn, FiniteFloats, Report
 
 
 def _finite(value: Any) -> Any:
@@ -17,19 +17,17 @@ def _finite(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, FiniteFloats):
+        return value
     if isinstance(value, list | tuple):
         if len(value) >= _MIN_ARRAY_LENGTH and _all_finite_floats(value):
-            return _FiniteFloats(value)  # per-channel arrays: checked once, written by the fast path
+            return FiniteFloats(value)  # per-channel arrays: checked once, written by the fast path
         return [_finite(v) for v in value]
     return value
 
 
 def _all_finite_floats(values: list[Any] | tuple[Any, ...]) -> bool:
     return all(type(v) is float and math.isfinite(v) for v in values)
-
-
-class _FiniteFloats(list[float]):
-    """A list of finite floats long enough to be a per-channel array (marked by :func:`_finite`)."""
 
 
 # Per-channel arrays (pooled means and variances: thousands of floats per layer) are written with 10
@@ -46,7 +44,7 @@ def _array_format(length: int) -> str:
 
 
 def _dumps_value(value: Any) -> str:
-    if isinstance(value, _FiniteFloats):
+    if isinstance(value, FiniteFloats) and len(value) >= _MIN_ARRAY_LENGTH:
         return "[" + _array_format(len(value)) % tuple(value) + "]"
     return json.dumps(value, allow_nan=False)
 

@@ -159,3 +159,25 @@ def test_c_and_python_unpicklers_agree_on_mutated_pickles_the_scan_accepts(tmp_p
             else:
                 assert fast == slow
     assert accepted > 300  # most single-byte mutations keep the opcode stream well formed
+
+
+def test_verdicts_are_reused_for_identical_pickles_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnaudit.checkpoint import pickle_scan
+
+    scanned: list[bytes] = []
+    real_scan = pickle_scan._scan
+
+    def counting_scan(data: bytes) -> bool:
+        scanned.append(data)
+        return real_scan(data)
+
+    monkeypatch.setattr(pickle_scan, "_scan", counting_scan)
+    monkeypatch.setattr(pickle_scan, "_VERDICTS", {})
+    good = pickle.dumps(SAMPLE, protocol=2)
+    bad = b"\x80\x02N" + b"r" + struct.pack("<I", 0xFFFFFFF0) + b"."
+    assert c_unpickler_safe(good) and c_unpickler_safe(bytes(bytearray(good)))  # equal bytes: one scan
+    assert not c_unpickler_safe(bad) and not c_unpickler_safe(bad)
+    assert scanned == [good, bad]
+    for i in range(pickle_scan._VERDICTS_KEPT + 2):  # the oldest verdicts make room for new ones
+        c_unpickler_safe(pickle.dumps(i, protocol=2))
+    assert len(pickle_scan._VERDICTS) == pickle_scan._VERDICTS_KEPT and good not in pickle_scan._VERDICTS
