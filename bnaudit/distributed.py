@@ -7,14 +7,10 @@ import itertools
 import logging
 import math
 import os
-import socket
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from bnaudit.errors import BnauditError, InputError, InternalError, UsageError
+from bnaudit.launch import env_world_size as env_world_size  # re-exported, as launch_local
+from bnaudit.launch import launch_local as launch_local
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +80,6 @@ def current_context(process_group: Any = None) -> DistContext | None:
         device=_backend_device(process_group),
         store=dist.distributed_c10d._get_default_store(),
     )
-
-
-def env_world_size() -> int:
-    """``WORLD_SIZE`` from the environment (torchrun, launch_local), 1 when absent."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
 
 
 def init_from_env(device: str | torch.device | None = None, timeout_s: float = 1800.0) -> DistContext | None:
@@ -357,103 +347,6 @@ def all_gather_array(ctx: DistContext, values: np.ndarray) -> list[np.ndarray]:
 
 
 # -------------------------------------------------------------------------------------------- launching
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the launcher binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _error_file(folder: str, rank: int) -> Path:
-    return Path(folder) / f"rank{rank}.err"
-
-
-def _worker(entry: Callable[..., Any], args: Sequence[Any], error_folder: str) -> Any:
-    """Run ``entry(*args)`` in a launched worker; a BnauditError becomes a file the launcher reads back."""
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        return entry(*args)
-    except BnauditError as exc:
-        _error_file(error_folder, rank).write_text(f"{exc.exit_code}\n{exc}", encoding="utf-8")
-        raise SystemExit(exc.exit_code) from None
-    except SystemExit:
-        raise
-    except BaseException as exc:
-        _error_file(error_folder, rank).write_text(
-            f"{InternalError.exit_code}\ninternal error on rank {rank}: {type(exc).__name__}: {exc}",
-            encoding="utf-8",
-        )
-        raise
-
-
-def _read_failure(folder: str, nproc: int, failures: dict[int, Any]) -> BnauditError:
-    for rank in range(nproc):
-        path = _error_file(folder, rank)
-        if path.is_file():
-            code_text, _, line = path.read_text(encoding="utf-8").partition("\n")
-            err = BnauditError(line.strip())
-            err.exit_code = int(code_text)
-            return err
-    rank, failure = min(failures.items()) if failures else (0, None)
-    code = getattr(failure, "exitcode", None)
-    return InternalError(f"worker rank {rank} died (exit code {code}) without reporting an error")
-
-
-def launch_local(nproc: int, entry: Callable[..., Any], args: Sequence[Any] = ()) -> dict[int, Any]:
-    """Run ``entry(*args)`` on ``nproc`` local worker processes that form a process group.
-
-    Uses torch's launcher API (``elastic_launch`` with a standalone c10d rendezvous on 127.0.0.1, no restarts,
-    ``OMP_NUM_THREADS=1`` unless set). Each worker gets torchrun's environment (``RANK``, ``WORLD_SIZE``,
-    ``LOCAL_RANK``, ``MASTER_ADDR``...) and should call :func:`init_from_env` first. Workers are spawned, so
-    ``entry`` must be a module-level function and ``args`` picklable.
-
-    Args:
-        nproc: number of workers (>= 1).
-        entry: the worker function; it returns a picklable value (e.g. an exit code) or raises.
-        args: positional arguments for ``entry``.
-
-    Returns:
-        Each rank's return value, by rank.
-
-    Raises:
-        BnauditError: a worker raised one; the first failing rank's message and exit code are kept (what
-            ``bnaudit recalibrate`` prints and exits with). A worker that died otherwise gives InternalError.
-    """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    if nproc < 1:
-        raise UsageError(f"--nproc must be at least 1, got {nproc}")
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=f"bnaudit-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{free_port()}",
-        max_restarts=0,
-        monitor_interval=0.1,
-        # spawn, not fork: a forked worker shares the launcher's process group and signal handlers, and the
-        # agent's SIGTERM on a worker failure then reached the launcher itself (seen in tests). Each spawned
-        # worker imports torch again: a fixed cost of ~1-2 s on a small machine (BENCHMARKS.md).
-        start_method="spawn",
-    )
-    elastic_logger = logging.getLogger("torch.distributed.elastic")
-    old_level = elastic_logger.level
-    # The agent logs a worker's failure with a traceback; bnaudit reports it as one line instead.
-    elastic_logger.setLevel(logging.CRITICAL)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        with tempfile.TemporaryDirectory(prefix="bnaudit-launch-") as folder:
-            try:
-                results = elastic_launch(config, _worker)(entry, list(args), folder)
-            except ChildFailedError as exc:
-                raise _read_failure(folder, nproc, dict(exc.failures)) from None
-    finally:
-        elastic_logger.setLevel(old_level)
-    return dict(results)
 
 
 @contextlib.contextmanager

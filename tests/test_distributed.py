@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 from bnaudit.distributed import launch_local, shard_batches, shard_length
-from bnaudit.errors import BnauditError, UsageError
-from tests.recal_helpers import dist_worker
+from bnaudit.errors import BnauditError, InternalError, UsageError
+from tests.recal_helpers import dist_worker, launch_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,3 +88,42 @@ def test_launch_local_keeps_exit_code_and_line() -> None:
     assert info.value.exit_code == 2
     assert str(info.value).startswith("rank 0 failed: batch 2 raised RuntimeError: Given groups=1")
     assert launch_local(2, dist_worker.ok_entry) == {0: 10, 1: 10}
+
+
+LAUNCH_PROBE = """
+import json, sys
+from bnaudit.launch import launch_local
+from tests.recal_helpers.launch_entries import all_reduce_rank
+results = launch_local(2, all_reduce_rank)
+print(json.dumps({"results": {str(k): list(v) for k, v in results.items()}, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.slow
+def test_launcher_forms_a_group_without_importing_torch() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", LAUNCH_PROBE], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    # Both ranks joined one group (1 + 2 = 3), each with one thread; the launcher never imported torch.
+    assert report == {"results": {"0": [0, 3.0, "1"], "1": [1, 3.0, "1"]}, "torch": False}
+
+
+@pytest.mark.slow
+def test_launcher_stops_a_hanging_rank_after_another_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnaudit import launch
+
+    monkeypatch.setattr(launch, "FAILURE_GRACE_S", 1.0)
+    start = time.monotonic()
+    with pytest.raises(BnauditError) as info:
+        launch_local(2, launch_entries.rank1_fails_rank0_hangs)
+    assert str(info.value) == "rank 1 gave up on purpose" and info.value.exit_code == 2
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.slow
+def test_launcher_reports_a_rank_that_died_silently() -> None:
+    with pytest.raises(InternalError, match=r"worker rank 1 died \(exit code 7\) without reporting an error"):
+        launch_local(2, launch_entries.rank1_dies)

@@ -41,7 +41,8 @@ def build_spec(params: dict[str, Any], eval_spec: str | None = None) -> Calibrat
 
 def in_worker() -> bool:
     """True inside a torchrun / --nproc worker of a group with several processes."""
-    from bnaudit.distributed import env_world_size
+    # From bnaudit.launch, not bnaudit.distributed: a --nproc launcher never imports torch.
+    from bnaudit.launch import env_world_size
 
     return env_world_size() > 1
 
@@ -86,12 +87,12 @@ def worker_main(argv: list[str]) -> int:
 
 
 def launch_workers(nproc: int) -> int:
-    """Re-run this command line on ``nproc`` local workers through torch's launcher; rank 0's exit code.
+    """Re-run this command line on ``nproc`` local workers (:mod:`bnaudit.launch`); rank 0's exit code.
 
     Errors raised by a worker come back as the same BnauditError (message and exit code), so bnaudit's
     one-line errors and exit codes survive, unlike a plain ``torchrun``.
     """
-    from bnaudit.distributed import launch_local
+    from bnaudit.launch import launch_local
 
     argv = _strip_nproc(sys.argv[1:])
     codes = launch_local(nproc, worker_main, (argv,))
