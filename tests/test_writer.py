@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import struct
 import subprocess
@@ -343,16 +345,34 @@ def test_sharded_checkpoint_is_refused_for_writing(tmp_path):
 def test_interrupt_mid_copy_leaves_nothing(tmp_path, monkeypatch):
     torch.save({"model": small_state()}, tmp_path / "ref.pt")
     ckpt, patches = patches_for(tmp_path / "ref.pt")
-    real_write = writer_mod._write_all
+    real_copy = writer_mod._copy_range
 
-    def interrupted(fd, data):
-        real_write(fd, data[: len(data) // 2])
+    def interrupted(src_fd, dst_fd, offset, count):
+        real_copy(src_fd, dst_fd, offset, count // 2)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer_mod, "_write_all", interrupted)
+    monkeypatch.setattr(writer_mod, "_copy_range", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_patched(ckpt, patches, tmp_path / "out.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.pt"]
+
+
+def test_copy_falls_back_to_read_write_where_the_kernel_cannot_copy(tmp_path, monkeypatch):
+    torch.save({"model": small_state()}, tmp_path / "ref.pt")
+    ckpt, patches = patches_for(tmp_path / "ref.pt")
+    calls = []
+
+    def refusing(*args, **kwargs):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(writer_mod.os, "copy_file_range", refusing)
+    result = write_patched(ckpt, patches, tmp_path / "out.pt")
+    assert len(calls) == 1  # refused once, then the rest went through memory
+    ref, out = (tmp_path / "ref.pt").read_bytes(), (tmp_path / "out.pt").read_bytes()
+    assert result.reference_sha256 == hashlib.sha256(ref).hexdigest()
+    assert result.output_sha256 == hashlib.sha256(out).hexdigest()
+    assert len(out) == len(ref) and out != ref
 
 
 def test_failed_verification_is_internal_and_leaves_nothing(tmp_path, monkeypatch):

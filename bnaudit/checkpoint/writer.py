@@ -11,7 +11,8 @@ import os
 import struct
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +27,9 @@ from bnaudit.errors import InputError, InternalError, OutputError, UnsupportedFo
 
 PATCHABLE_FORMATS = ("torch-zip", "torch-legacy", "safetensors")
 _CHUNK = 4 << 20
+_KERNEL_CHUNK = 1 << 30
+# copy_file_range errors that mean "not here" (another file system, an old kernel, a special file).
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
 _LENGTH = struct.Struct("<Q")
 
 # ------------------------------------------------------------------------------------------ atomic output
@@ -402,18 +406,41 @@ class WriteResult:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _copy(src: Path, dst_fd: int, header: bytes | None) -> str:
-    """Copy ``src`` to ``dst_fd`` (with a replaced safetensors header when given); return src's sha256."""
-    digest = hashlib.sha256()
-    with open(src, "rb") as f:
+def _copy(src: Path, dst_fd: int, header: bytes | None) -> None:
+    """Copy ``src`` to ``dst_fd`` (with a replaced safetensors header when given), inside the kernel.
+
+    The bytes do not pass through Python: the verification pass reads both files anyway, and hashes them.
+    """
+    src_fd = os.open(src, os.O_RDONLY)
+    try:
+        offset = 0
         if header is not None:
-            old = f.read(_data_start(src))
-            digest.update(old)
             _write_all(dst_fd, header)
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
+            offset = _data_start(src)
+        _copy_range(src_fd, dst_fd, offset, os.fstat(src_fd).st_size - offset)
+    finally:
+        os.close(src_fd)
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy ``count`` bytes at ``offset`` of ``src_fd`` to ``dst_fd``: copy_file_range, else read/write."""
+    kernel_copy = hasattr(os, "copy_file_range")
+    while count > 0:
+        if kernel_copy:
+            try:
+                done = os.copy_file_range(src_fd, dst_fd, min(count, _KERNEL_CHUNK), offset)
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                kernel_copy = False  # this file system or kernel cannot: copy the rest through memory
+                continue
+        else:
+            chunk = os.pread(src_fd, min(count, _CHUNK), offset)
             _write_all(dst_fd, chunk)
-    return digest.hexdigest()
+            done = len(chunk)
+        if done == 0:
+            raise OSError(errno.EIO, f"the input ended {count} bytes early while it was being copied")
+        offset, count = offset + done, count - done
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -444,30 +471,33 @@ class _Expected:
     allowed: list[tuple[int, int]]
 
 
-def _verify_bytes(tmp: Path, reference: Path, exp: _Expected, ranges: list[ByteRange]) -> str:
-    """Stream the output against the reference; return the output's sha256."""
-    digest = hashlib.sha256()
+def _verify_bytes(tmp: Path, reference: Path, exp: _Expected, ranges: list[ByteRange]) -> tuple[str, str]:
+    """Stream the output against the reference; return the sha256 of the reference and of the output."""
+    ref_digest, out_digest = hashlib.sha256(), hashlib.sha256()
     allowed = sorted(exp.allowed)
     out_size, ref_size = tmp.stat().st_size, reference.stat().st_size
     if out_size != ref_size + exp.shift:
         raise _verification_failed(tmp, f"size {out_size}, expected {ref_size + exp.shift}")
-    with open(tmp, "rb") as out, open(reference, "rb") as ref:
-        ref.seek(exp.header_end - exp.shift)
-        digest.update(out.read(exp.header_end))
-        pos = exp.header_end
-        while chunk := out.read(_CHUNK):
-            digest.update(chunk)
-            expected = bytearray(ref.read(len(chunk)))
-            for a, b in allowed:
-                lo, hi = max(a, pos), min(b, pos + len(chunk))
-                if lo < hi:
-                    expected[lo - pos : hi - pos] = chunk[lo - pos : hi - pos]
-            if expected != chunk:
-                first = next(i for i, (x, y) in enumerate(zip(expected, chunk, strict=True)) if x != y)
-                raise _verification_failed(
-                    tmp, f"byte {pos + first} differs from the reference outside the patches"
-                )
-            pos += len(chunk)
+    # hashlib releases the GIL on large buffers: the reference is hashed in a second thread, in parallel.
+    with (
+        open(tmp, "rb", buffering=0) as out,
+        open(reference, "rb", buffering=0) as ref,
+        ThreadPoolExecutor(max_workers=1) as hasher,
+    ):
+        ref_digest.update(_read_exactly(ref, exp.header_end - exp.shift))
+        out_digest.update(_read_exactly(out, exp.header_end))
+        pos, first_open = exp.header_end, 0  # allowed[first_open:] may still reach the chunks ahead
+        while chunk := _read_exactly(out, min(_CHUNK, out_size - pos)):
+            expected = _read_exactly(ref, len(chunk))
+            hashed = hasher.submit(ref_digest.update, expected)
+            out_digest.update(chunk)
+            hashed.result()
+            end = pos + len(chunk)
+            while first_open < len(allowed) and allowed[first_open][1] <= pos:
+                first_open += 1
+            last = bisect.bisect_left(allowed, (end,), first_open)  # the ranges starting before ``end``
+            _compare_chunk(tmp, chunk, expected, pos, allowed[first_open:last])
+            pos = end
     fd = os.open(tmp, os.O_RDONLY)
     try:
         for r in ranges:
@@ -475,7 +505,33 @@ def _verify_bytes(tmp: Path, reference: Path, exp: _Expected, ranges: list[ByteR
                 raise _verification_failed(tmp, f"the bytes of '{r.label}' are not the values computed")
     finally:
         os.close(fd)
-    return digest.hexdigest()
+    return ref_digest.hexdigest(), out_digest.hexdigest()
+
+
+def _read_exactly(f: Any, size: int) -> bytes:
+    data = f.read(size) if size > 0 else b""
+    while len(data) < size:  # an unbuffered read may return less than asked
+        more = f.read(size - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _compare_chunk(
+    tmp: Path, chunk: bytes, expected: bytes, pos: int, allowed: Iterable[tuple[int, int]]
+) -> None:
+    """Check that ``chunk`` (output bytes at ``pos``) equals the reference's outside the allowed ranges."""
+    patched: bytearray | None = None
+    for a, b in allowed:
+        lo, hi = max(a, pos), min(b, pos + len(chunk))
+        if lo < hi:
+            patched = patched if patched is not None else bytearray(expected)
+            patched[lo - pos : hi - pos] = chunk[lo - pos : hi - pos]
+    if (patched if patched is not None else expected) != chunk:
+        want = patched if patched is not None else expected
+        first = next(i for i, (x, y) in enumerate(zip(want, chunk, strict=True)) if x != y)
+        raise _verification_failed(tmp, f"byte {pos + first} differs from the reference outside the patches")
 
 
 def _verification_failed(path: Path, what: str) -> InternalError:
@@ -577,7 +633,7 @@ def write_patched(
     with AtomicOutput(out) as staged:
         fd = os.open(staged.tmp, os.O_WRONLY | os.O_TRUNC)
         try:
-            ref_sha = _copy(ckpt.path, fd, header)
+            _copy(ckpt.path, fd, header)
             _apply(fd, ranges, shift)
         finally:
             os.close(fd)
@@ -591,7 +647,7 @@ def write_patched(
         allowed = [(r.offset + shift, r.end + shift) for r in ranges]
         allowed += [(f + shift, f + shift + 4) for e in entries for f in e.crc_fields]
         exp = _Expected(shift, 0 if header is None else len(header), allowed)
-        out_sha = _verify_bytes(staged.tmp, ckpt.path, exp, ranges)
+        ref_sha, out_sha = _verify_bytes(staged.tmp, ckpt.path, exp, ranges)
         if header is not None and not _header_ok(ckpt.path, staged.tmp, metadata or {}):
             raise _verification_failed(staged.tmp, "the safetensors header changed beyond the metadata")
         _verify_zip(staged.tmp, entries, shift)
