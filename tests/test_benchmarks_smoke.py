@@ -1,4 +1,4 @@
-"""The recalibrate / average / distributed benchmark scripts run end to end in their ``--smoke`` mode."""
+"""Every benchmark script runs end to end in its ``--smoke`` mode."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from tests.conftest import REPO
         ("bench_recalibrate.py", "ratio bnaudit / update_bn: median"),
         ("bench_average.py", "ratio average / torch.load+save: median"),
         ("bench_distributed.py", "ratio --nproc 2, 1 thread each / 1 process x 2 threads: median"),
+        ("bench_compare.py", "ratio compare / torch.load full: median"),
+        ("bench_ranks.py", "16 average"),
     ],
 )
 def test_benchmark_smoke(script: str, expected: str) -> None:
