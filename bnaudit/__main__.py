@@ -1,6 +1,6 @@
 """``python -m bnaudit``: the command line."""
 
-from bnaudit.cli import main
+from bnaudit.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()
