@@ -8,7 +8,8 @@ whole processes on a warm page cache:
   statistics' bytes and verifies the result, no torch);
 - a script that ``torch.load``s every rank (all held at once, as the usual snippet does), averages the
   BatchNorm buffers (the same pooled formulas) and ``torch.save``s the reference with the new values;
-- ``shutil.copyfile`` of the reference: the physical limit of any method that writes a whole checkpoint.
+- ``shutil.copyfile`` of the reference: the physical limit of any method that writes a whole checkpoint;
+  and the same followed by ``fsync``, the limit for one that writes it durably (as bnaudit does).
 
 A last child process checks that both merged outputs hold the same statistics (to float32 rounding).
 
@@ -49,6 +50,14 @@ torch.save(merged, out)
 """
 
 COPY = "import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])"
+# The same copy made durable, as bnaudit's writer makes its output (fsync before the rename).
+DURABLE_COPY = """
+import os, shutil, sys
+shutil.copyfile(sys.argv[1], sys.argv[2])
+fd = os.open(sys.argv[2], os.O_RDONLY)
+os.fsync(fd)
+os.close(fd)
+"""
 
 CHECK = """
 import sys, torch
@@ -116,6 +125,7 @@ def main() -> None:
             ),
             "torch.load all + average + torch.save": [sys.executable, "-c", TORCH_AVERAGE, torch_out, *paths],
             "shutil.copyfile of the reference": [sys.executable, "-c", COPY, paths[0], copy_out],
+            "shutil.copyfile + fsync": [sys.executable, "-c", DURABLE_COPY, paths[0], copy_out],
         }
         runs = _timed(sides, args.repeats, env, warm=not args.smoke)
         check = subprocess.run([sys.executable, "-c", CHECK, ours_out, torch_out], env=env, check=True,
@@ -125,8 +135,9 @@ def main() -> None:
     for name, rs in runs.items():
         summary[name] = (statistics.median(r.seconds for r in rs), min(r.seconds for r in rs))
         print(f"{name:40} {summary[name][0]:9.3f} {summary[name][1]:8.3f} {max(r.peak_mib for r in rs):9.1f}")
-    ours, torch_side, copy = (summary[name] for name in sides)
-    for label, other in (("torch.load+save", torch_side), ("file copy", copy)):
+    ours, torch_side, copy, durable = (summary[name] for name in sides)
+    others = (("torch.load+save", torch_side), ("file copy", copy), ("durable file copy", durable))
+    for label, other in others:
         print(f"ratio average / {label}: median {ours[0] / other[0]:.3f} (min {ours[1] / other[1]:.3f})")
     print(check.stdout.strip())
 

@@ -23,7 +23,7 @@ from bnaudit.defaults import CONVERSION_FORMATS
 from bnaudit.errors import InputError, ModelMismatchError, NoBatchNormError, UsageError
 from bnaudit.findings import Finding, FindingKind, InputInfo, LayerRow, Report, Severity, sort_findings
 from bnaudit.layers import BnLayer, find_bn_layers, is_ignored
-from bnaudit.layerstats import LayerStats, health_findings, layer_problem, read_layer
+from bnaudit.layerstats import LayerStats, health_findings, layer_problem, read_layer, read_layers
 from bnaudit.provenance import (
     header_entry,
     input_records,
@@ -285,9 +285,9 @@ def _first_pass(
         result.inputs.append(InputInfo(rf.display, ckpt.format, rf.rank, tuple(plan.sources)))
         result.findings.extend(pickle_findings(ckpt.globals, rf.display))
         digest = hashlib.sha256()
-        for layer in plan.layers:
+        rank_stats = read_layers([(sds[layer.source_sd], layer.source) for layer in plan.layers], rf.display)
+        for layer, stats in zip(plan.layers, rank_stats, strict=True):
             sd = sds[layer.source_sd]
-            stats = read_layer(sd, layer.source, rf.display)
             for key in layer.source.stat_keys():
                 digest.update(_raw_bytes(sd.tensors[key]))
             layer.merger.add(stats.mean, stats.var, weight)
@@ -321,8 +321,8 @@ def _second_pass(plan: _Plan, files: list[RankFile], eps: float) -> None:
         layer.divergence = DivergenceAccumulator(mean, var, eps=eps)
     for index, rf in enumerate(files):
         sds = _rank_sds(plan, _load(rf.path, rf.display), rf)
-        for layer in plan.layers:
-            stats = read_layer(sds[layer.source_sd], layer.source, rf.display)
+        rank_stats = read_layers([(sds[layer.source_sd], layer.source) for layer in plan.layers], rf.display)
+        for layer, stats in zip(plan.layers, rank_stats, strict=True):
             assert layer.divergence is not None
             layer.divergence.add(index, stats.mean, stats.var)
 
