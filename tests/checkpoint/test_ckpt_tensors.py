@@ -106,6 +106,19 @@ def test_encode_like_integers() -> None:
     assert encode_like(np.array([3.0, -1.0]), "int64") == np.array([3, -1], "<i8").tobytes()
 
 
+def _count_preads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the size of every pread the tensor reader makes from now on."""
+    sizes: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, n: int, offset: int) -> bytes:
+        sizes.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(tensors_module.os, "pread", counting_pread)
+    return sizes
+
+
 def test_large_file_reads_only_needed_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "big.pt"
     small = torch.arange(16.0)
@@ -116,14 +129,7 @@ def test_large_file_reads_only_needed_bytes(tmp_path: Path, monkeypatch: pytest.
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 5_000_000
-    read: list[int] = []
-    real_pread = os.pread
-
-    def counting_pread(fd: int, n: int, offset: int) -> bytes:
-        read.append(n)
-        return real_pread(fd, n, offset)
-
-    monkeypatch.setattr(tensors_module.os, "pread", counting_pread)
+    read = _count_preads(monkeypatch)
     assert ckpt.root["bn.running_mean"].to_numpy().tolist() == small.tolist()
     assert ckpt.root["view"].to_numpy().tolist() == [2.0, 6.0, 10.0, 14.0]
     assert read == [64, 13 * 4]  # the view spans elements 2..14 of its storage
@@ -181,14 +187,7 @@ def test_read_tensors_equals_torch_and_batches_neighbours(
     roots = [load_checkpoint(p).root for p in paths]
     wanted = [("b.running_mean", 0), ("a.view", 0), ("c.running_var", 1), ("a.running_mean", 0), ("a.t", 0),
               ("a.bf", 0), ("a.empty", 0), ("a.running_var", 0)]  # fmt: skip
-    reads: list[int] = []
-    real_pread = os.pread
-
-    def counting_pread(fd: int, n: int, offset: int) -> bytes:
-        reads.append(n)
-        return real_pread(fd, n, offset)
-
-    monkeypatch.setattr(tensors_module.os, "pread", counting_pread)
+    reads = _count_preads(monkeypatch)
     got = tensors_module.read_tensors([roots[f][k] for k, f in wanted])
     for (key, f), array in zip(wanted, got, strict=True):
         expected = (first if f == 0 else second)[key].to(torch.float64).numpy()
