@@ -6,10 +6,9 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +40,9 @@ from bnaudit.layerstats import (
 from bnaudit.ranks import RankFile, resolve_rank_files
 from bnaudit.security import global_uses, pickle_findings
 from bnaudit.stats import DEFAULT_EPS, Divergence, DivergenceAccumulator, MergeMethod, RankMerger
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 log = logging.getLogger(__name__)
 
@@ -502,6 +504,8 @@ def _read_ranks(
         for rf in files:
             yield _read_rank(rf, key, plan, reference)
         return
+    from concurrent.futures import ThreadPoolExecutor  # on use: --jobs > 1 only
+
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         pending: deque[Future[_RankData]] = deque()
         queue = iter(files)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +109,8 @@ def _unknown_key(key: str, known: set[str], where: click.Command, command: str |
         return f"unknown key '{key}' (write long option names with dashes: '{key.replace('_', '-')}')"
     if key in NOT_CONFIGURABLE or key.replace("_", "-") in NOT_CONFIGURABLE or _is_argument(key, where):
         return f"'{key}' cannot be set in a config file (inputs, outputs and --force go on the command line)"
+    import difflib  # on use: only a misspelt setting needs it
+
     close = difflib.get_close_matches(key, sorted(known), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(sorted(known))}"
     return f"unknown key '{key}': not an option of {scope}{hint}"
