@@ -16,6 +16,7 @@ Prints absolute times, peak resident memory and the ratios.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,9 @@ def main() -> None:
           f"(min {low[COMPARE] / low[FULL]:.3f})")  # fmt: skip
     print(f"ratio compare / torch.load mmap: median {ours.seconds / mmap.seconds:.3f} "
           f"(min {low[COMPARE] / low[MMAP]:.3f})")  # fmt: skip
+    # Each round runs both sides moments apart: the median of the per-round ratios cancels slow drift.
+    paired = statistics.median(c.seconds / f.seconds for c, f in zip(runs[COMPARE], runs[FULL], strict=True))
+    print(f"per-round ratio compare / torch.load full: median {paired:.3f}")
     if ours.returncode not in (0, 1):
         sys.exit(f"bnaudit compare exited {ours.returncode}")
 
