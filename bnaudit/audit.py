@@ -261,10 +261,13 @@ class _ComparePlan:
     merger: RankMerger = field(default_factory=lambda: RankMerger(0))
     divergence: DivergenceAccumulator | None = None
 
+    @property
+    def channels(self) -> int:
+        """Channels of all layers together (the accumulators' length)."""
+        return self.layers[-1].part.stop if self.layers else 0
+
     def add_layer(self, state_dict: str, name: str, channels: int) -> None:
-        start = self.layers[-1].part.stop if self.layers else 0
-        self.layers.append(_LayerPlan(state_dict, name, channels, start))
-        self.merger = RankMerger(start + channels)
+        self.layers.append(_LayerPlan(state_dict, name, channels, self.channels))
 
 
 def _concatenated(stats: list[LayerStats], attr: str) -> np.ndarray:
@@ -535,6 +538,7 @@ def _plan_from_reference(
                     f"{files[0].display}: layer '{bn.display_name}': {problem}; fix or --ignore it"
                 )
             plan.add_layer(sd.name, bn.name, sd.tensors[bn.running_mean].shape[0])
+    plan.merger = RankMerger(plan.channels)
     return plan, (ref_ckpt, ref_sds)
 
 
