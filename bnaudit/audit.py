@@ -31,6 +31,7 @@ from bnaudit.findings import (
 from bnaudit.layers import BnLayer, find_bn_layers, is_ignored, normalize_key
 from bnaudit.layerstats import (
     LayerStats,
+    differing_affine,
     health_findings,
     layer_problem,
     layers_to_check,
@@ -621,11 +622,7 @@ def _all_affine_equal(plan: _ComparePlan, stats: list[LayerStats]) -> bool:
 def _affine_findings(lp: _LayerPlan, stats: LayerStats, rf: RankFile) -> list[Finding]:
     assert lp.reference is not None
     out = []
-    for attr in ("weight", "bias"):
-        ref_value, value = getattr(lp.reference, attr), getattr(stats, attr)
-        if ref_value is None or value is None or np.array_equal(ref_value, value, equal_nan=True):
-            continue
-        diff = float(np.nanmax(np.abs(ref_value - value)))
+    for attr, diff in differing_affine(lp.reference, stats):
         tensor = f"{lp.name}.{attr}" if lp.name else attr
         out.append(
             Finding(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,6 +197,18 @@ def health_findings(
         )
     out.extend(_never_updated(stats, place))
     return out
+
+
+def differing_affine(reference: LayerStats, stats: LayerStats) -> Iterator[tuple[str, float]]:
+    """(``weight`` or ``bias``, max |difference|) for each affine parameter that differs from the reference.
+
+    DDP keeps parameters identical across ranks, so any difference means the files are not ranks of one step.
+    """
+    for attr in ("weight", "bias"):
+        ref_value, value = getattr(reference, attr), getattr(stats, attr)
+        if ref_value is None or value is None or np.array_equal(ref_value, value, equal_nan=True):
+            continue
+        yield attr, float(np.nanmax(np.abs(ref_value - value)))
 
 
 def layers_to_check(stats: Sequence[LayerStats], eps: float) -> list[int]:

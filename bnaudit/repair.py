@@ -23,7 +23,14 @@ from bnaudit.defaults import CONVERSION_FORMATS
 from bnaudit.errors import InputError, ModelMismatchError, NoBatchNormError, UsageError
 from bnaudit.findings import Finding, FindingKind, InputInfo, LayerRow, Report, Severity, sort_findings
 from bnaudit.layers import BnLayer, find_bn_layers, is_ignored
-from bnaudit.layerstats import LayerStats, health_findings, layer_problem, read_layer, read_layers
+from bnaudit.layerstats import (
+    LayerStats,
+    differing_affine,
+    health_findings,
+    layer_problem,
+    read_layer,
+    read_layers,
+)
 from bnaudit.provenance import (
     header_entry,
     input_records,
@@ -243,10 +250,7 @@ def _rank_weight(
 def _affine_findings(layer: _Layer, stats: LayerStats, rf: RankFile) -> list[Finding]:
     assert layer.first is not None
     out = []
-    for attr in ("weight", "bias"):
-        first, value = getattr(layer.first, attr), getattr(stats, attr)
-        if first is None or value is None or np.array_equal(first, value, equal_nan=True):
-            continue
+    for attr, _ in differing_affine(layer.first, stats):
         tensor = f"{layer.target.name}.{attr}" if layer.target.name else attr
         out.append(
             Finding(
