@@ -191,6 +191,11 @@ def _report(
         if name != ONE:
             print(f"ratio {name} / {ONE}: median {med / one[0]:.3f} (min {low / one[1]:.3f}); "
                   f"overhead {med / one[0] - 1:+.1%}")  # fmt: skip
+    # Both sides of a round run moments apart: the median of the per-round ratios cancels slow drift.
+    for name, rs in runs.items():
+        if name != ONE:
+            paired = statistics.median(r.seconds / o.seconds for r, o in zip(rs, runs[ONE], strict=True))
+            print(f"per-round ratio {name} / {ONE}: median {paired:.3f}; overhead {paired - 1:+.1%}")
     print(f"outputs agree: max relative difference of the statistics {agreement:.2e}")
     big, little = _volume(logs[NPROC]), _volume(small_log)
     if big is None or little is None:

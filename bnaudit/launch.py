@@ -8,6 +8,12 @@ machine) would come on top of the workers' own, before they even start.
 Workers get torchrun's environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``, and ``OMP_NUM_THREADS=1`` unless it is set), so the same worker code runs
 under ``torchrun`` and here.
+
+On Linux, a launcher that has not imported torch and runs no other thread forks its workers: they start with
+bnaudit already imported (a spawned worker first starts an interpreter and imports it again, ~0.3 s) and
+leave with ``os._exit``, as forked multiprocessing workers do. Elsewhere, or once torch is loaded (its
+threads and OpenMP state do not survive a fork), workers are spawned, and leave through
+:func:`bnaudit.process_exit.exit_now` once their result is written.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import multiprocessing.connection
 import os
 import pickle
 import socket
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -57,7 +65,14 @@ def _result_file(folder: str, rank: int) -> Path:
     return Path(folder) / f"rank{rank}.out"
 
 
-def _worker(entry: Callable[..., Any], args: Sequence[Any], folder: str) -> None:
+def start_method() -> str:
+    """``fork`` where it is safe (Linux, torch not imported, no other thread), else ``spawn``."""
+    if sys.platform == "linux" and "torch" not in sys.modules and threading.active_count() == 1:
+        return "fork"
+    return "spawn"
+
+
+def _worker(entry: Callable[..., Any], args: Sequence[Any], folder: str, spawned: bool) -> None:
     """Run ``entry(*args)`` in a worker; its result, or its error as one line, goes to ``folder``."""
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -75,6 +90,11 @@ def _worker(entry: Callable[..., Any], args: Sequence[Any], folder: str) -> None
         raise
     # The launcher reads this back: a pickle this process wrote into the launcher's private folder.
     _result_file(folder, rank).write_bytes(pickle.dumps(result))
+    if spawned:
+        # A forked worker already ends with os._exit; a spawned one would tear its interpreter down.
+        from bnaudit.process_exit import exit_now
+
+        exit_now(0)
 
 
 def _read_failure(folder: str, nproc: int, exit_codes: Mapping[int, int | None]) -> BnauditError:
@@ -150,17 +170,20 @@ def _wait(processes: dict[int, multiprocessing.process.BaseProcess]) -> dict[int
     return {rank: proc.exitcode for rank, proc in processes.items()}
 
 
-def launch_local(nproc: int, entry: Callable[..., Any], args: Sequence[Any] = ()) -> dict[int, Any]:
+def launch_local(
+    nproc: int, entry: Callable[..., Any], args: Sequence[Any] = (), method: str | None = None
+) -> dict[int, Any]:
     """Run ``entry(*args)`` on ``nproc`` local worker processes that form a process group.
 
     Each worker gets torchrun's environment and should call :func:`bnaudit.distributed.init_from_env` first.
-    Workers are spawned (fresh interpreters), so ``entry`` must be a module-level function and ``args`` and
-    the return value picklable. Ctrl-C stops every worker.
+    ``entry`` must be a module-level function and ``args`` and the return value picklable (spawned workers
+    receive them pickled). Ctrl-C stops every worker.
 
     Args:
         nproc: number of workers (>= 1).
         entry: the worker function; it returns a picklable value (e.g. an exit code) or raises.
         args: positional arguments for ``entry``.
+        method: ``"fork"`` or ``"spawn"``; by default :func:`start_method`.
 
     Returns:
         Each rank's return value, by rank.
@@ -171,13 +194,18 @@ def launch_local(nproc: int, entry: Callable[..., Any], args: Sequence[Any] = ()
     """
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
-    context = multiprocessing.get_context("spawn")
+    method = method or start_method()
+    if method not in ("fork", "spawn"):
+        raise ValueError(f"method must be 'fork' or 'spawn', got {method!r}")
+    fork = method == "fork"
+    context = multiprocessing.get_context("fork") if fork else multiprocessing.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bnaudit-launch-") as folder:
         processes: dict[int, multiprocessing.process.BaseProcess] = {}
         try:
             for rank in range(nproc):
-                proc = context.Process(target=_worker, args=(entry, list(args), folder), name=f"rank{rank}")
+                worker_args = (entry, list(args), folder, method == "spawn")
+                proc = context.Process(target=_worker, args=worker_args, name=f"rank{rank}")
                 with _environment(_rank_environment(rank, nproc, port)):
                     proc.start()  # a spawned worker starts with the environment as it is now
                 processes[rank] = proc

@@ -92,23 +92,56 @@ def test_launch_local_keeps_exit_code_and_line() -> None:
 
 LAUNCH_PROBE = """
 import json, sys
-from bnaudit.launch import launch_local
-from tests.recal_helpers.launch_entries import all_reduce_rank
-results = launch_local(2, all_reduce_rank)
-print(json.dumps({"results": {str(k): list(v) for k, v in results.items()}, "torch": "torch" in sys.modules}))
+from bnaudit.errors import BnauditError
+from bnaudit.launch import launch_local, start_method
+from tests.recal_helpers import launch_entries
+method = sys.argv[2] if len(sys.argv) > 2 else None
+chosen = method or start_method()
+try:
+    results = launch_local(2, getattr(launch_entries, sys.argv[1]), method=method)
+except BnauditError as exc:
+    results = {"error": [exc.exit_code, str(exc)]}
+print(json.dumps({"results": results, "torch": "torch" in sys.modules, "method": chosen}))
 """
 
 
-@pytest.mark.slow
-def test_launcher_forms_a_group_without_importing_torch() -> None:
+def _probe(entry: str, method: str | None) -> dict[str, object]:
+    """Run the launcher in a fresh process that has not imported torch (where it forks by default)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-c", LAUNCH_PROBE], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=120)  # fmt: skip
+    argv = [sys.executable, "-c", LAUNCH_PROBE, entry, *([method] if method else [])]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [None, "spawn"])
+def test_launcher_forms_a_group_without_importing_torch(method: str | None) -> None:
+    report = _probe("all_reduce_rank", method)
     # Both ranks joined one group (1 + 2 = 3), each with one thread; the launcher never imported torch.
-    assert report == {"results": {"0": [0, 3.0, "1"], "1": [1, 3.0, "1"]}, "torch": False}
+    # Without torch and threads, on Linux, it forks by default.
+    expected_method = method or ("fork" if sys.platform == "linux" else "spawn")
+    assert report == {"results": {"0": [0, 3.0, "1"], "1": [1, 3.0, "1"]}, "torch": False,
+                      "method": expected_method}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the launcher forks only on Linux")
+def test_forked_launcher_reports_errors_and_silent_deaths() -> None:
+    assert _probe("rank1_fails_rank0_hangs_briefly", None)["results"] == {
+        "error": [2, "rank 1 gave up on purpose"]
+    }
+    assert _probe("rank1_dies", None)["results"] == {
+        "error": [3, "worker rank 1 died (exit code 7) without reporting an error"]
+    }
+
+
+def test_launcher_spawns_once_torch_is_loaded() -> None:
+    from bnaudit.launch import start_method
+
+    # This test process has imported torch: its threads and OpenMP state would not survive a fork.
+    assert "torch" in sys.modules and start_method() == "spawn"
 
 
 @pytest.mark.slow

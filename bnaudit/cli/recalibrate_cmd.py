@@ -110,7 +110,6 @@ def recalibrate_command(
     statistics' bytes replaced, plus a provenance file OUT.bnaudit.json. Runs on several processes with
     --nproc N or under torchrun (rank 0 writes).
     """
-    from bnaudit.calibration import recalibration_report, run_passes
     from bnaudit.checkpoint.writer import check_output_path
     from bnaudit.provenance import sidecar_path
 
@@ -119,7 +118,9 @@ def recalibrate_command(
     if out is not None and not dry_run:
         check_output_path(out, [Path(checkpoint)], force, companions=(sidecar_path(out),))
     if params["nproc"] > 1 and not in_worker():
-        return launch_workers(params["nproc"])
+        return launch_workers(params["nproc"])  # before the imports below: the workers do them
+    from bnaudit.calibration import recalibration_report, run_passes
+
     refused = _refuse_unsafe(checkpoint, allow_unsafe_input)
     if refused is not None:
         if is_rank_zero():

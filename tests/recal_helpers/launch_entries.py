@@ -30,6 +30,14 @@ def rank1_fails_rank0_hangs() -> int:
     return 0
 
 
+def rank1_fails_rank0_hangs_briefly() -> int:
+    """Rank 1 raises a BnauditError at once; rank 0 runs two seconds longer and succeeds."""
+    if os.environ["RANK"] == "1":
+        raise UsageError("rank 1 gave up on purpose")
+    time.sleep(2)
+    return 0
+
+
 def rank1_dies() -> int:
     """Rank 1 dies without a word (as a crash or the OOM killer would leave it)."""
     if os.environ["RANK"] == "1":
