@@ -14,7 +14,8 @@ import numpy as np
 
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.discover import select_state_dicts
-from bnaudit.checkpoint.types import Checkpoint, StateDictRef
+from bnaudit.checkpoint.same_layout import LayoutTemplate
+from bnaudit.checkpoint.types import Checkpoint, StateDictRef, TensorRef
 from bnaudit.defaults import DEFAULT_ERROR_KL, DEFAULT_WARN_KL
 from bnaudit.errors import InputError, ModelMismatchError, NoBatchNormError, UsageError
 from bnaudit.findings import (
@@ -34,6 +35,7 @@ from bnaudit.layerstats import (
     differing_affine,
     health_findings,
     layer_problem,
+    layer_tensor_refs,
     layers_to_check,
     read_layer,
     read_layers,
@@ -261,6 +263,9 @@ class _ComparePlan:
     layers: list[_LayerPlan]
     merger: RankMerger = field(default_factory=lambda: RankMerger(0))
     divergence: DivergenceAccumulator | None = None
+    # Ranks laid out byte for byte like an earlier one are read through its parsed layout; None: read every
+    # rank in full (--check-weights compares every tensor, so each rank's own references are needed).
+    templates: _Templates | None = None
 
     @property
     def channels(self) -> int:
@@ -476,6 +481,47 @@ class _RankData:
 CACHE_BUDGET_BYTES = 32 << 20
 
 
+# A rank that is not laid out like the current template becomes the template for the ranks after it, at most
+# this many times per run: ranks 1-9, 10-99 and 100-999 of one job differ in the length of their file names,
+# which torch.save puts into every zip entry name, so each group has its own layout.
+MAX_LAYOUT_TEMPLATES = 8
+
+
+@dataclass
+class _Template:
+    """A rank read in full whose layout later ranks may share (:mod:`bnaudit.checkpoint.same_layout`)."""
+
+    layout: LayoutTemplate
+    sds: list[StateDictRef]
+    wanted: list[tuple[StateDictRef, BnLayer]]  # the planned layers, in plan order
+    refs: list[TensorRef]  # every tensor read_layers reads for them
+
+
+@dataclass
+class _Templates:
+    current: _Template | None = None
+    built: int = 0
+
+    def offer(
+        self, ckpt: Checkpoint, sds: list[StateDictRef], wanted: list[tuple[StateDictRef, BnLayer]]
+    ) -> None:
+        """Make a rank just read in full the template, within MAX_LAYOUT_TEMPLATES."""
+        if self.built >= MAX_LAYOUT_TEMPLATES:
+            return
+        self.built += 1
+        layout = LayoutTemplate.of(ckpt)
+        if layout is not None:
+            self.current = _Template(layout, sds, wanted, layer_tensor_refs(wanted))
+
+    def read(self, rf: RankFile) -> _RankData | None:
+        """The rank's statistics read through the template, or None when its layout is not the same."""
+        template = self.current
+        if template is None or not template.layout.same_layout(rf.path, template.refs):
+            return None
+        stats = read_layers(template.wanted, rf.display, path=rf.path)
+        return _RankData(rf, template.layout.checkpoint, template.sds, stats)
+
+
 def _read_rank(
     rf: RankFile,
     key: str | None,
@@ -483,6 +529,12 @@ def _read_rank(
     reference: RankFile,
     opened: tuple[Checkpoint, list[StateDictRef]] | None = None,
 ) -> _RankData:
+    if opened is None and plan.templates is not None:
+        # Same size, directory, local headers and pickle as a rank read in full: same model and layers,
+        # so only the statistics are read (the model check, pickle audit and layer lookup carry over).
+        reused = plan.templates.read(rf)
+        if reused is not None:
+            return reused
     ckpt, sds = opened or _open_rank(rf, key, plan.state_dicts)
     _check_same_model(plan, rf, reference, sds)
     by_sd = {sd.name: (sd, _layers_by_name(sd)) for sd in sds}
@@ -493,7 +545,10 @@ def _read_rank(
         if bn is None:
             raise ModelMismatchError(f"{rf.display}: rank {rf.rank} has no BatchNorm layer '{lp.name}'")
         wanted.append((sd, bn))
-    return _RankData(rf, ckpt, sds, read_layers(wanted, rf.display))
+    data = _RankData(rf, ckpt, sds, read_layers(wanted, rf.display))
+    if plan.templates is not None:
+        plan.templates.offer(ckpt, sds, wanted)
+    return data
 
 
 def _read_ranks(
@@ -557,6 +612,7 @@ def _first_pass(
     cache: dict[int, list[LayerStats]] = {}
     cached_bytes = 0
     reference: _RankData | None = None
+    plan.templates = None if check_weights else _Templates()
     first = _read_rank(files[0], key, plan, files[0], opened=opened_reference)
     others = _read_ranks(files[1:], key, plan, jobs, files[0])
     for index, data in enumerate(itertools.chain([first], others)):

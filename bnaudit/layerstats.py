@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -69,12 +70,9 @@ def read_layer(sd: StateDictRef, layer: BnLayer, file: str) -> LayerStats:
 _LAYER_TENSORS = 5  # running_mean, running_var, weight, bias, num_batches_tracked
 
 
-def read_layers(layers: Sequence[tuple[StateDictRef, BnLayer]], file: str) -> list[LayerStats]:
-    """Read several layers' tensors in float64, with one open per file and one read per run of tensors.
-
-    Raises:
-        InputError: a layer's tensors are malformed (see :func:`layer_problem`), or a tensor cannot be read.
-    """
+def _layer_refs(layers: Sequence[tuple[StateDictRef, BnLayer]], file: str) -> list[TensorRef | None]:
+    """Each layer's five tensors (running mean, running var, weight, bias, a one-value num_batches_tracked),
+    None where absent."""
     wanted: list[TensorRef | None] = []
     for sd, layer in layers:
         problem = layer_problem(sd, layer)
@@ -92,7 +90,34 @@ def read_layers(layers: Sequence[tuple[StateDictRef, BnLayer]], file: str) -> li
             _ref(sd, layer.bias),
             nbt if nbt is not None and nbt.numel == 1 else None,
         ]
-    arrays = iter(read_tensors([ref for ref in wanted if ref is not None]))
+    return wanted
+
+
+def layer_tensor_refs(layers: Sequence[tuple[StateDictRef, BnLayer]]) -> list[TensorRef]:
+    """Every tensor :func:`read_layers` reads for ``layers``.
+
+    Raises:
+        InputError: a layer's tensors are malformed (see :func:`layer_problem`).
+    """
+    return [ref for ref in _layer_refs(layers, "") if ref is not None]
+
+
+def read_layers(
+    layers: Sequence[tuple[StateDictRef, BnLayer]], file: str, path: Path | None = None
+) -> list[LayerStats]:
+    """Read several layers' tensors in float64, with one open per file and one read per run of tensors.
+
+    Args:
+        layers: (state dict, layer) pairs.
+        file: the file as the user named it, for messages.
+        path: read the bytes from this file instead of the one the references name: a file proven to have
+            the same layout (:mod:`bnaudit.checkpoint.same_layout`).
+
+    Raises:
+        InputError: a layer's tensors are malformed (see :func:`layer_problem`), or a tensor cannot be read.
+    """
+    wanted = _layer_refs(layers, file)
+    arrays = iter(read_tensors([ref for ref in wanted if ref is not None], path=path))
     values = [None if ref is None else next(arrays) for ref in wanted]
     out = []
     for i in range(0, len(values), _LAYER_TENSORS):

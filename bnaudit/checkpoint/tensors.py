@@ -120,7 +120,7 @@ _MAX_GAP_BYTES = 64 << 10
 _MAX_RUN_BYTES = 4 << 20
 
 
-def read_tensors(refs: Sequence[TensorRef]) -> list[np.ndarray]:
+def read_tensors(refs: Sequence[TensorRef], path: Path | None = None) -> list[np.ndarray]:
     """Read many tensors, as :func:`read_tensor` would one by one, with one open per file.
 
     Tensors stored next to each other are read in one ``pread``, so a model's BatchNorm statistics cost a
@@ -129,6 +129,9 @@ def read_tensors(refs: Sequence[TensorRef]) -> list[np.ndarray]:
 
     Args:
         refs: lazy tensor references, from any files.
+        path: read every uncompressed storage from this file, at the offsets the references give, instead of
+            from the file each names: a file proven to share their file's layout
+            (:mod:`bnaudit.checkpoint.same_layout`, which accepts no compressed or assembled tensor).
 
     Returns:
         The arrays, in the order of ``refs``.
@@ -147,9 +150,10 @@ def read_tensors(refs: Sequence[TensorRef]) -> list[np.ndarray]:
             out[index] = read_tensor(ref)
             continue
         base = ref.storage.file_offset
-        by_file.setdefault(ref.storage.path, []).append((base + start, base + end, index, raw_dtype))
-    for path, spans in by_file.items():
-        fd = _open_for_reading(path)
+        source = ref.storage.path if path is None else path
+        by_file.setdefault(source, []).append((base + start, base + end, index, raw_dtype))
+    for source, spans in by_file.items():
+        fd = _open_for_reading(source)
         try:
             for run in _coalesce(sorted(spans)):
                 run_start, run_end = run[0][0], max(span[1] for span in run)

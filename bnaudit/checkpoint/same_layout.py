@@ -1,0 +1,289 @@
+"""Recognising torch zip checkpoints laid out exactly like one already read (the ranks of one DDP job).
+
+Every rank of a job saves the same model with ``torch.save``: the same pickle, the same zip entries in the
+same order and at the same offsets. Only the tensor bytes differ — and with them the CRC-32 of each storage
+entry — plus the archive's folder name, which ``torch.save`` takes from the file name (``ckpt_rank3/``). When
+a file's layout is proven identical to a checkpoint already parsed, its tensors lie where that checkpoint's
+tensor references say, so they can be read from it without parsing its zip directory or unpickling its
+pickle again (about two thirds of the cost of reading a rank's BatchNorm statistics).
+
+"Proven identical" is byte equality, never a guess:
+
+- the file has the same size;
+- its central directory and end records (everything from the directory's start to the end of the file)
+  are equal to the template's, except the CRC-32 fields of the entries bnaudit does not read whole (the
+  storages, whose bytes are read raw, and records such as ``.data/serialization_id`` that differ per save)
+  and each entry name's folder part, which must be one folder name, the same in every entry, as
+  ``torch.save`` writes;
+- the 30-byte local header of every entry to be read is equal to the template's (the name and extra-field
+  lengths fix where the data starts), again except those CRC-32 fields;
+- the pickle and the ``byteorder`` record hold the same bytes (their CRC-32 fields are compared, not
+  masked, so a corrupt CRC is still reported by the full reader).
+
+Anything else — another size, a compressed entry, a ZIP64 field this module does not follow, a file it
+cannot read — means "not the same layout", and the caller reads the file in full, with all its checks.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bnaudit.checkpoint.types import Checkpoint, TensorRef
+
+_EOCD = struct.Struct("<4s4xHHIIH")  # signature, (disk numbers), entries here, entries, size, offset, comment
+_EOCD_SIGNATURE = b"PK\x05\x06"
+_ZIP64_LOCATOR = struct.Struct("<4sIQI")  # signature, disk, offset of the ZIP64 end record, disks
+_ZIP64_LOCATOR_SIGNATURE = b"PK\x06\x07"
+_ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")  # signature, size, versions, disks, entries x2, size, offset
+_ZIP64_EOCD_SIGNATURE = b"PK\x06\x06"
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # a central directory file header (46 bytes)
+_CENTRAL_SIGNATURE = b"PK\x01\x02"
+_LOCAL_SIZE = 30
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+_CENTRAL_CRC = 16  # offset of the CRC-32 field in a central directory header
+_LOCAL_CRC = 14  # ... and in a local header
+_UTF8_FLAG = 0x800
+_MAX_TAIL_SEARCH = 22 + 0xFFFF  # the end record plus the longest comment
+_FIXED = ("data.pkl", "byteorder")  # records read whole: their bytes (and CRC-32) must be equal
+_ZIP64_EXTRA = 0x0001
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One entry of the template's zip: where its local header is and what the template's holds."""
+
+    header_offset: int
+    stored: int  # bytes of data, from the central directory (torch's local headers leave sizes at 0)
+    name_at: int  # offset of the entry's name within the directory bytes
+    masks_crc: bool  # its CRC-32 may differ between ranks (all but the pickle and the byte order record)
+
+
+@dataclass
+class LayoutTemplate:
+    """A parsed torch zip checkpoint, and the bytes another file must share to be read through it."""
+
+    checkpoint: Checkpoint
+    size: int
+    directory_start: int
+    directory: bytes  # from the central directory's start to the end of the file, CRCs of storages zeroed
+    folder: bytes  # the archive folder, with its trailing "/" (b"ckpt_rank0/")
+    entries: dict[str, _Entry]  # by entry name without the folder
+    local_headers: dict[str, bytes]  # filled on first use: name -> the template's 30-byte local header
+    fixed: dict[str, tuple[int, bytes]]  # pickle and byte order: where their data starts, and the data
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint) -> LayoutTemplate | None:
+        """A template from a checkpoint read in full, or None when it is not a plain torch zip file."""
+        if checkpoint.format != "torch-zip" or checkpoint.warnings:
+            return None
+        try:
+            with open(checkpoint.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                start = _directory_start(f.fileno(), size)
+                if start is None:
+                    return None
+                directory = os.pread(f.fileno(), size - start, start)
+        except OSError:
+            return None
+        walked = _walk_directory(directory, size - start)
+        if walked is None:
+            return None
+        folder, entries, crc_positions = walked
+        template = cls(checkpoint, size, start, _zero(directory, crc_positions), folder, entries, {}, {})
+        try:
+            for name in _FIXED:
+                if name in entries:
+                    template.fixed[name] = template._fixed_data(name)
+        except (OSError, ValueError):
+            return None
+        return template
+
+    def same_layout(self, path: Path, storages: Iterable[TensorRef]) -> bool:
+        """True when ``path`` is laid out exactly as the template (see the module docstring), so that
+        ``storages`` — tensor references of the template — can be read from ``path`` at the same offsets.
+
+        Never raises for a file it cannot read or understand: that is simply not the same layout.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            return self._same_layout(fd, storages)
+        except (OSError, ValueError, KeyError, struct.error):
+            return False
+        finally:
+            os.close(fd)
+
+    def _same_layout(self, fd: int, storages: Iterable[TensorRef]) -> bool:
+        if os.fstat(fd).st_size != self.size:
+            return False
+        directory = os.pread(fd, self.size - self.directory_start, self.directory_start)
+        folder = _folder_of(directory, self.entries["data.pkl"].name_at, len(self.folder))
+        if folder is None:
+            return False
+        expected = bytearray(self.directory)
+        actual = bytearray(directory)
+        for entry in self.entries.values():
+            expected[entry.name_at : entry.name_at + len(folder)] = folder
+            if entry.masks_crc:
+                actual[entry.name_at - _CENTRAL.size + _CENTRAL_CRC : entry.name_at - _CENTRAL.size + 20] = (
+                    b"\0\0\0\0"
+                )
+        if expected != actual:
+            return False
+        names = self._storage_entries(storages)
+        if names is None:
+            return False
+        return self._same_local_headers(fd, names | set(self.fixed)) and self._same_fixed_data(fd)
+
+    def _storage_entries(self, storages: Iterable[TensorRef]) -> set[str] | None:
+        """The entries holding ``storages`` (names without the folder), or None when one of them is not a
+        plain, uncompressed storage of the template's file."""
+        names = set()
+        folder = self.folder.decode("utf-8", "replace")
+        for ref in storages:
+            storage = ref.storage
+            if type(ref) is not TensorRef or storage.compressed or storage.path != self.checkpoint.path:
+                return None
+            if not storage.key.startswith(folder) or storage.key[len(folder) :] not in self.entries:
+                return None
+            names.add(storage.key[len(folder) :])
+        return names
+
+    def _same_local_headers(self, fd: int, names: set[str]) -> bool:
+        return all(_masked_local_header(fd, self.entries[name]) == self._local_header(name) for name in names)
+
+    def _local_header(self, name: str) -> bytes:
+        header = self.local_headers.get(name)
+        if header is None:
+            with open(self.checkpoint.path, "rb") as f:
+                header = self.local_headers[name] = _masked_local_header(f.fileno(), self.entries[name])
+        return header
+
+    def _fixed_data(self, name: str) -> tuple[int, bytes]:
+        """Where a record read whole starts, and its bytes in the template."""
+        header = self._local_header(name)
+        method = struct.unpack_from("<H", header, 8)[0]
+        name_len, extra_len = struct.unpack_from("<HH", header, 26)
+        stored = self.entries[name].stored
+        if method != 0:
+            raise ValueError(f"'{name}' is compressed")
+        start = self.entries[name].header_offset + _LOCAL_SIZE + name_len + extra_len
+        with open(self.checkpoint.path, "rb") as f:
+            data = os.pread(f.fileno(), stored, start)
+        if len(data) != stored:
+            raise ValueError(f"'{name}' ends past the end of the file")
+        return start, data
+
+    def _same_fixed_data(self, fd: int) -> bool:
+        return all(os.pread(fd, len(data), start) == data for start, data in self.fixed.values())
+
+
+def _masked_local_header(fd: int, entry: _Entry) -> bytes:
+    """An entry's 30-byte local header, its CRC-32 zeroed where ranks may differ."""
+    header = bytearray(os.pread(fd, _LOCAL_SIZE, entry.header_offset))
+    if len(header) != _LOCAL_SIZE or header[:4] != _LOCAL_SIGNATURE:
+        raise ValueError("no local header")
+    if entry.masks_crc:
+        header[_LOCAL_CRC : _LOCAL_CRC + 4] = b"\0\0\0\0"
+    return bytes(header)
+
+
+def _directory_start(fd: int, size: int) -> int | None:
+    """Where the central directory starts (following a ZIP64 end record when the plain one points to it)."""
+    tail_size = min(size, _MAX_TAIL_SEARCH)
+    tail = os.pread(fd, tail_size, size - tail_size)
+    at = tail.rfind(_EOCD_SIGNATURE)
+    if at < 0 or len(tail) - at < _EOCD.size:
+        return None
+    _, _, _, _, offset, _ = _EOCD.unpack_from(tail, at)
+    if offset != 0xFFFFFFFF:
+        return int(offset)
+    locator_at = at - _ZIP64_LOCATOR.size
+    if locator_at < 0:
+        return None
+    signature, _, record_offset, _ = _ZIP64_LOCATOR.unpack_from(tail, locator_at)
+    if signature != _ZIP64_LOCATOR_SIGNATURE:
+        return None
+    record = os.pread(fd, _ZIP64_EOCD.size, record_offset)
+    if len(record) != _ZIP64_EOCD.size or record[:4] != _ZIP64_EOCD_SIGNATURE:
+        return None
+    return int(_ZIP64_EOCD.unpack(record)[9])
+
+
+def _walk_directory(directory: bytes, length: int) -> tuple[bytes, dict[str, _Entry], list[int]] | None:
+    """The archive folder, the entries (by name without the folder) and the CRC fields to mask, or None
+    when the directory is not the plain, single-folder directory ``torch.save`` writes."""
+    entries: dict[str, _Entry] = {}
+    crc_positions: list[int] = []
+    folder: bytes | None = None
+    pos = 0
+    while pos + 4 <= length and directory[pos : pos + 4] == _CENTRAL_SIGNATURE:
+        if pos + _CENTRAL.size > length:
+            return None
+        fields = _CENTRAL.unpack_from(directory, pos)
+        flags, method, name_len, extra_len, comment_len, header_offset = (
+            fields[3], fields[4], fields[10], fields[11], fields[12], fields[16]
+        )  # fmt: skip
+        name_at = pos + _CENTRAL.size
+        raw_name = directory[name_at : name_at + name_len]
+        stored = fields[8]
+        if 0xFFFFFFFF in (fields[9], stored, header_offset):
+            extra = directory[name_at + name_len : name_at + name_len + extra_len]
+            widened = _zip64_values(extra, (fields[9], stored, header_offset))
+            if widened is None:
+                return None
+            _, stored, header_offset = widened
+        slash = raw_name.find(b"/")
+        if method != 0 or slash <= 0:
+            return None  # compressed or folder-less entries
+        if folder is None:
+            folder = raw_name[: slash + 1]
+        if raw_name[: slash + 1] != folder:
+            return None
+        name = raw_name[slash + 1 :].decode("utf-8" if flags & _UTF8_FLAG else "cp437")
+        masks_crc = name not in _FIXED
+        entries[name] = _Entry(header_offset, stored, name_at, masks_crc)
+        if masks_crc:
+            crc_positions.append(pos + _CENTRAL_CRC)
+        pos = name_at + name_len + extra_len + comment_len
+    if folder is None or "data.pkl" not in entries:
+        return None
+    return folder, entries, crc_positions
+
+
+def _zip64_values(extra: bytes, values: tuple[int, int, int]) -> tuple[int, int, int] | None:
+    """(size, stored size, local header offset) with each field that overflowed (0xFFFFFFFF) replaced by
+    its 8-byte value from the ZIP64 extra field, which holds them in that order; None when it is missing."""
+    at = 0
+    while at + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, at)
+        if tag == _ZIP64_EXTRA:
+            count = sum(v == 0xFFFFFFFF for v in values)
+            if length < 8 * count or at + 4 + 8 * count > len(extra):
+                return None
+            wide = iter(struct.unpack_from(f"<{count}Q", extra, at + 4))
+            size, stored, offset = (next(wide) if v == 0xFFFFFFFF else v for v in values)
+            return int(size), int(stored), int(offset)
+        at += 4 + length
+    return None
+
+
+def _folder_of(directory: bytes, name_at: int, length: int) -> bytes | None:
+    """The folder name another file uses (same length as the template's), if it is a plain folder name."""
+    folder = directory[name_at : name_at + length]
+    if len(folder) != length or not folder.endswith(b"/") or b"/" in folder[:-1]:
+        return None
+    return folder
+
+
+def _zero(data: bytes, positions: list[int]) -> bytes:
+    out = bytearray(data)
+    for at in positions:
+        out[at : at + 4] = b"\0\0\0\0"
+    return bytes(out)
