@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -99,17 +100,24 @@ DANGEROUS_GLOBALS = frozenset(
 )  # fmt: skip
 
 
+_WILDCARDS = frozenset("*?[")
+
+
 def _matches(qualname: str, entries: Iterable[str]) -> bool:
     for entry in entries:
         if entry.endswith(".*"):
             module = entry[:-2]
             if qualname.startswith(module + "."):
                 return True
+        elif _WILDCARDS.isdisjoint(entry):
+            if qualname == entry:  # a plain name: fnmatch would compile a pattern for it
+                return True
         elif fnmatchcase(qualname, entry):
             return True
     return False
 
 
+@functools.lru_cache(maxsize=4096)  # every rank of a job references the same few globals
 def classify_global(module: str, name: str) -> Safety:
     """Judge one ``module.name`` referenced by a pickle (Python-2 names already normalised by the reader)."""
     qualname = f"{module}.{name}"

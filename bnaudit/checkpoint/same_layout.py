@@ -48,6 +48,9 @@ _CENTRAL_CRC = 16  # offset of the CRC-32 field in a central directory header
 _LOCAL_CRC = 14  # ... and in a local header
 _UTF8_FLAG = 0x800
 _MAX_TAIL_SEARCH = 22 + 0xFFFF  # the end record plus the longest comment
+# Local headers closer than this are read in one pread, of at most _MAX_HEADER_RUN bytes.
+_MAX_HEADER_GAP = 64 << 10
+_MAX_HEADER_RUN = 1 << 20
 _FIXED = ("data.pkl", "byteorder")  # records read whole: their bytes (and CRC-32) must be equal
 _ZIP64_EXTRA = 0x0001
 
@@ -72,7 +75,8 @@ class LayoutTemplate:
     directory: bytes  # from the central directory's start to the end of the file, CRCs of storages zeroed
     folder: bytes  # the archive folder, with its trailing "/" (b"ckpt_rank0/")
     entries: dict[str, _Entry]  # by entry name without the folder
-    local_headers: dict[str, bytes]  # filled on first use: name -> the template's 30-byte local header
+    # Filled on first use: the entries a caller reads (sorted by offset) and the template's local headers.
+    local_headers: dict[frozenset[str], tuple[list[_Entry], bytes]]
     fixed: dict[str, tuple[int, bytes]]  # pickle and byte order: where their data starts, and the data
 
     @classmethod
@@ -139,7 +143,7 @@ class LayoutTemplate:
         names = self._storage_entries(storages)
         if names is None:
             return False
-        return self._same_local_headers(fd, names | set(self.fixed)) and self._same_fixed_data(fd)
+        return self._same_local_headers(fd, frozenset(names | set(self.fixed))) and self._same_fixed_data(fd)
 
     def _storage_entries(self, storages: Iterable[TensorRef]) -> set[str] | None:
         """The entries holding ``storages`` (names without the folder), or None when one of them is not a
@@ -155,19 +159,19 @@ class LayoutTemplate:
             names.add(storage.key[len(folder) :])
         return names
 
-    def _same_local_headers(self, fd: int, names: set[str]) -> bool:
-        return all(_masked_local_header(fd, self.entries[name]) == self._local_header(name) for name in names)
-
-    def _local_header(self, name: str) -> bytes:
-        header = self.local_headers.get(name)
-        if header is None:
+    def _same_local_headers(self, fd: int, names: frozenset[str]) -> bool:
+        cached = self.local_headers.get(names)
+        if cached is None:
+            ordered = sorted((self.entries[name] for name in names), key=lambda e: e.header_offset)
             with open(self.checkpoint.path, "rb") as f:
-                header = self.local_headers[name] = _masked_local_header(f.fileno(), self.entries[name])
-        return header
+                cached = self.local_headers[names] = (ordered, _local_headers(f.fileno(), ordered))
+        ordered, expected = cached
+        return _local_headers(fd, ordered) == expected
 
     def _fixed_data(self, name: str) -> tuple[int, bytes]:
         """Where a record read whole starts, and its bytes in the template."""
-        header = self._local_header(name)
+        with open(self.checkpoint.path, "rb") as f:
+            header = _local_headers(f.fileno(), [self.entries[name]])
         method = struct.unpack_from("<H", header, 8)[0]
         name_len, extra_len = struct.unpack_from("<HH", header, 26)
         stored = self.entries[name].stored
@@ -184,14 +188,35 @@ class LayoutTemplate:
         return all(os.pread(fd, len(data), start) == data for start, data in self.fixed.values())
 
 
-def _masked_local_header(fd: int, entry: _Entry) -> bytes:
-    """An entry's 30-byte local header, its CRC-32 zeroed where ranks may differ."""
-    header = bytearray(os.pread(fd, _LOCAL_SIZE, entry.header_offset))
-    if len(header) != _LOCAL_SIZE or header[:4] != _LOCAL_SIGNATURE:
-        raise ValueError("no local header")
-    if entry.masks_crc:
-        header[_LOCAL_CRC : _LOCAL_CRC + 4] = b"\0\0\0\0"
-    return bytes(header)
+def _local_headers(fd: int, ordered: list[_Entry]) -> bytes:
+    """The 30-byte local headers of ``ordered`` (sorted by offset), concatenated, each CRC-32 zeroed where
+    ranks may differ. Headers close together are read in one pread (a layer's tensors sit side by side).
+
+    Raises:
+        ValueError: a header is missing (no signature where the directory says it starts).
+    """
+    out = bytearray()
+    at = 0
+    while at < len(ordered):
+        run_start, end = ordered[at].header_offset, at + 1
+        while (
+            end < len(ordered)
+            and ordered[end].header_offset - ordered[end - 1].header_offset <= _MAX_HEADER_GAP
+            and ordered[end].header_offset + _LOCAL_SIZE - run_start <= _MAX_HEADER_RUN
+        ):
+            end += 1
+        data = os.pread(fd, ordered[end - 1].header_offset + _LOCAL_SIZE - run_start, run_start)
+        for entry in ordered[at:end]:
+            header = bytearray(
+                data[entry.header_offset - run_start : entry.header_offset - run_start + _LOCAL_SIZE]
+            )
+            if len(header) != _LOCAL_SIZE or header[:4] != _LOCAL_SIGNATURE:
+                raise ValueError("no local header where the directory says")
+            if entry.masks_crc:
+                header[_LOCAL_CRC : _LOCAL_CRC + 4] = b"\0\0\0\0"
+            out += header
+        at = end
+    return bytes(out)
 
 
 def _directory_start(fd: int, size: int) -> int | None:

@@ -43,18 +43,31 @@ def _array_format(length: int) -> str:
     return ", ".join([f"%.{CHANNEL_DIGITS}g"] * length)
 
 
-def _dumps_value(value: Any) -> str:
-    if isinstance(value, FiniteFloats) and len(value) >= _MIN_ARRAY_LENGTH:
-        return "[" + _array_format(len(value)) % tuple(value) + "]"
-    return json.dumps(value, allow_nan=False)
+def _is_channel_array(value: Any) -> bool:
+    return isinstance(value, FiniteFloats) and len(value) >= _MIN_ARRAY_LENGTH
 
 
 def _dumps_item(item: Any) -> str:
-    """One list item on one line; a dict's per-channel float arrays go through the fast float format."""
+    """One list item on one line; a dict's per-channel float arrays go through the fast float format.
+
+    The other fields between two arrays go through one ``json.dumps`` of a dict of them (its braces
+    dropped), which writes exactly what dumping them one by one and joining with ", " would.
+    """
     if not isinstance(item, dict):
         return json.dumps(item, allow_nan=False)
-    fields = (f"{json.dumps(str(k))}: {_dumps_value(v)}" for k, v in item.items())
-    return "{" + ", ".join(fields) + "}"
+    parts: list[str] = []
+    plain: dict[str, Any] = {}
+    for key, value in item.items():
+        if _is_channel_array(value):
+            if plain:
+                parts.append(json.dumps(plain, allow_nan=False)[1:-1])
+                plain = {}
+            parts.append(f"{json.dumps(str(key))}: [{_array_format(len(value)) % tuple(value)}]")
+        else:
+            plain[str(key)] = value
+    if plain:
+        parts.append(json.dumps(plain, allow_nan=False)[1:-1])
+    return "{" + ", ".join(parts) + "}"
 
 
 def _dumps(doc: dict[str, Any]) -> str:
