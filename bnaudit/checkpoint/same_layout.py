@@ -57,12 +57,17 @@ _ZIP64_EXTRA = 0x0001
 
 @dataclass(frozen=True)
 class _Entry:
-    """One entry of the template's zip: where its local header is and what the template's holds."""
+    """One entry of the template's zip: where its local header, data size, name and CRC-32 field are."""
 
     header_offset: int
     stored: int  # bytes of data, from the central directory (torch's local headers leave sizes at 0)
     name_at: int  # offset of the entry's name within the directory bytes
-    masks_crc: bool  # its CRC-32 may differ between ranks (all but the pickle and the byte order record)
+    crc_at: int | None  # offset of its CRC-32 within the directory bytes when it may differ between ranks
+    # (every entry but the pickle and the byte order record); None when it must be equal
+
+    @property
+    def masks_crc(self) -> bool:
+        return self.crc_at is not None
 
 
 @dataclass
@@ -72,7 +77,7 @@ class LayoutTemplate:
     checkpoint: Checkpoint
     size: int
     directory_start: int
-    directory: bytes  # from the central directory's start to the end of the file, CRCs of storages zeroed
+    directory: bytes  # from the central directory's start to the end of the file, masked CRC-32s zeroed
     folder: bytes  # the archive folder, with its trailing "/" (b"ckpt_rank0/")
     entries: dict[str, _Entry]  # by entry name without the folder
     # Filled on first use: the entries a caller reads (sorted by offset) and the template's local headers.
@@ -96,8 +101,8 @@ class LayoutTemplate:
         walked = _walk_directory(directory, size - start)
         if walked is None:
             return None
-        folder, entries, crc_positions = walked
-        template = cls(checkpoint, size, start, _zero(directory, crc_positions), folder, entries, {}, {})
+        folder, entries = walked
+        template = cls(checkpoint, size, start, _masked(directory, entries), folder, entries, {}, {})
         try:
             for name in _FIXED:
                 if name in entries:
@@ -131,14 +136,9 @@ class LayoutTemplate:
         if folder is None:
             return False
         expected = bytearray(self.directory)
-        actual = bytearray(directory)
-        for entry in self.entries.values():
+        for entry in self.entries.values():  # this file's folder name in every entry
             expected[entry.name_at : entry.name_at + len(folder)] = folder
-            if entry.masks_crc:
-                actual[entry.name_at - _CENTRAL.size + _CENTRAL_CRC : entry.name_at - _CENTRAL.size + 20] = (
-                    b"\0\0\0\0"
-                )
-        if expected != actual:
+        if expected != _masked(directory, self.entries):
             return False
         names = self._storage_entries(storages)
         if names is None:
@@ -241,11 +241,10 @@ def _directory_start(fd: int, size: int) -> int | None:
     return int(_ZIP64_EOCD.unpack(record)[9])
 
 
-def _walk_directory(directory: bytes, length: int) -> tuple[bytes, dict[str, _Entry], list[int]] | None:
-    """The archive folder, the entries (by name without the folder) and the CRC fields to mask, or None
-    when the directory is not the plain, single-folder directory ``torch.save`` writes."""
+def _walk_directory(directory: bytes, length: int) -> tuple[bytes, dict[str, _Entry]] | None:
+    """The archive folder and the entries (by name without the folder), or None when the directory is not
+    the plain, single-folder directory ``torch.save`` writes."""
     entries: dict[str, _Entry] = {}
-    crc_positions: list[int] = []
     folder: bytes | None = None
     pos = 0
     while pos + 4 <= length and directory[pos : pos + 4] == _CENTRAL_SIGNATURE:
@@ -272,14 +271,12 @@ def _walk_directory(directory: bytes, length: int) -> tuple[bytes, dict[str, _En
         if raw_name[: slash + 1] != folder:
             return None
         name = raw_name[slash + 1 :].decode("utf-8" if flags & _UTF8_FLAG else "cp437")
-        masks_crc = name not in _FIXED
-        entries[name] = _Entry(header_offset, stored, name_at, masks_crc)
-        if masks_crc:
-            crc_positions.append(pos + _CENTRAL_CRC)
+        crc_at = None if name in _FIXED else pos + _CENTRAL_CRC
+        entries[name] = _Entry(header_offset, stored, name_at, crc_at)
         pos = name_at + name_len + extra_len + comment_len
     if folder is None or "data.pkl" not in entries:
         return None
-    return folder, entries, crc_positions
+    return folder, entries
 
 
 def _zip64_values(extra: bytes, values: tuple[int, int, int]) -> tuple[int, int, int] | None:
@@ -307,8 +304,10 @@ def _folder_of(directory: bytes, name_at: int, length: int) -> bytes | None:
     return folder
 
 
-def _zero(data: bytes, positions: list[int]) -> bytes:
-    out = bytearray(data)
-    for at in positions:
-        out[at : at + 4] = b"\0\0\0\0"
+def _masked(directory: bytes, entries: dict[str, _Entry]) -> bytes:
+    """The directory bytes with the CRC-32 fields that may differ between ranks zeroed."""
+    out = bytearray(directory)
+    for entry in entries.values():
+        if entry.crc_at is not None:
+            out[entry.crc_at : entry.crc_at + 4] = b"\0\0\0\0"
     return bytes(out)
