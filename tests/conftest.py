@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import OrderedDict
@@ -14,6 +15,17 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
+
+
+class ShellPayload:
+    """Pickled into a checkpoint: unpickling it with torch.load(weights_only=False) would run
+    ``touch marker`` through os.system (bnaudit must never create the marker)."""
+
+    def __init__(self, marker: Path | str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
 
 
 def bn_state(channels: dict[str, int], rng: np.random.Generator, shift: float = 0.0) -> OrderedDict:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fixtures import digits
-from tests.conftest import FIXTURES, REPO, run_cli
+from tests.conftest import FIXTURES, REPO, ShellPayload, run_cli
 
 SORTED0 = FIXTURES / "ddp_nosync_sorted" / "ckpt_rank0.pt"
 MODEL = ["--model", "fixtures/digits.py:build_model"]
@@ -61,20 +61,10 @@ def _reference_population(state_dict) -> dict[str, tuple[np.ndarray, np.ndarray]
     return out
 
 
-class _Payload:
-    """Unpickling this with torch.load(weights_only=False) would create ``marker``."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def _with_payload(source, target, marker):
     """A copy of a fixture checkpoint that also carries a payload creating ``marker`` when unpickled."""
     ckpt = torch.load(source, weights_only=True)
-    ckpt["payload"] = _Payload(marker)
+    ckpt["payload"] = ShellPayload(marker)
     torch.save(ckpt, target)
     return target
 

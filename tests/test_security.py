@@ -11,7 +11,7 @@ import torch
 from bnaudit.audit import compare_ranks, inspect_checkpoint
 from bnaudit.findings import FailOn, FindingKind, Severity
 from bnaudit.security import Safety, classify_global
-from tests.conftest import bn_state, run_cli, save_ranks
+from tests.conftest import ShellPayload, bn_state, run_cli, save_ranks
 
 
 @pytest.mark.parametrize(
@@ -38,20 +38,8 @@ def test_classification(module, name, safety):
     assert classify_global(module, name) is safety
 
 
-class _Payload:
-    """Unpickling this would create ``marker`` through os.system."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
-
-
 def _malicious_checkpoint(path, marker, rng):
-    torch.save({"model": bn_state({"a": 3}, rng), "payload": _Payload(marker)}, path)
+    torch.save({"model": bn_state({"a": 3}, rng), "payload": ShellPayload(marker)}, path)
 
 
 def test_malicious_checkpoint_is_flagged_and_not_executed(tmp_path, rng):
