@@ -286,7 +286,7 @@ def main() -> None:
             FULL: (bnaudit("full.pt", "--full-forward"), "full.pt"),
             UPDATE_BN: (update_bn, "update_bn.pt"),
         }
-        if not args.smoke:  # CI checks the script; tests/test_recalibrate_options.py checks the options
+        if not args.smoke:  # CI checks the script; tests/live/test_recalibrate_options.py checks the options
             sides[CHANNELS_LAST] = (bnaudit("cl.pt", "--channels-last"), "cl.pt")
             sides[AMP] = (bnaudit("amp.pt", "--amp"), "amp.pt")
             sides[BATCH_MEAN] = (bnaudit("batch_mean.pt", "--method", "batch-mean"), "batch_mean.pt")

@@ -1,16 +1,87 @@
-"""Exceptions raised by the bnaudit library; each carries one line a user can act on."""
+"""Exceptions raised by the bnaudit library: structured fields, one formatting rule, one line for the user.
+
+Every error a user sees names up to five things, in this order: the file (``path``), the place inside it
+(``where``: a key, a layer, an option, a zip entry), what is wrong (``problem``), what was ``expected`` and
+what was ``found``, and what to do next (``fix``). :func:`format_message` is the only place that turns those
+fields into text, so every message has the same shape by construction::
+
+    <path>: <where>: <problem>: expected <expected>, found <found>; <fix>
+
+Missing fields are left out with their separators. Tests assert on the fields, not on the text.
+"""
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ErrorFields:
+    """The parts of an error message; see the module docstring for how they are joined."""
+
+    problem: str
+    path: str | None = None
+    where: str | None = None
+    expected: str | None = None
+    found: str | None = None
+    fix: str | None = None
+
+
+def format_message(fields: ErrorFields) -> str:
+    """The one line a user reads for ``fields``."""
+    text = fields.problem
+    if fields.expected is not None and fields.found is not None:
+        text += f": expected {fields.expected}, found {fields.found}"
+    elif fields.expected is not None:
+        text += f": expected {fields.expected}"
+    elif fields.found is not None:
+        text += f": found {fields.found}"
+    head = ": ".join(part for part in (fields.path, fields.where, text) if part)
+    return f"{head}; {fields.fix}" if fields.fix else head
 
 
 class BnauditError(Exception):
     """Base class for every error bnaudit reports to a user (CLI exit code 2).
 
-    The message is a single line that names the file, the key or layer, what was expected,
-    what was found, and what to do next.
+    Args:
+        problem: what is wrong, as a short clause ("is not a checkpoint", "has a different shape").
+        path: the file (or URL) concerned.
+        where: the place inside it: a key, a layer, an option, a zip entry.
+        expected: what bnaudit needed there.
+        found: what it found instead.
+        fix: what the user can do next.
     """
 
     exit_code = 2
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        where: str | None = None,
+        expected: str | None = None,
+        found: str | None = None,
+        fix: str | None = None,
+    ) -> None:
+        self.fields = ErrorFields(
+            problem=problem,
+            path=None if path is None else os.fspath(path),
+            where=where,
+            expected=expected,
+            found=found,
+            fix=fix,
+        )
+        super().__init__(format_message(self.fields))
+
+    @property
+    def path(self) -> str | None:
+        return self.fields.path
+
+    @property
+    def fix(self) -> str | None:
+        return self.fields.fix
 
 
 class InputError(BnauditError):

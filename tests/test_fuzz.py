@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from bnaudit.layers import STAT_SUFFIXES, WRAPPER_PREFIXES, find_bn_layers, normalize_key
-from bnaudit.stats import ChannelStats, MergeMethod, RankMerger, kl_normal
+from bnaudit.bn.layers import STAT_SUFFIXES, WRAPPER_PREFIXES, find_bn_layers, normalize_key
+from bnaudit.bn.stats import ChannelStats, MergeMethod, RankMerger, kl_normal
 
 # ------------------------------------------------------------------------------------------ layer discovery
 
@@ -170,7 +170,7 @@ class Failure:
 
 def make_corpus(folder: Path) -> dict[str, Path]:
     """Valid checkpoints of each container, each a reference rank 0 (``*_rank0``)."""
-    from tests.test_dcp import save_dcp  # torch.distributed import only when the corpus is built
+    from tests.checkpoint.test_dcp import save_dcp  # torch.distributed import only when the corpus is built
 
     rng = np.random.default_rng(0)
     sd: dict[str, torch.Tensor] = {}

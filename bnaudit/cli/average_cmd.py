@@ -11,12 +11,12 @@ import click
 from bnaudit.cli.options import eps_option, ignore_option, repair_report_options, write_report_text
 from bnaudit.defaults import CONVERSION_FORMATS, MERGE_METHODS
 from bnaudit.errors import UsageError
-from bnaudit.findings import FailOn, Report, Severity
 from bnaudit.report import OutputFormat, render
+from bnaudit.report.model import FailOn, Report, Severity
 from bnaudit.report.table import simple_table, verdict_line
 
 if TYPE_CHECKING:
-    from bnaudit.repair import AverageResult
+    from bnaudit.repair.average import AverageResult
 
 _COLUMNS = [
     ("KL before", "max_kl_before"),
@@ -164,7 +164,7 @@ def average_command(
     an unsafe pickle, unusable statistics, parameters that differ) or a finding at or above --fail-on,
     2 usage or input error, 3 internal error, 130 interrupted.
     """
-    from bnaudit.repair import average_checkpoints
+    from bnaudit.repair.average import average_checkpoints
 
     result = average_checkpoints(
         list(checkpoints),

@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bnaudit.calibration import CalibrationSpec
+    from bnaudit.live.passes import CalibrationSpec
 
 
 def build_spec(params: dict[str, Any], eval_spec: str | None = None) -> CalibrationSpec:
     """A CalibrationSpec from the parsed model options (see ``cli/model_options.py``)."""
-    from bnaudit.calibration import CalibrationSpec
-    from bnaudit.specs import parse_kv
+    from bnaudit.live.passes import CalibrationSpec
+    from bnaudit.live.specs import parse_kv
 
     return CalibrationSpec(
         model=params["model_spec"],
@@ -41,8 +41,8 @@ def build_spec(params: dict[str, Any], eval_spec: str | None = None) -> Calibrat
 
 def in_worker() -> bool:
     """True inside a torchrun / --nproc worker of a group with several processes."""
-    # From bnaudit.launch, not bnaudit.distributed: a --nproc launcher never imports torch.
-    from bnaudit.launch import env_world_size
+    # From bnaudit.live.launch, not bnaudit.live.distributed: a --nproc launcher never imports torch.
+    from bnaudit.live.launch import env_world_size
 
     return env_world_size() > 1
 
@@ -55,7 +55,7 @@ def is_rank_zero() -> bool:
 @contextlib.contextmanager
 def process_group(device: str | None) -> Iterator[None]:
     """Join torchrun's process group for the duration of a command (nothing for a single process)."""
-    from bnaudit.distributed import destroy_on_exit, init_from_env
+    from bnaudit.live.distributed import destroy_on_exit, init_from_env
 
     ctx = init_from_env(device) if in_worker() else None
     with destroy_on_exit(ctx):
@@ -87,12 +87,12 @@ def worker_main(argv: list[str]) -> int:
 
 
 def launch_workers(nproc: int) -> int:
-    """Re-run this command line on ``nproc`` local workers (:mod:`bnaudit.launch`); rank 0's exit code.
+    """Re-run this command line on ``nproc`` local workers (:mod:`bnaudit.live.launch`); rank 0's exit code.
 
     Errors raised by a worker come back as the same BnauditError (message and exit code), so bnaudit's
     one-line errors and exit codes survive, unlike a plain ``torchrun``.
     """
-    from bnaudit.launch import launch_local
+    from bnaudit.live.launch import launch_local
 
     argv = _strip_nproc(sys.argv[1:])
     codes = launch_local(nproc, worker_main, (argv,))

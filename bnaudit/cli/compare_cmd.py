@@ -75,7 +75,7 @@ def compare_command(
     ranks are pooled, and the headline number is KL(N(pooled) || N(rank)) — how wrong a rank's statistics
     are for the data of all ranks — max over ranks and channels.
     """
-    from bnaudit.audit import compare_ranks
+    from bnaudit.audit.compare import compare_ranks
 
     report = compare_ranks(
         list(checkpoints),

@@ -11,7 +11,7 @@ from bnaudit.cli.calibration_run import build_spec, in_worker, is_rank_zero, lau
 from bnaudit.cli.model_options import model_options, progress_printer
 from bnaudit.cli.options import emit_report, ignore_option, key_option, report_options
 from bnaudit.defaults import DEFAULT_DRIFT_ERROR_KL, DEFAULT_DRIFT_WARN_KL
-from bnaudit.findings import FailOn
+from bnaudit.report.model import FailOn
 
 _positive = click.FloatRange(min=0.0, min_open=True)
 
@@ -57,7 +57,7 @@ def drift_command(
         return launch_workers(params["nproc"])
     if not 0 < warn_kl <= error_kl:
         raise click.UsageError(f"--warn-kl ({warn_kl}) must not be above --error-kl ({error_kl})")
-    from bnaudit.calibration import drift_report, run_passes
+    from bnaudit.live.passes import drift_report, run_passes
 
     spec = build_spec(params)
     with process_group(spec.device):

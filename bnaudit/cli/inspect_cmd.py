@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from bnaudit.checkpoint.rank_files import expand_arguments
 from bnaudit.cli.options import (
     emit_report,
     eps_option,
@@ -14,8 +15,7 @@ from bnaudit.cli.options import (
     layer_option,
     report_options,
 )
-from bnaudit.findings import Report
-from bnaudit.ranks import expand_arguments
+from bnaudit.report.model import Report
 
 
 def _merge_reports(reports: list[Report]) -> Report:
@@ -73,7 +73,7 @@ def inspect_command(
     CHECKPOINT is a torch file (.pt/.pth/.ckpt/.bin), a .safetensors file or a sharded index (*.index.json);
     quoted glob patterns are expanded.
     """
-    from bnaudit.audit import inspect_checkpoint
+    from bnaudit.audit.compare import inspect_checkpoint
 
     reports = [
         inspect_checkpoint(path, key=key, eps=eps, ignore=ignore, layer=layer, security=security)

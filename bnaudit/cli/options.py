@@ -23,12 +23,12 @@ import click
 
 from bnaudit.defaults import DEFAULT_EPS
 from bnaudit.errors import OutputError, UsageError
-from bnaudit.findings import FailOn, Report
 from bnaudit.report import SUFFIXES, OutputFormat, render
 from bnaudit.report.json_format import report_to_dict
+from bnaudit.report.model import FailOn, Report
 
 if TYPE_CHECKING:
-    from bnaudit.baseline import Baseline
+    from bnaudit.audit.baseline import Baseline
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -190,13 +190,13 @@ def _prepare(ctx: click.Context, formats: Sequence[str], outputs: Sequence[Path]
     values = ctx.meta.get(_VALUES_KEY, {})
     plan = OutputPlan(pair_formats(formats, outputs, ctx.meta.get(_ORDER_KEY)))
     if values.get("baseline") is not None:
-        from bnaudit.baseline import load_baseline  # on use, like every optional output below
+        from bnaudit.audit.baseline import load_baseline  # on use, like every optional output below
 
         plan.baseline = load_baseline(values["baseline"])
     plan.write_baseline = values.get("write_baseline")
     plan.plot = values.get("plot")
     if plan.plot is not None:
-        from bnaudit.plot import check_plot_target
+        from bnaudit.report.plot import check_plot_target
 
         check_plot_target(plan.plot)
     files = [p for _, p in plan.targets if p is not None]
@@ -363,7 +363,7 @@ def emit_report(
     gate = FailOn(fail_on)
     plan = _current_plan(output_format, output)
     if plan.baseline is not None:
-        from bnaudit.baseline import apply_baseline
+        from bnaudit.audit.baseline import apply_baseline
 
         report = apply_baseline(report, plan.baseline)
     verdict = report.verdict(gate)
@@ -378,14 +378,14 @@ def emit_report(
     if any(fmt is OutputFormat.GITHUB for fmt, _ in plan.targets):
         _append_job_summary(report, gate)
     if plan.write_baseline is not None:
-        from bnaudit.baseline import baseline_document
+        from bnaudit.audit.baseline import baseline_document
 
         document = baseline_document(report_to_dict(report, gate))
         write_text_atomically(plan.write_baseline, json.dumps(document, indent=2) + "\n")
         count = len(report.findings)
         click.echo(f"bnaudit: baseline of {count} finding(s) written to {plan.write_baseline}", err=True)
     if plan.plot is not None:
-        from bnaudit.plot import plot_image
+        from bnaudit.report.plot import plot_image
 
         write_bytes_atomically(plan.plot, plot_image(report, plan.plot))
         click.echo(f"bnaudit: plot written to {plan.plot}", err=True)

@@ -10,15 +10,15 @@ import click
 from bnaudit.cli.calibration_run import build_spec, in_worker, is_rank_zero, launch_workers, process_group
 from bnaudit.cli.model_options import model_options, progress_printer
 from bnaudit.cli.options import key_option, repair_report_options, write_report_text
-from bnaudit.findings import FailOn, Report
 from bnaudit.report import OutputFormat, render
+from bnaudit.report.model import FailOn, Report
 
 
 def _refuse_unsafe(checkpoint: str, allow: bool) -> Report | None:
     """The report that refuses a checkpoint whose pickle references dangerous callables, or None."""
+    from bnaudit.bn.pickle_policy import pickle_findings
     from bnaudit.checkpoint import load_checkpoint
-    from bnaudit.findings import FindingKind, InputInfo, sort_findings
-    from bnaudit.security import pickle_findings
+    from bnaudit.report.model import FindingKind, InputInfo, sort_findings
 
     ckpt = load_checkpoint(checkpoint)
     findings = pickle_findings(ckpt.globals, checkpoint)
@@ -30,9 +30,9 @@ def _refuse_unsafe(checkpoint: str, allow: bool) -> Report | None:
 
 
 def _write(checkpoint: str, out: Path, ckpt: Any, passes: list[Any], spec: Any, report: Report) -> None:
-    from bnaudit.calibration import statistic_patches
+    from bnaudit.checkpoint.provenance import header_entry, sidecar_path, sidecar_text
     from bnaudit.checkpoint.writer import write_patched
-    from bnaudit.provenance import header_entry, sidecar_path, sidecar_text
+    from bnaudit.live.passes import statistic_patches
 
     def sidecar(result: Any) -> list[tuple[Path, str]]:
         record = {
@@ -110,8 +110,8 @@ def recalibrate_command(
     statistics' bytes replaced, plus a provenance file OUT.bnaudit.json. Runs on several processes with
     --nproc N or under torchrun (rank 0 writes).
     """
+    from bnaudit.checkpoint.provenance import sidecar_path
     from bnaudit.checkpoint.writer import check_output_path
-    from bnaudit.provenance import sidecar_path
 
     if out is None and not dry_run:
         raise click.UsageError("give -o OUT (the recalibrated checkpoint to write) or --dry-run")
@@ -119,7 +119,7 @@ def recalibrate_command(
         check_output_path(out, [Path(checkpoint)], force, companions=(sidecar_path(out),))
     if params["nproc"] > 1 and not in_worker():
         return launch_workers(params["nproc"])  # before the imports below: the workers do them
-    from bnaudit.calibration import recalibration_report, run_passes
+    from bnaudit.live.passes import recalibration_report, run_passes
 
     refused = _refuse_unsafe(checkpoint, allow_unsafe_input)
     if refused is not None:

@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from enum import Enum
 
-from bnaudit.findings import FailOn, Report
+from bnaudit.report.model import FailOn, Report
 
 Renderer = Callable[[Report, FailOn], str]
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import secrets
 
-from bnaudit.findings import FailOn, Finding, Report, Severity
 from bnaudit.report import table
 from bnaudit.report.locations import finding_file, relative_path, repository_root
+from bnaudit.report.model import FailOn, Finding, Report, Severity
 
 _COMMANDS = {
     Severity.ERROR: "error",

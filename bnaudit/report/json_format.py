@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from bnaudit import __version__
-from bnaudit.findings import SCHEMA_VERSION, FailOn, FiniteFloats, Report
+from bnaudit.report.model import SCHEMA_VERSION, FailOn, FiniteFloats, Report
 
 
 def _finite(value: Any) -> Any:

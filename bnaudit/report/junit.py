@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from bnaudit.findings import FailOn, Finding, LayerRow, Report
+from bnaudit.report.model import FailOn, Finding, LayerRow, Report
 from bnaudit.report.table import format_value
 
 # XML 1.0 forbids most control characters even as entities; checkpoint-derived text may hold any.

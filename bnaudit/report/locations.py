@@ -6,7 +6,7 @@ import os
 from pathlib import Path, PurePath
 from urllib.parse import quote
 
-from bnaudit.findings import Finding, Report
+from bnaudit.report.model import Finding, Report
 
 
 def repository_root(start: Path | None = None) -> Path | None:

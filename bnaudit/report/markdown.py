@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from bnaudit.findings import FailOn, Finding, Report
+from bnaudit.report.model import FailOn, Finding, Report
 from bnaudit.report.table import COLUMNS, counts_text, format_value
 
 MAX_LAYERS_SHOWN = 30

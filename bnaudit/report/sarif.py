@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from bnaudit import __version__
-from bnaudit.findings import FailOn, Finding, FindingKind, Report, Severity
 from bnaudit.report.locations import as_uri_reference, finding_file, relative_path, repository_root
+from bnaudit.report.model import FailOn, Finding, FindingKind, Report, Severity
 
 SARIF_VERSION = "2.1.0"
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bnaudit.findings import FailOn, LayerRow, Report, Severity
+from bnaudit.report.model import FailOn, LayerRow, Report, Severity
 
 MAX_FINDINGS_SHOWN = 20
 

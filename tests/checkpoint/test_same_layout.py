@@ -17,13 +17,13 @@ import pytest
 import torch
 from torch import nn
 
-from bnaudit import audit
+from bnaudit.audit import compare as audit
+from bnaudit.bn.layers import find_bn_layers
+from bnaudit.bn.layerstats import layer_tensor_refs, read_layers
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.same_layout import LayoutTemplate
-from bnaudit.findings import FailOn
-from bnaudit.layers import find_bn_layers
-from bnaudit.layerstats import layer_tensor_refs, read_layers
 from bnaudit.report import json_format
+from bnaudit.report.model import FailOn
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from bnaudit.distributed import destroy_on_exit, init_from_env
 from bnaudit.errors import BnauditError
-from bnaudit.recalibrate import recalibrate
+from bnaudit.live.distributed import destroy_on_exit, init_from_env
+from bnaudit.live.recalibrate import recalibrate
 from tests.recal_helpers.models import FailingBatches, make_batches, make_convnet, make_uneven
 
 

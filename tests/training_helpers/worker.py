@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_training_api.py: sync_bn_stats and save_rank_stats on real gloo ranks."""
+"""torchrun worker for tests/live/test_training_api.py: sync_bn_stats and save_rank_stats on real gloo ranks."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Audits that read checkpoints and build Reports: inspect, compare, baselines."""

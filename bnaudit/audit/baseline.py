@@ -1,0 +1,173 @@
+"""Baselines: accept the findings of a previous JSON report, so that only new or worse findings fail.
+
+A finding is identified by (kind, state dict, layer or tensor, rank) — never by a file path, so that a
+baseline written on one machine applies to checkpoints saved anywhere else. A known finding is *worse*
+when its severity is higher than recorded or, for the kinds measured by the headline metric (divergence,
+drift), when that metric grew by more than :data:`METRIC_TOLERANCE` (relative).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bnaudit.errors import InputError
+from bnaudit.report.model import Finding, FindingKind, Report, Severity
+
+log = logging.getLogger(__name__)
+
+METRIC_TOLERANCE = 0.05
+# The kinds whose size is the layer's headline metric (max KL): more of it is worse, not just "still there".
+MEASURED_KINDS = frozenset({FindingKind.DIVERGENCE, FindingKind.DRIFT})
+# Headline metric of reports written before the JSON report named it.
+_DEFAULT_HEADLINES = {"compare": "max_kl"}
+
+FindingKey = tuple[str, str, str, int | None]
+
+
+def finding_key(
+    kind: str, state_dict: str | None, layer: str | None, tensor: str | None, rank: int | None
+) -> FindingKey:
+    """The identity a baseline matches on."""
+    return (kind, state_dict or "", layer if layer is not None else tensor or "", rank)
+
+
+def key_of(finding: Finding) -> FindingKey:
+    """:func:`finding_key` of a finding."""
+    return finding_key(finding.kind.value, finding.state_dict, finding.layer, finding.tensor, finding.rank)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A finding recorded in a baseline: its severity and, for measured kinds, its metric."""
+
+    severity: Severity
+    metric: float | None
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The findings a baseline accepts, by :func:`finding_key`."""
+
+    path: Path
+    command: str
+    accepted: dict[FindingKey, Accepted]
+
+
+def _layer_metrics(doc: dict[str, Any], headline: str) -> dict[tuple[str, str], float]:
+    out: dict[tuple[str, str], float] = {}
+    for row in doc.get("layers") or []:
+        if not isinstance(row, dict):
+            continue
+        value = (row.get("metrics") or {}).get(headline)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[(str(row.get("state_dict") or ""), str(row.get("name")))] = float(value)
+    return out
+
+
+def _parse_finding(entry: Any, index: int, path: Path) -> tuple[FindingKey, Severity]:
+    if not isinstance(entry, dict):
+        raise InputError(f"{path}: findings[{index}] is not an object; pass a JSON report of bnaudit")
+    try:
+        kind = FindingKind(entry["kind"]).value
+        severity = Severity(entry["severity"])
+    except (KeyError, ValueError) as exc:
+        raise InputError(
+            f"{path}: findings[{index}] has no valid kind and severity ({exc}); pass a JSON report of bnaudit"
+        ) from exc
+    rank = entry.get("rank")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool)):
+        raise InputError(f"{path}: findings[{index}].rank must be an integer or null, not {rank!r}")
+    return finding_key(kind, entry.get("state_dict"), entry.get("layer"), entry.get("tensor"), rank), severity
+
+
+def load_baseline(path: Path) -> Baseline:
+    """Read a baseline: a JSON report written by ``--format json`` or ``--write-baseline``.
+
+    Raises:
+        InputError: the file is missing, not JSON, or not a bnaudit report.
+    """
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such baseline file; write one with --write-baseline {path}") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the baseline ({exc.strerror})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: the baseline is not JSON ({exc}); pass a JSON report of bnaudit") from exc
+    if not isinstance(doc, dict) or (doc.get("tool") or {}).get("name") != "bnaudit":
+        raise InputError(
+            f"{path}: not a bnaudit JSON report (no tool.name 'bnaudit'); write one with --write-baseline"
+        )
+    if doc.get("schema_version") != 1 or not isinstance(doc.get("findings"), list):
+        raise InputError(
+            f"{path}: unsupported baseline (schema_version {doc.get('schema_version')!r}, expected 1 with a "
+            "findings list); write a new one with --write-baseline"
+        )
+    command = str(doc.get("command", ""))
+    headline = str(doc.get("headline") or _DEFAULT_HEADLINES.get(command, ""))
+    metrics = _layer_metrics(doc, headline)
+    accepted: dict[FindingKey, Accepted] = {}
+    for index, entry in enumerate(doc["findings"]):
+        key, severity = _parse_finding(entry, index, path)
+        metric = metrics.get((key[1], key[2])) if FindingKind(key[0]) in MEASURED_KINDS else None
+        previous = accepted.get(key)
+        if previous is None or severity.rank > previous.severity.rank:
+            accepted[key] = Accepted(severity, metric)
+    return Baseline(path, command, accepted)
+
+
+def _is_worse(finding: Finding, known: Accepted, metric: float | None) -> bool:
+    if finding.severity.rank > known.severity.rank:
+        return True
+    if finding.kind in MEASURED_KINDS and metric is not None and known.metric is not None:
+        return metric > known.metric * (1.0 + METRIC_TOLERANCE) + 1e-12
+    return False
+
+
+def apply_baseline(report: Report, baseline: Baseline) -> Report:
+    """Mark the findings ``baseline`` accepts (``Finding.baselined``): reported, but not failing the gate.
+
+    Returns:
+        A copy of ``report`` whose accepted findings are marked, with ``extra["baseline"]`` saying which
+        file was applied and how many findings it accepted.
+    """
+    if baseline.command and baseline.command != report.command:
+        log.warning(
+            "%s is a baseline of 'bnaudit %s', applied to 'bnaudit %s': findings match only if they have the "
+            "same kind and location",
+            baseline.path,
+            baseline.command,
+            report.command,
+        )
+    headline = report.headline
+    metrics = {(row.state_dict, row.name): row.metrics.get(headline) for row in report.layers if headline}
+    marked = []
+    for f in report.findings:
+        known = baseline.accepted.get(key_of(f))
+        value = metrics.get((f.state_dict or "", f.layer or "")) if f.layer is not None else None
+        metric = float(value) if isinstance(value, int | float) else None
+        accept = known is not None and not _is_worse(f, known, metric)
+        marked.append(replace(f, baselined=accept) if accept != f.baselined else f)
+    accepted = sum(f.baselined for f in marked)
+    extra = {**report.extra, "baseline": {"path": str(baseline.path), "accepted": accepted}}
+    return replace(report, findings=tuple(marked), extra=extra)
+
+
+def baseline_document(doc: dict[str, Any]) -> dict[str, Any]:
+    """What ``--write-baseline`` writes: the JSON report ``doc``, less its per-channel arrays.
+
+    The result is still a valid JSON report (so either can serve as a baseline), but small and stable
+    enough to commit: it keeps what matching needs — findings, and the layers' metrics.
+    """
+    slim = dict(doc)
+    slim["layers"] = [
+        {k: v for k, v in row.items() if not isinstance(v, list)} for row in doc.get("layers", [])
+    ]
+    slim.pop("channels", None)
+    slim.pop("baseline", None)
+    slim["findings"] = [{**f, "baselined": False} for f in doc.get("findings", [])]
+    return slim

@@ -1,0 +1,1 @@
+"""BatchNorm layer discovery, mergeable statistics, per-layer health, the pickle-global policy."""

@@ -1,0 +1,1 @@
+"""Repairs written into checkpoints: averaging ranks, recalibration at checkpoint level."""
