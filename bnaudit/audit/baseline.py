@@ -16,6 +16,7 @@ from typing import Any
 
 from bnaudit.errors import InputError
 from bnaudit.report.model import Finding, FindingKind, Report, Severity
+from bnaudit.report.sections import BaselineUse
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def apply_baseline(report: Report, baseline: Baseline) -> Report:
     """Mark the findings ``baseline`` accepts (``Finding.baselined``): reported, but not failing the gate.
 
     Returns:
-        A copy of ``report`` whose accepted findings are marked, with ``extra["baseline"]`` saying which
+        A copy of ``report`` whose accepted findings are marked, with ``baseline`` saying which
         file was applied and how many findings it accepted.
     """
     if baseline.command and baseline.command != report.command:
@@ -141,7 +142,7 @@ def apply_baseline(report: Report, baseline: Baseline) -> Report:
             "same kind and location",
             baseline.path,
             baseline.command,
-            report.command,
+            report.command.value,
         )
     headline = report.headline
     metrics = {(row.state_dict, row.name): row.metrics.get(headline) for row in report.layers if headline}
@@ -153,8 +154,7 @@ def apply_baseline(report: Report, baseline: Baseline) -> Report:
         accept = known is not None and not _is_worse(f, known, metric)
         marked.append(replace(f, baselined=accept) if accept != f.baselined else f)
     accepted = sum(f.baselined for f in marked)
-    extra = {**report.extra, "baseline": {"path": str(baseline.path), "accepted": accepted}}
-    return replace(report, findings=tuple(marked), extra=extra)
+    return replace(report, findings=tuple(marked), baseline=BaselineUse(str(baseline.path), accepted))
 
 
 def baseline_document(doc: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from bnaudit.report.model import (
     sort_by_layer_metric,
     sort_findings,
 )
+from bnaudit.report.sections import Column, Command, GlobalEntry
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -54,6 +55,23 @@ DCP_NOTE = (
     "it holds one rank's BatchNorm statistics (per layer, possibly different ranks for running_mean and "
     "running_var), not every rank's; to compare ranks, save them with bnaudit.save_rank_stats and compare "
     "those files"
+)
+
+
+# The layer table's columns after name and status, in the units each audit reports.
+INSPECT_COLUMNS = (
+    Column("channels", attribute="channels"),
+    Column("max |mean|", "mean_abs_max"),
+    Column("min var", "var_min"),
+    Column("max var", "var_max"),
+    Column("batches", "num_batches_tracked"),
+)
+COMPARE_COLUMNS = (
+    Column("max KL", "max_kl"),
+    Column("max shift (std)", "max_shift"),
+    Column("max var ratio", "max_var_ratio"),
+    Column("worst rank", attribute="worst_rank"),
+    Column("channel", attribute="worst_channel"),
 )
 
 
@@ -98,7 +116,7 @@ def inspect_checkpoint(
         eps: BatchNorm's eps (not stored in state dicts), used by the tiny-variance check.
         ignore: glob patterns of layer names to leave out.
         layer: a layer name whose per-channel statistics are returned in ``Report.channel_rows``.
-        security: list every global the file's pickles reference in ``Report.extra["globals"]``.
+        security: list every global the file's pickles reference in ``Report.globals``.
 
     Returns:
         A Report with one row per layer and findings of kinds nonfinite, negative-variance, tiny-variance,
@@ -127,7 +145,7 @@ def inspect_checkpoint(
         raise InputError(f"{display}: no BatchNorm layer named '{layer}'; " + _layer_names_hint(rows))
     rows.sort(key=lambda r: -r.severity.rank)
     return Report(
-        command="inspect",
+        command=Command.INSPECT,
         inputs=(_input_info(ckpt, display, None, sds),),
         settings={"eps": eps, "key": key, "ignore": list(ignore), "layer": layer},
         layers=tuple(rows),
@@ -135,7 +153,8 @@ def inspect_checkpoint(
         headline="var_min",
         next_step=_inspect_next_step(findings, display),
         channel_rows=tuple(channel_rows),
-        extra={"globals": _globals_listing(ckpt)} if security else {},
+        columns=INSPECT_COLUMNS,
+        globals=_globals_listing(ckpt) if security else None,
     )
 
 
@@ -146,11 +165,8 @@ def _load(path: str | Path, display: str) -> Checkpoint:
     return ckpt
 
 
-def _globals_listing(ckpt: Checkpoint) -> list[dict[str, Any]]:
-    return [
-        {"global": u.qualname, "safety": u.safety.value, "sources": list(u.sources)}
-        for u in global_uses(ckpt.globals)
-    ]
+def _globals_listing(ckpt: Checkpoint) -> tuple[GlobalEntry, ...]:
+    return tuple(GlobalEntry(u.qualname, u.safety.value, u.sources) for u in global_uses(ckpt.globals))
 
 
 def _inspect_layer(sd: StateDictRef, bn: BnLayer, eps: float, display: str) -> tuple[LayerRow, list[Finding]]:
@@ -380,7 +396,7 @@ def compare_ranks(
     findings.extend(_counter_findings(plan, files))
     ordered = sort_findings(_divergence_first(findings))
     return Report(
-        command="compare",
+        command=Command.COMPARE,
         inputs=tuple(inputs),
         settings={
             "eps": eps,
@@ -396,7 +412,8 @@ def compare_ranks(
         headline="max_kl",
         next_step=_compare_next_step(files, ordered),
         channel_rows=tuple(channel_rows),
-        extra={"warnings": warnings},
+        columns=COMPARE_COLUMNS,
+        warnings=tuple(warnings),
     )
 
 
@@ -418,12 +435,13 @@ class _UnsafeUnreadable(Exception):
 
 def _unsafe_report(exc: _UnsafeUnreadable, files: list[RankFile]) -> Report:
     return Report(
-        command="compare",
+        command=Command.COMPARE,
         inputs=(_input_info(exc.ckpt, exc.rf.display, exc.rf.rank, list(exc.ckpt.state_dicts)),),
         settings={"ranks": len(files)},
         layers=(),
         findings=sort_findings(exc.findings),
         headline="max_kl",
+        columns=COMPARE_COLUMNS,
         next_step=f"{exc.rf.display} was not compared ({exc.reason}); replace it with a file from a trusted "
         "source",
     )

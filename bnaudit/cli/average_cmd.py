@@ -83,10 +83,10 @@ def render_table(report: Report, fail_on: FailOn) -> str:
 
 
 def _outcome(report: Report) -> str:
-    info = report.extra.get("average", {})
-    if info.get("output"):
-        return f"Wrote {info['output']} (provenance: {info['sidecar']})"
-    if info.get("refused"):
+    info = report.average
+    if info and info.output:
+        return f"Wrote {info.output} (provenance: {info.sidecar})"
+    if info and info.refused:
         return "Refused: nothing was written"
     return "Dry run: nothing was written"
 

@@ -44,6 +44,6 @@ def option_bundle(bundle: type[Any], keyword: str, options: Sequence[Callable[[F
         stray = [param.name for param in added if param.name not in names]
         if stray:
             raise TypeError(f"options {stray} are not fields of {bundle.__name__}")
-        return decorated  # type: ignore[no-any-return]
+        return decorated  # type: ignore[no-any-return,unused-ignore]
 
     return decorate

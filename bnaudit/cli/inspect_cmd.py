@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -16,6 +17,7 @@ from bnaudit.cli.options import (
     report_options,
 )
 from bnaudit.report.model import Report
+from bnaudit.report.sections import Command, GlobalEntry
 
 
 def _merge_reports(reports: list[Report]) -> Report:
@@ -25,7 +27,7 @@ def _merge_reports(reports: list[Report]) -> Report:
     rows = sorted((r for rep in reports for r in rep.layers), key=lambda r: -r.severity.rank)
     findings = sorted((f for rep in reports for f in rep.findings), key=lambda f: -f.severity.rank)
     return Report(
-        command="inspect",
+        command=Command.INSPECT,
         inputs=tuple(i for rep in reports for i in rep.inputs),
         settings=first.settings,
         layers=tuple(rows),
@@ -33,18 +35,15 @@ def _merge_reports(reports: list[Report]) -> Report:
         headline=first.headline,
         next_step=next((rep.next_step for rep in reports if rep.next_step), None),
         channel_rows=tuple(row for rep in reports for row in rep.channel_rows),
-        extra=_merged_globals(reports),
+        columns=first.columns,
+        globals=_merged_globals(reports),
     )
 
 
-def _merged_globals(reports: list[Report]) -> dict[str, list[dict[str, object]]]:
-    if not any("globals" in rep.extra for rep in reports):
-        return {}
-    listing = []
-    for rep in reports:
-        for entry in rep.extra.get("globals", []):
-            listing.append({**entry, "file": rep.inputs[0].path})
-    return {"globals": listing}
+def _merged_globals(reports: list[Report]) -> tuple[GlobalEntry, ...] | None:
+    if all(rep.globals is None for rep in reports):
+        return None
+    return tuple(replace(entry, file=rep.inputs[0].path) for rep in reports for entry in rep.globals or ())
 
 
 @click.command("inspect")

@@ -19,14 +19,15 @@ def _refuse_unsafe(checkpoint: str, allow: bool) -> Report | None:
     from bnaudit.bn.pickle_policy import pickle_findings
     from bnaudit.checkpoint import load_checkpoint
     from bnaudit.report.model import FindingKind, InputInfo, sort_findings
+    from bnaudit.report.sections import Command, RecalibrationOutcome
 
     ckpt = load_checkpoint(checkpoint)
     findings = pickle_findings(ckpt.globals, checkpoint)
     if allow or not any(f.kind is FindingKind.UNSAFE_PICKLE for f in findings):
         return None
-    return Report("recalibrate", (InputInfo(checkpoint, ckpt.format),), {}, (), sort_findings(findings),
+    return Report(Command.RECALIBRATE, (InputInfo(checkpoint, ckpt.format),), {}, (), sort_findings(findings),
                   next_step="rerun with --allow-unsafe-input to repair it anyway (the payload stays)",
-                  extra={"output": None, "refused": True})  # fmt: skip
+                  recalibration=RecalibrationOutcome(None, refused=True))  # fmt: skip
 
 
 def _write(checkpoint: str, out: Path, ckpt: Any, passes: list[Any], spec: Any, report: Report) -> None:
@@ -48,7 +49,7 @@ def _write(checkpoint: str, out: Path, ckpt: Any, passes: list[Any], spec: Any, 
             "batches": passes[0].result.batches, "samples": passes[0].result.samples,
             "world_size": passes[0].result.world_size,
             "layers": [{**row.to_dict(), "moved": row.metrics} for row in report.layers],
-            "eval": report.extra.get("eval"),
+            "eval": report.recalibration.evals if report.recalibration else None,
         }  # fmt: skip
         return [(sidecar_path(out), sidecar_text(record))]
 

@@ -27,8 +27,26 @@ from bnaudit.report.model import (
     sort_by_layer_metric,
     sort_findings,
 )
+from bnaudit.report.sections import CalibrationData, Column, Command, RecalibrationOutcome
 
 log = logging.getLogger(__name__)
+
+# The layer table's columns after name and status. recalibrate shows how far each layer moved, old -> new,
+# in the same units as drift.
+DRIFT_COLUMNS = (
+    Column("max KL", "max_kl"),
+    Column("max shift (std)", "max_shift"),
+    Column("max std ratio", "max_std_ratio"),
+    Column("channel", attribute="worst_channel"),
+    Column("values/channel", "samples"),
+)
+RECALIBRATE_COLUMNS = (
+    Column("KL old->new", "max_kl"),
+    Column("mean move (std)", "max_shift"),
+    Column("std change (x)", "max_std_ratio"),
+    Column("channel", attribute="worst_channel"),
+    Column("values/channel", "samples"),
+)
 
 
 @dataclass(frozen=True)
@@ -237,7 +255,7 @@ def drift_report(
     rows.sort(key=lambda r: (-r.severity.rank, -float(r.metrics.get("max_kl") or 0.0)))
     sort_by_layer_metric(findings, rows, FindingKind.DRIFT)
     return Report(
-        command="drift",
+        command=Command.DRIFT,
         inputs=(InputInfo(display, ckpt.format, None, tuple(p.state_dict.name for p in passes)),),
         settings={"warn_kl": warn_kl, "error_kl": error_kl, "ignore": list(ignore), **(settings or {})},
         layers=tuple(rows),
@@ -247,10 +265,9 @@ def drift_report(
             f"bnaudit recalibrate {display} --model {(settings or {}).get('model', 'SPEC')} --data "
             f"CALIBRATION_DATA -o {_recalibrated_name(display)}"
         ),
-        extra={"samples": passes[0].result.samples if passes else None,
-               "batches": passes[0].result.batches if passes else None,
-               "unused_keys": {p.state_dict.name: p.unused_keys for p in passes if p.unused_keys}},
-    )  # fmt: skip
+        columns=DRIFT_COLUMNS,
+        calibration=_calibration_data(passes),
+    )
 
 
 def _recalibrated_name(display: str) -> str:
@@ -309,16 +326,24 @@ def recalibration_report(
     evals = {p.state_dict.name: {"before": p.metrics_before, "after": p.metrics_after}
              for p in passes if p.metrics_before is not None}  # fmt: skip
     return Report(
-        command="recalibrate",
+        command=Command.RECALIBRATE,
         inputs=(InputInfo(display, ckpt.format, None, tuple(p.state_dict.name for p in passes)),),
         settings=settings or {},
         layers=tuple(rows),
         findings=sort_findings(findings),
         headline="max_kl",
-        extra={"output": output, "eval": evals, "samples": passes[0].result.samples if passes else None,
-               "batches": passes[0].result.batches if passes else None,
-               "unused_keys": {p.state_dict.name: p.unused_keys for p in passes if p.unused_keys}},
-    )  # fmt: skip
+        columns=RECALIBRATE_COLUMNS,
+        calibration=_calibration_data(passes),
+        recalibration=RecalibrationOutcome(output, evals),
+    )
+
+
+def _calibration_data(passes: Sequence[StateDictPass]) -> CalibrationData:
+    return CalibrationData(
+        samples=passes[0].result.samples if passes else None,
+        batches=passes[0].result.batches if passes else None,
+        unused_keys={p.state_dict.name: p.unused_keys for p in passes if p.unused_keys},
+    )
 
 
 def statistic_patches(passes: Sequence[StateDictPass]) -> list[Any]:

@@ -41,6 +41,7 @@ from bnaudit.checkpoint.writer import TensorPatch, WriteResult, check_output_pat
 from bnaudit.defaults import CONVERSION_FORMATS
 from bnaudit.errors import InputError, ModelMismatchError, NoBatchNormError, UsageError
 from bnaudit.report.model import Finding, FindingKind, InputInfo, LayerRow, Report, Severity, sort_findings
+from bnaudit.report.sections import AverageOutcome, Command
 
 log = logging.getLogger(__name__)
 
@@ -547,24 +548,22 @@ def average_checkpoints(
         for note in dropped:
             log.warning(note)
     report = Report(
-        command="average",
+        command=Command.AVERAGE,
         inputs=tuple(first.inputs),
         settings=settings,
         layers=tuple(sorted(rows, key=lambda r: -(r.metrics.get("max_kl_before") or 0.0))),
         findings=sort_findings(findings),
         headline="max_kl_before",
         next_step=_next_step(refused, files),
-        extra={
-            "warnings": warnings + dropped,
-            "average": {
-                "output": str(out_path) if written else None,
-                "sidecar": str(sidecar_path(out_path)) if written and out_path else None,
-                "refused": refused,
-                "reference_sha256": written.reference_sha256 if written else None,
-                "output_sha256": written.output_sha256 if written else None,
-                "stats_sha256": first.hashes,
-            },
-        },
+        warnings=tuple(warnings + dropped),
+        average=AverageOutcome(
+            output=str(out_path) if written else None,
+            sidecar=str(sidecar_path(out_path)) if written and out_path else None,
+            refused=refused,
+            reference_sha256=written.reference_sha256 if written else None,
+            output_sha256=written.output_sha256 if written else None,
+            stats_sha256=tuple(first.hashes),
+        ),
     )
     return AverageResult(
         report,

@@ -56,7 +56,7 @@ def render(report: Report, fail_on: FailOn) -> str:
     # crafted layer name such as "::add-mask::..." cannot act as a workflow command.
     token = secrets.token_hex(16)
     lines += [
-        f"::group::bnaudit {report.command} report",
+        f"::group::bnaudit {report.command.value} report",
         f"::stop-commands::{token}",
         table.render(report, fail_on).rstrip("\n"),
         f"::{token}::",

@@ -94,7 +94,7 @@ def report_to_dict(report: Report, fail_on: FailOn) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "bnaudit", "version": __version__},
-        "command": report.command,
+        "command": report.command.value,
         "verdict": report.verdict(fail_on),
         "fail_on": fail_on.value,
         "summary": {
@@ -111,7 +111,8 @@ def report_to_dict(report: Report, fail_on: FailOn) -> dict[str, Any]:
     }
     if report.channel_rows:
         doc["channels"] = list(report.channel_rows)
-    doc.update(report.extra)
+    for section in report.sections():
+        doc.update(section.to_json())
     return dict(_finite(doc))
 
 

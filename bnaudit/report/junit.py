@@ -52,7 +52,7 @@ def _cases(report: Report) -> dict[str, list[_Case]]:
             found.findings.append(f)
             continue
         # Findings about a file, a tensor or a layer that has no row stand on their own, so none is lost.
-        name = f"{f.kind.value}: {f.tensor or f.layer or f.file or report.command}"
+        name = f"{f.kind.value}: {f.tensor or f.layer or f.file or report.command.value}"
         if f.rank is not None:
             name += f" (rank {f.rank})"
         suites[_suite_name(f.state_dict)].append(_Case(name, findings=[f]))
@@ -69,7 +69,7 @@ def _testcase(parent: ET.Element, suite: str, case: _Case, report: Report, faili
         parent,
         "testcase",
         name=_clean(case.name),
-        classname=_clean(f"bnaudit.{report.command}.{suite}"),
+        classname=_clean(f"bnaudit.{report.command.value}.{suite}"),
         time="0",
     )
     failures = [f for f in case.findings if id(f) in failing]
@@ -86,7 +86,7 @@ def _testcase(parent: ET.Element, suite: str, case: _Case, report: Report, faili
 def render(report: Report, fail_on: FailOn) -> str:
     """Render the report as JUnit XML (``testsuites`` root, as GitLab, Jenkins and most CI read it)."""
     failing = {id(f) for f in report.failing(fail_on)}
-    root = ET.Element("testsuites", name=f"bnaudit {report.command}")
+    root = ET.Element("testsuites", name=f"bnaudit {report.command.value}")
     total_tests = total_failures = 0
     for suite_name, cases in _cases(report).items():
         suite = ET.SubElement(root, "testsuite", name=_clean(suite_name))

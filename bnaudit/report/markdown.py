@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from bnaudit.report.model import FailOn, Finding, Report
-from bnaudit.report.table import COLUMNS, counts_text, format_value
+from bnaudit.report.table import counts_text, format_value
 
 MAX_LAYERS_SHOWN = 30
 MAX_FINDINGS_SHOWN = 50
@@ -28,7 +28,7 @@ def _cell_code(text: str) -> str:
 def _heading(report: Report, fail_on: FailOn) -> str:
     verdict = report.verdict(fail_on)
     mark = "✅" if verdict == "pass" else "❌"
-    return f"## {mark} bnaudit {report.command}: {verdict.upper()}"
+    return f"## {mark} bnaudit {report.command.value}: {verdict.upper()}"
 
 
 def _summary(report: Report, fail_on: FailOn) -> str:
@@ -40,15 +40,15 @@ def _summary(report: Report, fail_on: FailOn) -> str:
 
 
 def _layer_table(report: Report) -> list[str]:
-    columns = COLUMNS.get(report.command, [])
-    header = ["layer", "state dict", "status", *(title for title, _ in columns)]
+    columns = report.columns
+    header = ["layer", "state dict", "status", *(column.title for column in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(columns)]
     for row in report.layers[:MAX_LAYERS_SHOWN]:
         cells = [
             _cell_code(row.name),
             _cell_code(row.state_dict),
             row.severity.value,
-            *(escape(format_value(get(row))) for _, get in columns),
+            *(escape(format_value(column.value(row))) for column in columns),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if len(report.layers) > MAX_LAYERS_SHOWN:

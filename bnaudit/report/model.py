@@ -7,6 +7,19 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from bnaudit.report.sections import (
+    AverageOutcome,
+    BaselineUse,
+    CalibrationData,
+    Column,
+    Command,
+    GlobalEntry,
+    GlobalListing,
+    ReaderWarnings,
+    RecalibrationOutcome,
+    Section,
+)
+
 SCHEMA_VERSION = 1
 
 
@@ -165,7 +178,7 @@ class Report:
     """What an audit found. Renderers turn it into text; :meth:`verdict` decides the exit code.
 
     Attributes:
-        command: ``inspect``, ``compare``, ``drift``, ``average`` or ``recalibrate``.
+        command: the command that made it.
         inputs: the checkpoints read.
         settings: thresholds and options that shaped the result (eps, warn_kl, error_kl, ignore, ...).
         layers: per-layer rows, worst first.
@@ -173,9 +186,16 @@ class Report:
         headline: the metric that orders layers (``max_kl`` for compare), for renderers.
         next_step: a command line suggestion printed with a failing verdict.
         channel_rows: per-channel detail for ``--layer`` (list of dicts), empty otherwise.
+        columns: the layer table's columns after name and status, declared by the audit.
+        globals: ``inspect --security``: every global the pickles reference, classified.
+        warnings: what the readers noticed in the inputs (compare, average).
+        average: what ``average`` wrote.
+        calibration: the data ``drift`` / ``recalibrate`` used.
+        recalibration: what ``recalibrate`` wrote (or that it refused).
+        baseline: the baseline applied, if any.
     """
 
-    command: str
+    command: Command
     inputs: tuple[InputInfo, ...]
     settings: dict[str, Any]
     layers: tuple[LayerRow, ...]
@@ -183,7 +203,25 @@ class Report:
     headline: str = ""
     next_step: str | None = None
     channel_rows: tuple[dict[str, Any], ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    columns: tuple[Column, ...] = ()
+    globals: tuple[GlobalEntry, ...] | None = None
+    warnings: tuple[str, ...] | None = None
+    average: AverageOutcome | None = None
+    calibration: CalibrationData | None = None
+    recalibration: RecalibrationOutcome | None = None
+    baseline: BaselineUse | None = None
+
+    def sections(self) -> list[Section]:
+        """The optional sections this report carries, in the order the JSON report writes them."""
+        listing: list[Section] = []
+        if self.globals is not None:
+            listing.append(GlobalListing(self.globals))
+        if self.warnings is not None:
+            listing.append(ReaderWarnings(self.warnings))
+        listing += [
+            s for s in (self.average, self.recalibration, self.calibration, self.baseline) if s is not None
+        ]
+        return listing
 
     def failing(self, fail_on: FailOn) -> list[Finding]:
         """The findings at or above ``fail_on``, less those a baseline accepted."""
@@ -195,9 +233,6 @@ class Report:
     def verdict(self, fail_on: FailOn) -> str:
         """``pass`` or ``fail``: fail when any finding is at or above ``fail_on``."""
         return "fail" if self.failing(fail_on) else "pass"
-
-    def worst_severity(self) -> Severity:
-        return max((f.severity for f in self.findings), key=lambda s: s.rank, default=Severity.OK)
 
     def counts(self) -> dict[str, int]:
         """Number of findings per severity."""

@@ -78,7 +78,7 @@ def _draw(report: Report, fmt: str) -> bytes:
     image = _draw_heat_map(heat, rows, ranks, labels)
     # One colour bar beside both panels keeps the bars aligned with the heat map's columns.
     fig.colorbar(image, ax=[bars, heat], label="max |m_r - mean| / std", shrink=0.6, anchor=(0.0, 0.0))
-    fig.suptitle(f"bnaudit {report.command}: {len(ranks)} rank(s), {len(rows)} BatchNorm layer(s)")
+    fig.suptitle(f"bnaudit {report.command.value}: {len(ranks)} rank(s), {len(rows)} BatchNorm layer(s)")
     buffer = io.BytesIO()
     fig.savefig(buffer, format=fmt)
     return buffer.getvalue()

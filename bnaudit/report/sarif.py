@@ -174,7 +174,7 @@ def report_to_sarif(report: Report, fail_on: FailOn) -> dict[str, Any]:
     """The SARIF log as a dict (what ``--format sarif`` prints)."""
     root = repository_root()  # looked up once, not once per finding
     kinds = list(FindingKind)
-    baseline_used = "baseline" in report.extra
+    baseline_used = report.baseline is not None
     results = [_result(f, report, kinds.index(f.kind), baseline_used, root) for f in report.findings]
     run: dict[str, Any] = {
         "tool": {
@@ -186,11 +186,11 @@ def report_to_sarif(report: Report, fail_on: FailOn) -> dict[str, Any]:
                 "rules": [_rule(kind) for kind in kinds],
             }
         },
-        "automationDetails": {"id": f"bnaudit/{report.command}/"},
+        "automationDetails": {"id": f"bnaudit/{report.command.value}/"},
         "invocations": [{"executionSuccessful": True}],
         "results": results,
         "properties": {
-            "command": report.command,
+            "command": report.command.value,
             "verdict": report.verdict(fail_on),
             "failOn": fail_on.value,
         },

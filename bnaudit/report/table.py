@@ -3,56 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from bnaudit.report.model import FailOn, LayerRow, Report, Severity
+from bnaudit.report.model import Command, FailOn, Report, Severity
 
 MAX_FINDINGS_SHOWN = 20
-
-# Per command: (column title, how to get the value from a row).
-Column = tuple[str, Callable[[LayerRow], Any]]
-
-
-def metric(name: str) -> Callable[[LayerRow], Any]:
-    return lambda row: row.metrics.get(name)
-
-
-_INSPECT_COLUMNS: list[Column] = [
-    ("channels", lambda r: r.channels),
-    ("max |mean|", metric("mean_abs_max")),
-    ("min var", metric("var_min")),
-    ("max var", metric("var_max")),
-    ("batches", metric("num_batches_tracked")),
-]
-_COMPARE_COLUMNS: list[Column] = [
-    ("max KL", metric("max_kl")),
-    ("max shift (std)", metric("max_shift")),
-    ("max var ratio", metric("max_var_ratio")),
-    ("worst rank", lambda r: r.worst_rank),
-    ("channel", lambda r: r.worst_channel),
-]
-_DRIFT_COLUMNS: list[Column] = [
-    ("max KL", metric("max_kl")),
-    ("max shift (std)", metric("max_shift")),
-    ("max std ratio", metric("max_std_ratio")),
-    ("channel", lambda r: r.worst_channel),
-    ("values/channel", metric("samples")),
-]
-# recalibrate: how far each layer moved, old -> new, in the same units as drift.
-_RECALIBRATE_COLUMNS: list[Column] = [
-    ("KL old->new", metric("max_kl")),
-    ("mean move (std)", metric("max_shift")),
-    ("std change (x)", metric("max_std_ratio")),
-    ("channel", lambda r: r.worst_channel),
-    ("values/channel", metric("samples")),
-]
-COLUMNS: dict[str, list[Column]] = {
-    "inspect": _INSPECT_COLUMNS,
-    "compare": _COMPARE_COLUMNS,
-    "drift": _DRIFT_COLUMNS,
-    "recalibrate": _RECALIBRATE_COLUMNS,
-}
 
 
 def format_value(value: Any) -> str:
@@ -71,9 +27,9 @@ def format_value(value: Any) -> str:
 
 
 def _layer_table(report: Report) -> str:
-    columns = COLUMNS.get(report.command, [])
+    columns = report.columns
     multi_sd = len({r.state_dict for r in report.layers}) > 1
-    headers = ["layer", *(["state dict"] if multi_sd else []), "status", *(c[0] for c in columns)]
+    headers = ["layer", *(["state dict"] if multi_sd else []), "status", *(c.title for c in columns)]
     rows = []
     for r in report.layers:
         rows.append(
@@ -81,7 +37,7 @@ def _layer_table(report: Report) -> str:
                 r.name or "<root>",
                 *([r.state_dict or "<root>"] if multi_sd else []),
                 r.severity.value,
-                *(format_value(get(r)) for _, get in columns),
+                *(format_value(column.value(r)) for column in columns),
             ]
         )
     return simple_table(rows, headers)
@@ -114,12 +70,12 @@ def _findings_block(report: Report) -> list[str]:
 
 def _title(report: Report) -> str:
     n_layers = len(report.layers)
-    if report.command == "compare":
+    if report.command is Command.COMPARE:
         ranks = report.settings.get("ranks", len(report.inputs))
         reference = report.inputs[0].path
         return f"bnaudit compare: {ranks} ranks, {n_layers} BatchNorm layer(s), reference {reference}"
     sources = ", ".join(i.path for i in report.inputs)
-    return f"bnaudit {report.command}: {sources} ({n_layers} BatchNorm layer(s))"
+    return f"bnaudit {report.command.value}: {sources} ({n_layers} BatchNorm layer(s))"
 
 
 def counts_text(report: Report) -> str:
@@ -141,21 +97,22 @@ def verdict_line(report: Report, fail_on: FailOn) -> str:
 
 def _calibration_lines(report: Report) -> list[str]:
     """recalibrate / drift: the data used, the --eval metrics before and after, and what was written."""
-    if report.command not in ("recalibrate", "drift"):
+    if report.command not in (Command.RECALIBRATE, Command.DRIFT):
         return []
-    extra = report.extra
-    lines = [f"Data: {extra.get('batches')} batch(es), {extra.get('samples')} sample(s)"]
-    for name, keys in (extra.get("unused_keys") or {}).items():
+    data, outcome = report.calibration, report.recalibration
+    batches, samples = (data.batches, data.samples) if data else (None, None)
+    lines = [f"Data: {batches} batch(es), {samples} sample(s)"]
+    for name, keys in (data.unused_keys if data else {}).items():
         where = f"[{name}] " if name else ""
         shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
         lines.append(f"Note: {where}{len(keys)} checkpoint key(s) the model does not use: {shown}")
-    for name, metrics in (extra.get("eval") or {}).items():
+    for name, metrics in ((outcome.evals if outcome else None) or {}).items():
         before, after = metrics.get("before") or {}, metrics.get("after") or {}
         where = f"[{name}] " if name else ""
         moved = ", ".join(f"{k} {format_value(v)} -> {format_value(after.get(k))}" for k, v in before.items())
         lines.append(f"Eval {where}before -> after: {moved}")
-    if report.command == "recalibrate":
-        output = extra.get("output")
+    if report.command is Command.RECALIBRATE:
+        output = outcome.output if outcome else None
         lines.append(
             f"Wrote {output} (provenance: {output}.bnaudit.json)" if output else "Nothing was written"
         )
@@ -169,8 +126,9 @@ def render(report: Report, fail_on: FailOn) -> str:
         parts += [_layer_table(report), ""]
     if report.channel_rows:
         parts += [_channel_table(report.channel_rows), ""]
-    if report.extra.get("globals"):
-        parts += ["Globals referenced by the pickle(s):", _channel_table(report.extra["globals"]), ""]
+    if report.globals:
+        listing = [entry.to_json() for entry in report.globals]
+        parts += ["Globals referenced by the pickle(s):", _channel_table(listing), ""]
     if report.findings:
         parts += ["Findings:", *_findings_block(report), ""]
     parts += _calibration_lines(report)

@@ -11,6 +11,7 @@ import pytest
 from bnaudit.audit.baseline import apply_baseline, load_baseline
 from bnaudit.errors import InputError
 from bnaudit.report.model import FailOn, Finding, FindingKind, LayerRow, Report, Severity
+from bnaudit.report.sections import Command
 from tests.conftest import REPORT_SCHEMA, bn_state, call_main, save_ranks
 
 CHANNELS = {"stem": 4, "layer1": 8}
@@ -78,7 +79,7 @@ def _report(severity: Severity, kl: float) -> Report:
         severity, FindingKind.DIVERGENCE, "m", file="/a/x.pt", state_dict="model", layer="l", rank=1
     )
     row = LayerRow("l", "model", severity, 4, {"max_kl": kl})
-    return Report("compare", (), {}, (row,), (finding,), headline="max_kl")
+    return Report(Command.COMPARE, (), {}, (row,), (finding,), headline="max_kl")
 
 
 def _baseline_of(report: Report, folder) -> object:

@@ -76,7 +76,7 @@ def test_benign_and_unknown_globals(tmp_path, rng):
     report = inspect_checkpoint(path, security=True)
     notes = [f for f in report.findings if f.kind is FindingKind.SUSPICIOUS_PICKLE]
     assert [(f.severity, f.tensor) for f in notes] == [(Severity.INFO, "argparse.Namespace")]
-    listing = {g["global"]: g["safety"] for g in report.extra["globals"]}
+    listing = {g.name: g.safety for g in report.globals or ()}
     assert listing["argparse.Namespace"] == "benign" and listing["torch._utils._rebuild_tensor_v2"] == "safe"
     assert report.verdict(FailOn.WARN) == "pass"
 
