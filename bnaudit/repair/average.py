@@ -41,12 +41,23 @@ from bnaudit.checkpoint.writer import TensorPatch, WriteResult, check_output_pat
 from bnaudit.defaults import CONVERSION_FORMATS
 from bnaudit.errors import InputError, ModelMismatchError, NoBatchNormError, UsageError
 from bnaudit.report.model import Finding, FindingKind, InputInfo, LayerRow, Report, Severity, sort_findings
-from bnaudit.report.sections import AverageOutcome, Command
+from bnaudit.report.sections import AverageOutcome, Column, Command
 
 log = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = CONVERSION_FORMATS
 _TORCH_FORMATS = ("torch-zip", "torch-legacy")
+
+
+# The layer table's columns: compare's numbers for the ranks, then what the write changes.
+AVERAGE_COLUMNS = (
+    Column("worst rank", attribute="worst_rank"),
+    Column("KL before", "max_kl_before"),
+    Column("shift before (std)", "max_shift_before"),
+    Column("reference KL", "reference_kl"),
+    Column("mean move (std)", "mean_move_std"),
+    Column("var change (x)", "var_change_ratio"),
+)
 
 
 @dataclass
@@ -555,6 +566,7 @@ def average_checkpoints(
         findings=sort_findings(findings),
         headline="max_kl_before",
         next_step=_next_step(refused, files),
+        columns=AVERAGE_COLUMNS,
         warnings=tuple(warnings + dropped),
         average=AverageOutcome(
             output=str(out_path) if written else None,
