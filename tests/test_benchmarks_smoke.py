@@ -19,11 +19,18 @@ from tests.conftest import REPO
         ("bench_distributed.py", "ratio --nproc 2, 1 thread each / 1 process x 2 threads: median"),
         ("bench_compare.py", "ratio compare / torch.load full: median"),
         ("bench_ranks.py", "16 average"),
+        ("bench_before_after.py", "per-round ratio average after / before: median"),
     ],
 )
 def test_benchmark_smoke(script: str, expected: str) -> None:
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / script), "--smoke"],
+        # bench_before_after compares two source trees: here the repository with itself.
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / script),
+            "--smoke",
+            *(["--before", str(REPO)] if script == "bench_before_after.py" else []),
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,
