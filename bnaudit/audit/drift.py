@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bnaudit.audit.measured import pass_layer_row, unreached_finding
 from bnaudit.bn.layers import is_ignored
 from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.checkpoint.types import Checkpoint
@@ -18,7 +19,6 @@ from bnaudit.report.model import (
     Finding,
     FindingKind,
     InputInfo,
-    LayerRow,
     Report,
     Severity,
     sort_by_layer_metric,
@@ -27,6 +27,7 @@ from bnaudit.report.model import (
 
 if TYPE_CHECKING:
     from bnaudit.live.results import LayerRecalibration
+    from bnaudit.report.model import LayerRow
 
 
 @dataclass(frozen=True)
@@ -108,28 +109,6 @@ def _severity(value: float | None, warn: float, error: float) -> Severity:
     if value >= error:
         return Severity.ERROR
     return Severity.WARN if value >= warn else Severity.OK
-
-
-def unreached_finding(display: str, sd_name: str, name: str, *, changed: bool) -> Finding:
-    """The warning for a layer no calibration batch reached (``changed``: recalibrate, else drift)."""
-    tail = "left unchanged" if changed else "its stored statistics were not checked"
-    return Finding(
-        Severity.WARN,
-        FindingKind.UNREACHED_LAYER,
-        f"layer '{name}': no calibration batch reached it, so it was {tail}; check --forward / the "
-        "model's control flow, or --ignore it",
-        file=display,
-        state_dict=sd_name,
-        layer=name,
-    )
-
-
-def pass_layer_row(sd_name: str, layer: LayerRecalibration, severity: Severity) -> LayerRow:
-    """The report row of one measured layer (a ``LayerRecalibration``): how far data and stored differ."""
-    metrics = layer.metrics()
-    worst = metrics.pop("worst_channel")
-    metrics["samples"] = int(metrics["samples"] or 0)  # values per channel: a count
-    return LayerRow(layer.name, sd_name, severity, layer.channels, metrics, None, worst)
 
 
 def _drift_report(

@@ -17,7 +17,7 @@ from bnaudit.live.specs import parse_kv
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """The model, data and pass options of ``recalibrate`` / ``drift`` as parsed (see :data:`MODEL_OPTIONS`)."""
+    """The model, data and pass options of ``recalibrate`` / ``drift``, as parsed (:data:`MODEL_OPTIONS`)."""
 
     model_spec: str
     data_spec: str
@@ -27,12 +27,12 @@ class ModelOptions:
     input_index: int = 0
     input_key: str | None = None
     forward_spec: str | None = None
+    full_forward: bool = False
     max_samples: int | None = None
     max_batches: int | None = None
     device: str | None = None
-    prefix: str | None = None
     method: str = RecalibrationMethod.POPULATION.value
-    full_forward: bool = False
+    prefix: str | None = None
     channels_last: bool = False
     amp: bool = False
     amp_dtype: str | None = None

@@ -150,7 +150,7 @@ def _check_deterministic(loader: Any) -> None:
         )
 
 
-def _shard_dataloader(loader: Any, rank: int, world_size: int, max_batches: int | None) -> Any:
+def _shard_dataloader(loader: Any, rank: int, world_size: int, max_batches: int | None) -> Iterable[Any]:
     from torch.utils.data import DataLoader, IterableDataset
 
     if isinstance(loader.dataset, IterableDataset):

@@ -1,4 +1,4 @@
-"""The recalibration methods: which mean and variance each makes of a layer's accumulated input (NumPy only)."""
+"""The recalibration methods: which mean and variance each makes of a layer's accumulated input (NumPy)."""
 
 from __future__ import annotations
 

@@ -207,7 +207,7 @@ def launch_local(
         raise UsageError("must be at least 1", where="--nproc", found=str(nproc))
     method = method or start_method()
     if method not in ("fork", "spawn"):
-        raise ValueError(f"method must be 'fork' or 'spawn', got {method!r}")
+        raise UsageError("must be 'fork' or 'spawn'", where="launch_local method", found=repr(method))
     fork = method == "fork"
     context = multiprocessing.get_context("fork") if fork else multiprocessing.get_context("spawn")
     port = free_port()

@@ -67,7 +67,7 @@ def _make_hook(acc: LayerAccumulator, index: int, state: PassState) -> Callable[
 
 
 def kernel_is_exact(x: torch.Tensor, module: Any) -> bool:
-    """True where BatchNorm's CPU kernel gives statistics as exact as :func:`~bnaudit.live.accumulate.moments`:
+    """True where BatchNorm's CPU kernel gives statistics as exact as ``accumulate.moments``:
     float32 (parameters too) in plain contiguous layout with more than one value per sample and channel.
 
     That kernel sums in double, two passes (mean, then squared deviations); its channels-last path (also taken

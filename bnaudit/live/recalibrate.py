@@ -59,26 +59,18 @@ def recalibrate(
 ) -> RecalibrationResult:
     """Re-estimate the running statistics of every BatchNorm layer of ``model`` on ``batches``.
 
-    For every module that keeps running statistics (BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm with
-    ``track_running_stats``), measures the layer's input over every element it sees (N*H*W per channel and
-    call), with the BatchNorm layers normalising by batch statistics (train mode) and every other module in
-    eval mode (dropout off), under ``torch.no_grad()``; per-call statistics are merged in float64 with Chan's
-    formulas and a layer called several times per forward accumulates every call. SyncBatchNorm normalises
-    each batch by its own statistics (no cross-rank sync), as a single process would. What is written is the
-    chosen method's estimate (:mod:`bnaudit.live.estimators`). A layer no batch reached is reported
-    (``reached=False``) and left unchanged. The layers' own running updates during the pass are discarded
-    (``num_batches_tracked`` too); flags and buffers are restored and hooks removed even when a batch raises.
-
-    Distributed: when ``torch.distributed`` is initialised with several processes, each rank takes global
-    batches rank, rank + N, ... (see ``live.distributed.shard_batches``; ``options.sharded`` when ``batches``
-    already holds only this rank's share), the per-layer sufficient statistics are gathered and merged in rank
-    order, and every rank writes the same result. A failure on any rank makes every rank raise the same error
-    naming that rank, before any collective.
+    Each layer that keeps running statistics (BatchNorm1d/2d/3d, SyncBatchNorm, tracking InstanceNorm) has
+    its input measured over every element of every call, with BatchNorm normalising by batch statistics and
+    every other module in eval mode, under ``torch.no_grad()``; the chosen method's estimate is written
+    (:mod:`bnaudit.live.estimators`). A layer no batch reached is reported and left unchanged. The model's
+    flags, buffers and memory formats are put back even when a batch raises. Under ``torch.distributed``
+    rank r takes global batches r, r + N, ... (see :class:`RecalibrationOptions`), the statistics are merged
+    in rank order, every rank gets the same result, and a failure on one rank is raised on all of them.
 
     Args:
         model: the model, already on its device; its buffers are overwritten in place when ``options.write``.
         batches: tensors, tuples/lists, dicts, or anything ``options.forward`` understands.
-        options: how to run the pass (:class:`RecalibrationOptions`; default: population, every batch).
+        options: how to run the pass (default: population statistics of every batch).
         progress: called as ``progress(batches_done, total_or_None)`` after each local batch.
         process_group: the group to reduce over (None: the default group).
 
@@ -87,8 +79,7 @@ def recalibrate(
 
     Raises:
         NoBatchNormError: the model has no layer with running statistics.
-        InputError: the data yields no batches, a batch raises in forward ("batch 3 raised ValueError: ..."),
-            or (distributed) another rank failed.
+        InputError: no batches, a batch raised ("batch 3 raised ValueError: ..."), or another rank failed.
         UsageError: an ``amp_dtype`` the device cannot autocast to, or batches whose input cannot be found.
     """
     options = options or RecalibrationOptions()
@@ -102,31 +93,19 @@ def recalibrate(
     start = time.perf_counter()
     ctx = _context(options.distributed, process_group)
     accs = [LayerAccumulator(name, m) for name, m in modules]
-    timeout = DEFAULT_STATUS_TIMEOUT_S if options.status_timeout_s is None else options.status_timeout_s
-    channel = RunChannel(ctx, timeout) if ctx is not None else None
-    local_batches, settings = _local_plan(ctx, batches, options, device, progress)
-    settings.check_peers = channel.check_peers if channel is not None else None
-    settings.autocast = autocast
-    local, used, samples = _measure(model, local_batches, accs, settings, (options, channel))
+    local_batches, settings, channel = _local_plan(ctx, batches, options, progress, (device, autocast))
+    merged, used, samples = _measure(model, local_batches, accs, settings, (options, channel))
     if ctx is not None:
-        merged, used, samples = _reduce(ctx, accs, local, (used, -1 if samples is None else samples))
-    else:
-        merged = local
+        merged, used, samples = _reduce(ctx, accs, merged, (used, -1 if samples is None else samples))
     if used == 0:
         raise InputError(
             "the calibration data yielded no batches", fix="check --data (and --max-batches/--max-samples)"
         )
     layers = finalise(accs, merged, options.estimator)
-    if options.write:
-        _write(accs, layers)
-    for layer in layers:
-        if not layer.reached:
-            log.warning("layer '%s' was never reached by a batch; left unchanged", layer.name)
-    world = ctx.world_size if ctx is not None else 1
-    method = options.chosen_method.value
-    return RecalibrationResult(
-        method, tuple(layers), used, samples, world, options.write, time.perf_counter() - start
-    )
+    _apply(accs, layers, options.write)
+    world, method = ctx.world_size if ctx is not None else 1, options.chosen_method.value
+    seconds = time.perf_counter() - start
+    return RecalibrationResult(method, tuple(layers), used, samples, world, options.write, seconds)
 
 
 def _measure(
@@ -160,12 +139,13 @@ def _local_plan(
     ctx: DistContext | None,
     batches: Iterable[Any],
     options: RecalibrationOptions,
-    device: torch.device | None,
     progress: ProgressCallback | None,
-) -> tuple[Iterable[Any], PassSettings]:
-    """This rank's batches and the loop's settings (limits per rank, batch numbering for messages)."""
+    target: tuple[torch.device | None, tuple[str, torch.dtype] | None],
+) -> tuple[Iterable[Any], PassSettings, RunChannel | None]:
+    """This rank's batches, the loop's settings (limits per rank, batch numbering) and its status channel."""
     local_batches, max_batches = batches, options.max_batches
     max_samples = options.max_samples
+    channel = None
     if ctx is not None:
         if options.sharded:
             max_batches = local_max_batches(options.max_batches, ctx.rank, ctx.world_size)
@@ -174,12 +154,24 @@ def _local_plan(
             max_batches = None
         if max_samples is not None:
             max_samples = -(-max_samples // ctx.world_size)
+        timeout = options.status_timeout_s
+        channel = RunChannel(ctx, DEFAULT_STATUS_TIMEOUT_S if timeout is None else timeout)
     settings = PassSettings(
-        options.forward, options.input_index, options.input_key, max_batches, max_samples, device, progress,
-        None, ctx.rank if ctx is not None else 0, ctx.world_size if ctx is not None else 1,
+        options.forward, options.input_index, options.input_key, max_batches, max_samples, target[0],
+        progress, channel.check_peers if channel is not None else None,
+        ctx.rank if ctx is not None else 0, ctx.world_size if ctx is not None else 1,
+        autocast=target[1], channels_last=options.channels_last,
     )  # fmt: skip
-    settings.channels_last = options.channels_last
-    return local_batches, settings
+    return local_batches, settings, channel
+
+
+def _apply(accs: list[LayerAccumulator], layers: list[LayerRecalibration], write: bool) -> None:
+    """Write the reached layers' new statistics (``write``); warn about the layers no batch reached."""
+    if write:
+        _write(accs, layers)
+    for layer in layers:
+        if not layer.reached:
+            log.warning("layer '%s' was never reached by a batch; left unchanged", layer.name)
 
 
 def _write(accs: list[LayerAccumulator], layers: list[LayerRecalibration]) -> None:

@@ -61,7 +61,10 @@ class LayerRecalibration:
     def shift(self) -> np.ndarray:
         """Per channel |after_mean - before_mean| / sqrt(after_var + eps): the mean's move in new stds."""
         with np.errstate(invalid="ignore"):
-            return np.abs(self.after_mean - self.before_mean) / np.sqrt(self.after_var + self.eps)
+            moved: np.ndarray = np.abs(self.after_mean - self.before_mean) / np.sqrt(
+                self.after_var + self.eps
+            )
+        return moved
 
     def std_ratio(self) -> np.ndarray:
         """Per channel max(r, 1/r), r = sqrt((after_var + eps) / (before_var + eps)); 1 means unchanged."""

@@ -116,8 +116,6 @@ class RunChannel:
             RankFailedError: a rank failed, or did not report within the timeout.
             ModelMismatchError: ranks hold different models (layout signatures differ).
         """
-        from bnaudit.errors import ModelMismatchError
-
         store = self.ctx.store
         store.set(self._key(f"ok/{self.ctx.rank}"), signature)
         keys = [self._key(f"ok/{r}") for r in range(self.ctx.world_size)]
@@ -132,5 +130,7 @@ class RunChannel:
         if len(set(signatures)) != 1:
             bad = [r for r, s in enumerate(signatures) if s != signatures[0]]
             raise ModelMismatchError(
-                f"rank(s) {bad} hold a different model (BatchNorm layers differ from rank 0's)"
+                "hold a different model (BatchNorm layers differ from rank 0's)",
+                where=f"rank(s) {bad}",
+                fix="run every rank with the same --model and --model-arg",
             )

@@ -112,7 +112,8 @@ def load_callable(spec: str, what: str) -> Callable[..., Any]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise InputError(f"'{attr}' is a {type(obj).__name__}, not a callable", where=where)
-    return obj
+    found: Callable[..., Any] = obj
+    return found
 
 
 def parse_kv(pairs: Sequence[str], option: str) -> dict[str, Any]:

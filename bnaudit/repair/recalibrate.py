@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from bnaudit.audit.drift import pass_layer_row, unreached_finding
+from bnaudit.audit.measured import pass_layer_row, unreached_finding
 from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.provenance import header_entry, sidecar_path, sidecar_text

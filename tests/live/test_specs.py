@@ -48,7 +48,10 @@ def test_parse_kv() -> None:
     assert got == {"a": 2, "b": 0.5, "c": True, "d": [1, 2], "e": "resnet18", "f": "", "g": None}
     with pytest.raises(UsageError) as info:
         parse_kv(["x"], "--data-arg")
-    assert info.value.fields.where == "--data-arg 'x'" and info.value.fields.problem == "must look like key=value"
+    assert (
+        info.value.fields.where == "--data-arg 'x'"
+        and info.value.fields.problem == "must look like key=value"
+    )
     with pytest.raises(UsageError, match="not a valid keyword"):
         parse_kv(["a-b=1"], "--data-arg")
 
