@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from bnaudit.live.options import ProgressCallback, RecalibrationOptions
 
 if TYPE_CHECKING:
     from bnaudit.live.results import RecalibrationResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ def run_passes(
             rank=ctx.rank if ctx else None,
             world_size=ctx.world_size if ctx else None,
         )
+        log.debug("%s:%s: calibrating on %s", display, sd.display_name, source.description)
         result = recalibrate(
             model, source.batches, dataclasses.replace(options, sharded=source.sharded), progress=progress
         )
