@@ -7,11 +7,13 @@ from pathlib import Path
 
 import click
 
+from bnaudit.audit.drift import DriftThresholds, drift_checkpoint
 from bnaudit.cli.bundles import option_bundle
 from bnaudit.cli.calibration_run import launch_if_asked
 from bnaudit.cli.model_options import ModelOptions, model_options, progress_printer
 from bnaudit.cli.options import emit_report, ignore_option, key_option, report_options
 from bnaudit.defaults import DEFAULT_DRIFT_ERROR_KL, DEFAULT_DRIFT_WARN_KL
+from bnaudit.live.launch import is_rank_zero
 from bnaudit.report.model import FailOn
 
 _positive = click.FloatRange(min=0.0, min_open=True)
@@ -75,14 +77,12 @@ def drift_command(
     The metric is compare's: KL(N(data) || N(stored)), max over channels, per layer. Use it when only one
     checkpoint exists; run it on held-out data to see what deployment will see.
     """
-    launched = launch_if_asked(model.nproc)
+    launched = launch_if_asked(model.nproc)  # before anything imports torch: the workers do
     if launched is not None:
         return launched
     if not 0 < gate.warn_kl <= gate.error_kl:
         raise click.UsageError(f"--warn-kl ({gate.warn_kl}) must not be above --error-kl ({gate.error_kl})")
-    from bnaudit.audit.drift import DriftThresholds, drift_checkpoint
-    from bnaudit.live.distributed import joined_process_group
-    from bnaudit.live.launch import is_rank_zero
+    from bnaudit.live.distributed import joined_process_group  # imports torch
 
     spec = model.calibration_spec(key)
     thresholds = DriftThresholds(gate.warn_kl, gate.error_kl, gate.ignore)

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import click
 
+from bnaudit.checkpoint.provenance import sidecar_path
+from bnaudit.checkpoint.writer import check_output_path
 from bnaudit.cli.bundles import option_bundle
 from bnaudit.cli.calibration_run import launch_if_asked
 from bnaudit.cli.model_options import ModelOptions, model_options, progress_printer
 from bnaudit.cli.options import key_option, repair_report_options, write_report_text
+from bnaudit.live.launch import is_rank_zero
 from bnaudit.live.passes import CalibrationSpec
+from bnaudit.repair.recalibrate import WriteOptions, recalibrate_checkpoint
 from bnaudit.report import OutputFormat, render
 from bnaudit.report.model import FailOn, Report
 
@@ -107,9 +111,6 @@ def recalibrate_command(
     statistics' bytes replaced, plus a provenance file OUT.bnaudit.json. Runs on several processes with
     --nproc N or under torchrun (rank 0 writes).
     """
-    from bnaudit.checkpoint.provenance import sidecar_path
-    from bnaudit.checkpoint.writer import check_output_path
-
     if target.out is None and not target.dry_run:
         raise click.UsageError("give -o OUT (the recalibrated checkpoint to write) or --dry-run")
     if target.out is not None and not target.dry_run:
@@ -117,7 +118,7 @@ def recalibrate_command(
         check_output_path(
             target.out, [Path(checkpoint)], target.force, companions=(sidecar_path(target.out),)
         )
-    launched = launch_if_asked(model.nproc)  # before the imports below: the workers do them
+    launched = launch_if_asked(model.nproc)  # before anything imports torch: the workers do
     if launched is not None:
         return launched
     spec = model.calibration_spec(key, inputs.eval_spec)
@@ -130,11 +131,9 @@ def _recalibrate_here(
     parsed: tuple[OutputTarget, ModelOptions, RepairInputs],
     report: RepairReport,
 ) -> int:
-    target, model, inputs = parsed
-    from bnaudit.live.distributed import joined_process_group
-    from bnaudit.live.launch import is_rank_zero
-    from bnaudit.repair.recalibrate import WriteOptions, recalibrate_checkpoint
+    from bnaudit.live.distributed import joined_process_group  # imports torch
 
+    target, model, inputs = parsed
     write = WriteOptions(
         force=target.force, dry_run=target.dry_run, allow_unsafe_input=inputs.allow_unsafe_input
     )
