@@ -46,7 +46,8 @@ def expected_volume(folder: Path, width: int) -> None:
     sys.path.insert(0, str(folder))
     import benchmod
 
-    from bnaudit.live.recalibrate import LayerSums, find_bn_modules
+    from bnaudit.live.estimators import LayerSums
+    from bnaudit.live.recalibrate import find_bn_modules
 
     layers = find_bn_modules(benchmod.build(width))
     channels = [int(m.running_mean.numel()) for _, m in layers]  # type: ignore[union-attr]

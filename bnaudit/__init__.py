@@ -31,7 +31,17 @@ _EXPORTS: dict[str, str] = {
     "sync_bn_stats": "bnaudit.live.training",
     "save_rank_stats": "bnaudit.live.training",
     "recalibrate": "bnaudit.live.recalibrate",
-    "RecalibrationResult": "bnaudit.live.recalibrate",
+    "RecalibrationResult": "bnaudit.live.results",
+    "LayerRecalibration": "bnaudit.live.results",
+    "RecalibrationOptions": "bnaudit.live.options",
+    "RecalibrationMethod": "bnaudit.live.estimators",
+    "CalibrationSpec": "bnaudit.live.passes",
+    "recalibrate_checkpoint": "bnaudit.repair.recalibrate",
+    "CheckpointRecalibrationResult": "bnaudit.repair.recalibrate",
+    "WriteOptions": "bnaudit.repair.recalibrate",
+    "drift_checkpoint": "bnaudit.audit.drift",
+    "DriftResult": "bnaudit.audit.drift",
+    "DriftThresholds": "bnaudit.audit.drift",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -15,5 +15,4 @@ DEFAULT_DRIFT_WARN_KL = 0.025
 DEFAULT_DRIFT_ERROR_KL = 0.05
 
 MERGE_METHODS = ("pooled", "mean")
-RECALIBRATION_METHODS = ("population", "batch-mean")
 CONVERSION_FORMATS = ("pt", "safetensors")

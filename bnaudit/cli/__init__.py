@@ -11,6 +11,7 @@ import click
 
 from bnaudit import __version__
 from bnaudit.cli.average_cmd import average_command
+from bnaudit.cli.calibration_run import WORKER_ENTRY_KEY
 from bnaudit.cli.compare_cmd import compare_command
 from bnaudit.cli.config_cmd import apply_config, config_command
 from bnaudit.cli.drift_cmd import drift_command
@@ -52,6 +53,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, config_file: Path | None, 
     )
     # Settings from the file become the commands' defaults, so the command line overrides them.
     apply_config(ctx, config_file, no_config)
+    ctx.meta[WORKER_ENTRY_KEY] = worker_main
 
 
 cli.add_command(inspect_command)
@@ -60,6 +62,13 @@ cli.add_command(average_command)
 cli.add_command(recalibrate_command)
 cli.add_command(drift_command)
 cli.add_command(config_command)
+
+
+def worker_main(argv: list[str]) -> int:
+    """Entry of a ``--nproc`` worker: run the same command line in this process; return its exit code."""
+    code = cli.main(args=argv, prog_name="bnaudit", standalone_mode=False)
+    sys.stdout.flush()
+    return int(code or 0)
 
 
 def _fail(message: str, code: int) -> None:

@@ -2,50 +2,74 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 
-from bnaudit.cli.calibration_run import build_spec, in_worker, is_rank_zero, launch_workers, process_group
-from bnaudit.cli.model_options import model_options, progress_printer
+from bnaudit.audit.drift import DriftThresholds, drift_checkpoint
+from bnaudit.cli.bundles import option_bundle
+from bnaudit.cli.calibration_run import launch_if_asked
+from bnaudit.cli.model_options import ModelOptions, model_options, progress_printer
 from bnaudit.cli.options import emit_report, ignore_option, key_option, report_options
 from bnaudit.defaults import DEFAULT_DRIFT_ERROR_KL, DEFAULT_DRIFT_WARN_KL
+from bnaudit.live.launch import is_rank_zero
 from bnaudit.report.model import FailOn
 
 _positive = click.FloatRange(min=0.0, min_open=True)
+
+
+@dataclass(frozen=True)
+class DriftGate:
+    """``--warn-kl`` / ``--error-kl`` / ``--ignore``."""
+
+    warn_kl: float = DEFAULT_DRIFT_WARN_KL
+    error_kl: float = DEFAULT_DRIFT_ERROR_KL
+    ignore: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReportOutputs:
+    """``--format`` / ``-o`` / ``--fail-on`` of :data:`~bnaudit.cli.options.report_options`.
+
+    ``--baseline`` / ``--write-baseline`` are read by the output step itself (``emit_report``) and never
+    passed to the command: their fields stay None.
+    """
+
+    output_format: tuple[str, ...] = ()
+    output: tuple[Path, ...] = ()
+    fail_on: str = FailOn.ERROR.value
+    baseline: Path | None = None
+    write_baseline: Path | None = None
+
+
+_GATE_OPTIONS = (
+    click.option(
+        "--warn-kl",
+        type=_positive,
+        default=DEFAULT_DRIFT_WARN_KL,
+        show_default=True,
+        help="A layer whose max KL(data || stored) reaches this is a warning (nats).",
+    ),
+    click.option(
+        "--error-kl",
+        type=_positive,
+        default=DEFAULT_DRIFT_ERROR_KL,
+        show_default=True,
+        help="A layer whose max KL(data || stored) reaches this is an error (nats).",
+    ),
+    ignore_option,
+)
 
 
 @click.command("drift")
 @click.argument("checkpoint")
 @key_option
 @model_options
-@click.option(
-    "--warn-kl",
-    type=_positive,
-    default=DEFAULT_DRIFT_WARN_KL,
-    show_default=True,
-    help="A layer whose max KL(data || stored) reaches this is a warning (nats).",
-)
-@click.option(
-    "--error-kl",
-    type=_positive,
-    default=DEFAULT_DRIFT_ERROR_KL,
-    show_default=True,
-    help="A layer whose max KL(data || stored) reaches this is an error (nats).",
-)
-@ignore_option
-@report_options
+@option_bundle(DriftGate, "gate", _GATE_OPTIONS)
+@option_bundle(ReportOutputs, "outputs", (report_options,))
 def drift_command(
-    checkpoint: str,
-    key: str | None,
-    warn_kl: float,
-    error_kl: float,
-    ignore: tuple[str, ...],
-    output_format: tuple[str, ...],
-    output: tuple[Path, ...],
-    fail_on: str,
-    **params: Any,
+    checkpoint: str, key: str | None, model: ModelOptions, gate: DriftGate, outputs: ReportOutputs
 ) -> int:
     """Measure the population statistics of every BatchNorm layer on --data and compare them with the
     statistics stored in CHECKPOINT, without writing anything.
@@ -53,20 +77,18 @@ def drift_command(
     The metric is compare's: KL(N(data) || N(stored)), max over channels, per layer. Use it when only one
     checkpoint exists; run it on held-out data to see what deployment will see.
     """
-    if params["nproc"] > 1 and not in_worker():
-        return launch_workers(params["nproc"])
-    if not 0 < warn_kl <= error_kl:
-        raise click.UsageError(f"--warn-kl ({warn_kl}) must not be above --error-kl ({error_kl})")
-    from bnaudit.live.passes import drift_report, run_passes
+    launched = launch_if_asked(model.nproc)  # before anything imports torch: the workers do
+    if launched is not None:
+        return launched
+    if not 0 < gate.warn_kl <= gate.error_kl:
+        raise click.UsageError(f"--warn-kl ({gate.warn_kl}) must not be above --error-kl ({gate.error_kl})")
+    from bnaudit.live.distributed import joined_process_group  # imports torch
 
-    spec = build_spec(params)
-    with process_group(spec.device):
-        progress = progress_printer(not params["quiet"] and is_rank_zero())
-        ckpt, passes = run_passes(checkpoint, spec, key=key, write=False, progress=progress)
-        report = drift_report(
-            checkpoint, ckpt, passes, warn_kl=warn_kl, error_kl=error_kl, ignore=ignore,
-            settings={"method": spec.method, "data": spec.data, "model": spec.model},
-        )  # fmt: skip
-        if not is_rank_zero():
-            return 1 if report.verdict(FailOn(fail_on)) == "fail" else 0
-        return emit_report(report, output_format, output, fail_on)
+    spec = model.calibration_spec(key)
+    thresholds = DriftThresholds(gate.warn_kl, gate.error_kl, gate.ignore)
+    with joined_process_group(model.device):
+        progress = progress_printer(not model.quiet and is_rank_zero())
+        report = drift_checkpoint(checkpoint, spec, thresholds, progress=progress).report
+    if not is_rank_zero():
+        return 1 if report.verdict(FailOn(outputs.fail_on)) == "fail" else 0
+    return emit_report(report, outputs.output_format, outputs.output, outputs.fail_on)

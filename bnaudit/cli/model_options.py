@@ -1,16 +1,70 @@
-"""Options shared by the commands that run a model (recalibrate, drift), and their progress display."""
+"""Options shared by the commands that run a model (recalibrate, drift), as one bundle, and their progress."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
 
 import click
 
-F = TypeVar("F", bound=Callable[..., Any])
+from bnaudit.cli.bundles import option_bundle
+from bnaudit.live.estimators import RecalibrationMethod, choices
+from bnaudit.live.options import RecalibrationOptions
+from bnaudit.live.passes import CalibrationSpec
+from bnaudit.live.specs import parse_kv
 
-_MODEL_OPTIONS = [
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The model, data and pass options of ``recalibrate`` / ``drift``, as parsed (:data:`MODEL_OPTIONS`)."""
+
+    model_spec: str
+    data_spec: str
+    model_args: tuple[str, ...] = ()
+    data_args: tuple[str, ...] = ()
+    batch_size: int | None = None
+    input_index: int = 0
+    input_key: str | None = None
+    forward_spec: str | None = None
+    full_forward: bool = False
+    max_samples: int | None = None
+    max_batches: int | None = None
+    device: str | None = None
+    method: str = RecalibrationMethod.POPULATION.value
+    prefix: str | None = None
+    channels_last: bool = False
+    amp: bool = False
+    amp_dtype: str | None = None
+    nproc: int = 1
+    quiet: bool = False
+
+    def calibration_spec(self, key: str | None = None, eval_spec: str | None = None) -> CalibrationSpec:
+        """The library's CalibrationSpec for these options.
+
+        Raises:
+            UsageError: a malformed ``--model-arg`` / ``--data-arg``, or options that do not go together.
+        """
+        options = RecalibrationOptions(
+            method=self.method, max_batches=self.max_batches, max_samples=self.max_samples,
+            input_index=self.input_index, input_key=self.input_key, stop_after_last_bn=not self.full_forward,
+            device=self.device, channels_last=self.channels_last, amp=self.amp, amp_dtype=self.amp_dtype,
+        )  # fmt: skip
+        return CalibrationSpec(
+            model=self.model_spec,
+            data=self.data_spec,
+            model_kwargs=parse_kv(self.model_args, "--model-arg"),
+            data_kwargs=parse_kv(self.data_args, "--data-arg"),
+            batch_size=self.batch_size,
+            forward=self.forward_spec,
+            prefix=self.prefix,
+            key=key,
+            eval=eval_spec,
+            options=options,
+        )
+
+
+MODEL_OPTIONS = (
     click.option("--model", "model_spec", required=True, metavar="SPEC",
                  help="'package.module:factory' or 'path/to/file.py:factory' returning the nn.Module."),
     click.option("--model-arg", "model_args", multiple=True, default=(), metavar="KEY=VALUE",
@@ -34,7 +88,7 @@ _MODEL_OPTIONS = [
     click.option("--device", default=None, metavar="DEVICE", help="cpu (default), cuda, cuda:1, ..."),
     click.option("--prefix", default=None, metavar="PREFIX",
                  help="Key prefix the checkpoint adds to the model's keys (found automatically if unique)."),
-    click.option("--method", type=click.Choice(["population", "batch-mean"]), default="population",
+    click.option("--method", type=click.Choice(list(choices())), default=RecalibrationMethod.POPULATION.value,
                  show_default=True,
                  help="population: exact statistics of all inputs; batch-mean: average of per-batch "
                       "statistics (what torch.optim.swa_utils.update_bn computes)."),
@@ -51,14 +105,9 @@ _MODEL_OPTIONS = [
     click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
                  help="Run on this many local processes (torch.distributed, gloo on CPU / nccl on CUDA)."),
     click.option("--quiet", is_flag=True, help="No progress bar."),
-]  # fmt: skip
+)  # fmt: skip
 
-
-def model_options(func: F) -> F:
-    """Attach every option of :data:`_MODEL_OPTIONS` to a command."""
-    for option in reversed(_MODEL_OPTIONS):
-        func = option(func)
-    return func
+model_options = option_bundle(ModelOptions, "model", MODEL_OPTIONS)
 
 
 def progress_printer(enabled: bool) -> Callable[[int, int | None], None] | None:

@@ -2,106 +2,106 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 
-from bnaudit.cli.calibration_run import build_spec, in_worker, is_rank_zero, launch_workers, process_group
-from bnaudit.cli.model_options import model_options, progress_printer
+from bnaudit.checkpoint.provenance import sidecar_path
+from bnaudit.checkpoint.writer import check_output_path
+from bnaudit.cli.bundles import option_bundle
+from bnaudit.cli.calibration_run import launch_if_asked
+from bnaudit.cli.model_options import ModelOptions, model_options, progress_printer
 from bnaudit.cli.options import key_option, repair_report_options, write_report_text
+from bnaudit.live.launch import is_rank_zero
+from bnaudit.live.passes import CalibrationSpec
+from bnaudit.repair.recalibrate import WriteOptions, recalibrate_checkpoint
 from bnaudit.report import OutputFormat, render
 from bnaudit.report.model import FailOn, Report
 
 
-def _refuse_unsafe(checkpoint: str, allow: bool) -> Report | None:
-    """The report that refuses a checkpoint whose pickle references dangerous callables, or None."""
-    from bnaudit.bn.pickle_policy import pickle_findings
-    from bnaudit.checkpoint import load_checkpoint
-    from bnaudit.report.model import FindingKind, InputInfo, sort_findings
-    from bnaudit.report.sections import Command, RecalibrationOutcome
+@dataclass(frozen=True)
+class OutputTarget:
+    """``-o`` / ``--force`` / ``--dry-run``: where the recalibrated checkpoint goes."""
 
-    ckpt = load_checkpoint(checkpoint)
-    findings = pickle_findings(ckpt.globals, checkpoint)
-    if allow or not any(f.kind is FindingKind.UNSAFE_PICKLE for f in findings):
-        return None
-    return Report(Command.RECALIBRATE, (InputInfo(checkpoint, ckpt.format),), {}, (), sort_findings(findings),
-                  next_step="rerun with --allow-unsafe-input to repair it anyway (the payload stays)",
-                  recalibration=RecalibrationOutcome(None, refused=True))  # fmt: skip
+    out: Path | None = None
+    force: bool = False
+    dry_run: bool = False
 
 
-def _write(checkpoint: str, out: Path, ckpt: Any, passes: list[Any], spec: Any, report: Report) -> None:
-    from bnaudit.checkpoint.provenance import header_entry, sidecar_path, sidecar_text
-    from bnaudit.checkpoint.writer import write_patched
-    from bnaudit.live.passes import statistic_patches
+@dataclass(frozen=True)
+class RepairInputs:
+    """``--eval`` / ``--allow-unsafe-input``."""
 
-    def sidecar(result: Any) -> list[tuple[Path, str]]:
-        record = {
-            "command": "recalibrate",
-            "inputs": [{"path": checkpoint, "sha256": result.reference_sha256}],
-            "output": {"path": str(out), "sha256": result.output_sha256},
-            "method": spec.method,
-            "pass_options": {"channels_last": spec.channels_last, "amp": spec.amp,
-                             "amp_dtype": spec.amp_dtype, "device": spec.device,
-                             "stop_after_last_bn": spec.stop_after_last_bn},
-            "model": spec.model, "model_args": spec.model_kwargs,
-            "data": spec.data, "data_args": spec.data_kwargs,
-            "batches": passes[0].result.batches, "samples": passes[0].result.samples,
-            "world_size": passes[0].result.world_size,
-            "layers": [{**row.to_dict(), "moved": row.metrics} for row in report.layers],
-            "eval": report.recalibration.evals if report.recalibration else None,
-        }  # fmt: skip
-        return [(sidecar_path(out), sidecar_text(record))]
-
-    world = passes[0].result.world_size if passes else 1
-    write_patched(ckpt, statistic_patches(passes), out, metadata=header_entry("recalibrate", spec.method,
-                  world, None), companions=sidecar)  # fmt: skip
+    eval_spec: str | None = None
+    allow_unsafe_input: bool = False
 
 
-def _emit(report: Report, output_format: str, report_file: Path | None, fail_on: str) -> None:
-    write_report_text(render(report, OutputFormat(output_format), FailOn(fail_on)), report_file)
+@dataclass(frozen=True)
+class RepairReport:
+    """``--report`` / ``--format`` / ``--fail-on`` of a repairing command."""
+
+    report_file: Path | None = None
+    output_format: str = OutputFormat.TABLE.value
+    fail_on: str = FailOn.ERROR.value
+
+    def emit(self, report: Report) -> int:
+        """Write the rendered report; the exit code its verdict gives."""
+        write_report_text(
+            render(report, OutputFormat(self.output_format), FailOn(self.fail_on)), self.report_file
+        )
+        return exit_code(report, self.fail_on)
+
+
+def exit_code(report: Report, fail_on: str) -> int:
+    """1 when the report fails the ``--fail-on`` gate, else 0."""
+    return 1 if report.verdict(FailOn(fail_on)) == "fail" else 0
+
+
+_TARGET_OPTIONS = (
+    click.option(
+        "-o",
+        "--output",
+        "out",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="The checkpoint to write (required unless --dry-run). Never an input; an existing file "
+        "needs --force.",
+    ),
+    click.option("--force", is_flag=True, help="Replace an existing output (never an input)."),
+    click.option("--dry-run", is_flag=True, help="Run the pass and show what would change; write nothing."),
+)
+
+_REPAIR_OPTIONS = (
+    click.option(
+        "--eval",
+        "eval_spec",
+        default=None,
+        metavar="SPEC",
+        help="A callable(model) -> dict of metrics, reported before and after recalibration.",
+    ),
+    click.option(
+        "--allow-unsafe-input",
+        is_flag=True,
+        help="Repair even when the pickle references dangerous callables (the output keeps them).",
+    ),
+)
 
 
 @click.command("recalibrate")
 @click.argument("checkpoint")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="The checkpoint to write (required unless --dry-run). Never an input; an existing file "
-    "needs --force.",
-)
-@click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
-@click.option("--dry-run", is_flag=True, help="Run the pass and show what would change; write nothing.")
+@option_bundle(OutputTarget, "target", _TARGET_OPTIONS)
 @key_option
 @model_options
-@click.option(
-    "--eval",
-    "eval_spec",
-    default=None,
-    metavar="SPEC",
-    help="A callable(model) -> dict of metrics, reported before and after recalibration.",
-)
-@click.option(
-    "--allow-unsafe-input",
-    is_flag=True,
-    help="Repair even when the pickle references dangerous callables (the output keeps them).",
-)
-@repair_report_options
+@option_bundle(RepairInputs, "inputs", _REPAIR_OPTIONS)
+@option_bundle(RepairReport, "report", (repair_report_options,))
 def recalibrate_command(
     checkpoint: str,
-    out: Path | None,
-    force: bool,
-    dry_run: bool,
+    target: OutputTarget,
     key: str | None,
-    eval_spec: str | None,
-    allow_unsafe_input: bool,
-    report_file: Path | None,
-    output_format: str,
-    fail_on: str,
-    **params: Any,
+    model: ModelOptions,
+    inputs: RepairInputs,
+    report: RepairReport,
 ) -> int:
     """Re-estimate the BatchNorm statistics of CHECKPOINT on --data and write them to -o OUT.
 
@@ -111,41 +111,43 @@ def recalibrate_command(
     statistics' bytes replaced, plus a provenance file OUT.bnaudit.json. Runs on several processes with
     --nproc N or under torchrun (rank 0 writes).
     """
-    from bnaudit.checkpoint.provenance import sidecar_path
-    from bnaudit.checkpoint.writer import check_output_path
-
-    if out is None and not dry_run:
+    if target.out is None and not target.dry_run:
         raise click.UsageError("give -o OUT (the recalibrated checkpoint to write) or --dry-run")
-    if out is not None and not dry_run:
-        check_output_path(out, [Path(checkpoint)], force, companions=(sidecar_path(out),))
-    if params["nproc"] > 1 and not in_worker():
-        return launch_workers(params["nproc"])  # before the imports below: the workers do them
-    from bnaudit.live.passes import recalibration_report, run_passes
-
-    refused = _refuse_unsafe(checkpoint, allow_unsafe_input)
-    if refused is not None:
-        if is_rank_zero():
-            _emit(refused, output_format, report_file, fail_on)
-            click.echo(f"bnaudit: {checkpoint}: refused: its pickle references dangerous callables; nothing "
-                       "was written", err=True)  # fmt: skip
-        return 1
-    spec = build_spec(params, eval_spec)
-    with process_group(spec.device):
-        progress = progress_printer(not params["quiet"] and is_rank_zero())
-        ckpt, passes = run_passes(checkpoint, spec, key=key, write=True, progress=progress)
-        target = None if dry_run or out is None else str(out)
-        report = recalibration_report(
-            checkpoint,
-            ckpt,
-            passes,
-            output=target,
-            settings={"method": spec.method, "data": spec.data, "model": spec.model},
+    if target.out is not None and not target.dry_run:
+        # Checked before the workers start, so a bad -o costs nothing.
+        check_output_path(
+            target.out, [Path(checkpoint)], target.force, companions=(sidecar_path(target.out),)
         )
-        if not is_rank_zero():
-            return 1 if report.verdict(FailOn(fail_on)) == "fail" else 0
-        if target is not None and out is not None:
-            _write(checkpoint, out, ckpt, passes, spec, report)
-        _emit(report, output_format, report_file, fail_on)
-        if target is not None and (report_file is not None or output_format != "table"):
-            click.echo(f"bnaudit: wrote {out} (provenance: {out}.bnaudit.json)", err=True)
-        return 1 if report.verdict(FailOn(fail_on)) == "fail" else 0
+    launched = launch_if_asked(model.nproc)  # before anything imports torch: the workers do
+    if launched is not None:
+        return launched
+    spec = model.calibration_spec(key, inputs.eval_spec)
+    return _recalibrate_here(checkpoint, spec, (target, model, inputs), report)
+
+
+def _recalibrate_here(
+    checkpoint: str,
+    spec: CalibrationSpec,
+    parsed: tuple[OutputTarget, ModelOptions, RepairInputs],
+    report: RepairReport,
+) -> int:
+    from bnaudit.live.distributed import joined_process_group  # imports torch
+
+    target, model, inputs = parsed
+    write = WriteOptions(
+        force=target.force, dry_run=target.dry_run, allow_unsafe_input=inputs.allow_unsafe_input
+    )
+    with joined_process_group(model.device):
+        progress = progress_printer(not model.quiet and is_rank_zero())
+        result = recalibrate_checkpoint(checkpoint, spec, target.out, write=write, progress=progress)
+    if not is_rank_zero():
+        return 1 if result.refused else exit_code(result.report, report.fail_on)
+    if result.refused:
+        report.emit(result.report)
+        click.echo(f"bnaudit: {checkpoint}: refused: its pickle references dangerous callables; nothing "
+                   "was written", err=True)  # fmt: skip
+        return 1
+    code = report.emit(result.report)
+    if result.output is not None and (report.report_file is not None or report.output_format != "table"):
+        click.echo(f"bnaudit: wrote {target.out} (provenance: {target.out}.bnaudit.json)", err=True)
+    return code

@@ -1,4 +1,4 @@
-"""torch.distributed helpers for recalibration: groups, batch sharding, failure sharing, local launch."""
+"""torch.distributed helpers for recalibration: joining the group, batch sharding, gathering statistics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import itertools
 import logging
 import math
 import os
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,28 +16,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bnaudit.errors import BnauditError, InputError, InternalError, UsageError
-from bnaudit.live.launch import env_world_size as env_world_size  # re-exported, as launch_local
-from bnaudit.live.launch import launch_local as launch_local
+from bnaudit.errors import UsageError
+from bnaudit.live.launch import env_world_size, is_worker
 
 log = logging.getLogger(__name__)
-
-# How long a failing rank waits for the others to read its error before it exits. Rank 0 may host the store
-# (plain init without torchrun's agent): leaving at once would cut the others off from the message.
-ACK_TIMEOUT_S = 5.0
-# How long a rank that finished its pass waits for the slowest rank to finish its own.
-DEFAULT_STATUS_TIMEOUT_S = 1800.0
-_POLL_S = 0.02
-
-_run_counter = itertools.count()
-
-
-class RankFailedError(InputError):
-    """A rank failed; every rank raises this same error, with the failing rank's exit code."""
-
-    def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -103,19 +84,25 @@ def init_from_env(device: str | torch.device | None = None, timeout_s: float = 1
     if not dist.is_initialized():
         missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
-            raise UsageError(f"WORLD_SIZE is set but {', '.join(missing)} is not: launch with torchrun")
+            raise UsageError(
+                f"WORLD_SIZE is set but {', '.join(missing)} is not",
+                where="environment",
+                fix="launch with torchrun",
+            )
         dev = torch.device(device) if device is not None else torch.device("cpu")
         backend = "gloo"
         if dev.type == "cuda":
             if not torch.cuda.is_available():
-                raise UsageError(f"--device {device} asked for but CUDA is not available on this machine")
+                raise UsageError(
+                    "asked for but CUDA is not available on this machine", where=f"--device {device}"
+                )
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "nccl"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return current_context()
 
 
-def local_device(device: str | None) -> torch.device:
+def local_device(device: str | torch.device | None) -> torch.device:
     """The device this rank should run on: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
     dev = torch.device(device or "cpu")
     if dev.type == "cuda" and dev.index is None and env_world_size() > 1:
@@ -158,11 +145,12 @@ def _check_deterministic(loader: Any) -> None:
     if isinstance(sampler, torch.utils.data.RandomSampler) and sampler.generator is None:
         raise UsageError(
             "the --data DataLoader shuffles without a seeded generator, so ranks would draw different orders "
-            "and miss or repeat samples; use shuffle=False or generator=torch.Generator().manual_seed(0)"
+            "and miss or repeat samples",
+            fix="use shuffle=False or generator=torch.Generator().manual_seed(0)",
         )
 
 
-def _shard_dataloader(loader: Any, rank: int, world_size: int, max_batches: int | None) -> Any:
+def _shard_dataloader(loader: Any, rank: int, world_size: int, max_batches: int | None) -> Iterable[Any]:
     from torch.utils.data import DataLoader, IterableDataset
 
     if isinstance(loader.dataset, IterableDataset):
@@ -224,115 +212,6 @@ def local_max_batches(max_batches: int | None, rank: int, world_size: int) -> in
     return None if max_batches is None else shard_length(max_batches, rank, world_size)
 
 
-# ------------------------------------------------------------------------------------- failure sharing
-
-
-class RunChannel:
-    """Status exchange for one distributed pass through the group's store, so no rank enters a collective
-    while another has failed.
-
-    Protocol (keys under a per-run prefix): a failing rank increments ``nfail``; the first to do so stores
-    ``failure`` = ``code|rank|line``, waits briefly for the others' acks, and raises. Every other rank notices
-    ``nfail`` between batches or while waiting for the others to finish, acks, and raises the same error.
-    A rank that finished posts ``ok/<rank>`` = its layout signature and waits for all.
-    """
-
-    def __init__(self, ctx: DistContext, timeout_s: float = DEFAULT_STATUS_TIMEOUT_S) -> None:
-        self.ctx = ctx
-        self.timeout_s = timeout_s
-        self.prefix = f"bnaudit/recalibrate/{next(_run_counter)}/"
-
-    def _key(self, name: str) -> str:
-        return self.prefix + name
-
-    def _failure(self) -> RankFailedError:
-        store = self.ctx.store
-        store.wait([self._key("failure")], timedelta(seconds=30))
-        code, rank, line = store.get(self._key("failure")).decode("utf-8").split("|", 2)
-        return RankFailedError(f"rank {rank} failed: {line}", int(code))
-
-    def _peer_failed(self) -> bool:
-        return bool(self.ctx.store.check([self._key("nfail")]))
-
-    def check_peers(self) -> None:
-        """Raise the shared error when another rank has failed (cheap: one store round trip)."""
-        if self._peer_failed():
-            err = self._failure()
-            self.ctx.store.add(self._key("acks"), 1)
-            self._leave_together()
-            raise err
-
-    def post_failure(self, exc: BaseException) -> RankFailedError:
-        """Record this rank's failure (unless another rank's, already shared); return the shared error."""
-        if isinstance(exc, RankFailedError):
-            return exc
-        store = self.ctx.store
-        code = exc.exit_code if isinstance(exc, BnauditError) else InternalError.exit_code
-        line = " ".join(str(exc).split()) or type(exc).__name__
-        if not isinstance(exc, BnauditError):
-            line = f"{type(exc).__name__}: {line}"
-        try:
-            if store.add(self._key("nfail"), 1) == 1:
-                store.set(self._key("failure"), f"{code}|{self.ctx.rank}|{line}")
-            shared = self._failure()
-            self._wait_acks()
-            self._leave_together()
-        except Exception as store_exc:  # the store itself is gone: keep the local error
-            log.debug("could not share the failure through the store: %s", store_exc)
-            return RankFailedError(f"rank {self.ctx.rank} failed: {line}", code)
-        return shared
-
-    def _wait_acks(self) -> None:
-        deadline = time.monotonic() + ACK_TIMEOUT_S
-        others = self.ctx.world_size - 1
-        while time.monotonic() < deadline:
-            # add(key, 0) reads a counter without changing it (and creates it when absent).
-            acks = self.ctx.store.add(self._key("acks"), 0)
-            failed = self.ctx.store.add(self._key("nfail"), 0)
-            if acks + failed - 1 >= others:
-                return
-            time.sleep(_POLL_S)
-
-    def _leave_together(self) -> None:
-        """Wait until every rank is about to raise the shared error, so that all of them print it.
-
-        torchrun's agent stops every worker as soon as one exits: a rank still sleeping or waiting then
-        would be killed before its error line is printed. Leaving together narrows that to the moment
-        between raising and printing. A rank that died never arrives: the wait is bounded.
-        """
-        store = self.ctx.store
-        store.add(self._key("leaving"), 1)
-        deadline = time.monotonic() + ACK_TIMEOUT_S
-        while time.monotonic() < deadline and store.add(self._key("leaving"), 0) < self.ctx.world_size:
-            time.sleep(_POLL_S)
-
-    def finish_ok(self, signature: str) -> None:
-        """Post success and wait for every rank's status.
-
-        Raises:
-            RankFailedError: a rank failed, or did not report within the timeout.
-            ModelMismatchError: ranks hold different models (layout signatures differ).
-        """
-        from bnaudit.errors import ModelMismatchError
-
-        store = self.ctx.store
-        store.set(self._key(f"ok/{self.ctx.rank}"), signature)
-        keys = [self._key(f"ok/{r}") for r in range(self.ctx.world_size)]
-        deadline = time.monotonic() + self.timeout_s
-        while not store.check(keys):
-            self.check_peers()
-            if time.monotonic() > deadline:
-                late = [r for r, k in enumerate(keys) if not store.check([k])]
-                raise RankFailedError(f"rank(s) {late} did not finish within {self.timeout_s:.0f} s")
-            time.sleep(_POLL_S)
-        signatures = [store.get(k).decode("utf-8") for k in keys]
-        if len(set(signatures)) != 1:
-            bad = [r for r, s in enumerate(signatures) if s != signatures[0]]
-            raise ModelMismatchError(
-                f"rank(s) {bad} hold a different model (BatchNorm layers differ from rank 0's)"
-            )
-
-
 def all_gather_array(ctx: DistContext, values: np.ndarray) -> list[np.ndarray]:
     """Gather one float64 vector (same length on every rank) from every rank, in rank order."""
     local = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(ctx.device)
@@ -358,3 +237,15 @@ def destroy_on_exit(ctx: DistContext | None) -> Iterator[None]:
         if ctx is not None and dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined_process_group(device: str | torch.device | None) -> Iterator[DistContext | None]:
+    """Join torchrun's process group for the duration of a job (nothing for a single process); leave it after.
+
+    Yields:
+        The context inside a worker of a group with several processes, else None.
+    """
+    ctx = init_from_env(device) if is_worker() else None
+    with destroy_on_exit(ctx):
+        yield ctx

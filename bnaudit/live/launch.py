@@ -50,6 +50,16 @@ def env_world_size() -> int:
         return 1
 
 
+def is_worker() -> bool:
+    """True inside a torchrun / ``--nproc`` worker of a group with several processes."""
+    return env_world_size() > 1
+
+
+def is_rank_zero() -> bool:
+    """True in a single process and on rank 0 of a group (the one that writes and prints)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (rank 0's store binds it a moment later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -194,10 +204,10 @@ def launch_local(
             ``bnaudit recalibrate`` prints and exits with). A worker that died otherwise gives InternalError.
     """
     if nproc < 1:
-        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+        raise UsageError("must be at least 1", where="--nproc", found=str(nproc))
     method = method or start_method()
     if method not in ("fork", "spawn"):
-        raise ValueError(f"method must be 'fork' or 'spawn', got {method!r}")
+        raise UsageError("must be 'fork' or 'spawn'", where="launch_local method", found=repr(method))
     fork = method == "fork"
     context = multiprocessing.get_context("fork") if fork else multiprocessing.get_context("spawn")
     port = free_port()
@@ -217,3 +227,37 @@ def launch_local(
         if any(code != 0 for code in exit_codes.values()):
             raise _read_failure(folder, nproc, exit_codes)
         return {rank: pickle.loads(_result_file(folder, rank).read_bytes()) for rank in range(nproc)}
+
+
+def _strip_nproc(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        out.append(arg)
+    return out
+
+
+def relaunch_command_line(nproc: int, entry: Callable[[list[str]], int]) -> int:
+    """Re-run this process's command line, without ``--nproc``, as ``entry(argv)`` on ``nproc`` workers.
+
+    Call it before importing torch, so that the workers can be forked (see the module docstring).
+
+    Args:
+        nproc: number of workers.
+        entry: a module-level function that runs a command line in the worker and returns its exit code.
+
+    Returns:
+        Rank 0's exit code.
+
+    Raises:
+        BnauditError: as :func:`launch_local`: a worker's error keeps its message and exit code.
+    """
+    codes = launch_local(nproc, entry, (_strip_nproc(sys.argv[1:]),))
+    return int(codes.get(0, 0))

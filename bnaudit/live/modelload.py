@@ -133,7 +133,7 @@ def match_prefix(
         fit = _fit(prefix, model_keys, ckpt_keys)
         if not fit.ok:
             raise ModelMismatchError(
-                f"{source} does not fit the model under --prefix '{prefix}': {_describe_fit(fit, total)}"
+                f"does not fit the model under --prefix '{prefix}': {_describe_fit(fit, total)}", where=source
             )
         return PrefixMatch(prefix, _unused(prefix, model_keys, ckpt_keys))
     fits = [_fit(p, model_keys, ckpt_keys) for p in candidate_prefixes(model_keys, ckpt_keys)]
@@ -145,13 +145,16 @@ def match_prefix(
     if len(good) > 1:
         shown = ", ".join(f"'{f.prefix}'" for f in good[:MAX_LISTED])
         raise ModelMismatchError(
-            f"{source} fits the model under several key prefixes ({shown}); choose one with --prefix"
+            f"fits the model under several key prefixes ({shown})",
+            where=source,
+            fix="choose one with --prefix",
         )
     best = min(fits, key=lambda f: len(f.missing) + len(f.mismatched))
     where = f"under prefix '{best.prefix}'" if best.prefix else "without a prefix"
     raise ModelMismatchError(
-        f"{source} does not fit the model {where}: {_describe_fit(best, total)}; "
-        "check --model / --model-arg, or give --prefix"
+        f"does not fit the model {where}: {_describe_fit(best, total)}",
+        where=source,
+        fix="check --model / --model-arg, or give --prefix",
     )
 
 

@@ -1,14 +1,12 @@
-"""Import user code named by ``--model`` / ``--data`` / ``--forward`` specs; batch tensor files of inputs."""
+"""Import user code named by ``--model`` / ``--data`` / ``--forward`` / ``--eval`` specs (trusted code)."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,10 +15,9 @@ from bnaudit.errors import InputError, UsageError
 if TYPE_CHECKING:
     import torch
 
-TENSOR_FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
 
-
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` of an exception raised by user code, on one line."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -30,22 +27,24 @@ def _split_spec(spec: str, what: str) -> tuple[str, str]:
     module, sep, attr = spec.rpartition(":")
     if not sep or not module or not attr:
         raise UsageError(
-            f"{what} spec '{spec}' must look like 'package.module:callable' or 'path/to/file.py:callable'"
+            "must look like 'package.module:callable' or 'path/to/file.py:callable'",
+            where=f"{what} spec '{spec}'",
         )
     return module, attr
 
 
 def _import_file(path_text: str, what: str, spec: str) -> Any:
     path = Path(path_text)
+    where = f"{what} spec '{spec}'"
     if not path.is_file():
-        raise InputError(f"{what} spec '{spec}': file '{path}' does not exist")
+        raise InputError(f"file '{path}' does not exist", where=where)
     # A stable, unique module name lets pickling (DataLoader workers) and repeated imports find the module.
     name = "bnaudit_user_" + "".join(c if c.isalnum() else "_" for c in str(path.resolve()))
     if name in sys.modules:
         return sys.modules[name]
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
-        raise InputError(f"{what} spec '{spec}': '{path}' cannot be imported as a Python file")
+        raise InputError(f"'{path}' cannot be imported as a Python file", where=where)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     # Imports next to the file ("from helpers import x") work as they do when the file is run as a script.
@@ -59,7 +58,7 @@ def _import_file(path_text: str, what: str, spec: str) -> Any:
         del sys.modules[name]
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
-        raise InputError(f"{what} spec '{spec}': importing '{path}' raised {_one_line(exc)}") from None
+        raise InputError(f"importing '{path}' raised {one_line(exc)}", where=where) from None
     finally:
         if added and folder in sys.path:
             sys.path.remove(folder)
@@ -67,16 +66,17 @@ def _import_file(path_text: str, what: str, spec: str) -> Any:
 
 
 def _import_module(name: str, what: str, spec: str) -> Any:
+    where = f"{what} spec '{spec}'"
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
             raise InputError(
-                f"{what} spec '{spec}': no module named '{exc.name}' (is it installed, or on PYTHONPATH?)"
+                f"no module named '{exc.name}'", where=where, fix="is it installed, or on PYTHONPATH?"
             ) from None
-        raise InputError(f"{what} spec '{spec}': importing '{name}' raised {_one_line(exc)}") from None
+        raise InputError(f"importing '{name}' raised {one_line(exc)}", where=where) from None
     except Exception as exc:
-        raise InputError(f"{what} spec '{spec}': importing '{name}' raised {_one_line(exc)}") from None
+        raise InputError(f"importing '{name}' raised {one_line(exc)}", where=where) from None
 
 
 def load_callable(spec: str, what: str) -> Callable[..., Any]:
@@ -102,24 +102,25 @@ def load_callable(spec: str, what: str) -> Callable[..., Any]:
     else:
         module = _import_module(module_part, what, spec)
     obj: Any = module
+    where = f"{what} spec '{spec}'"
     for part in attr.split("."):
         if not hasattr(obj, part):
             available = ", ".join(n for n in sorted(dir(obj)) if not n.startswith("_"))[:200]
             raise InputError(
-                f"{what} spec '{spec}': '{module_part}' has no attribute '{attr}' (available: {available})"
+                f"'{module_part}' has no attribute '{attr}' (available: {available})", where=where
             )
         obj = getattr(obj, part)
     if not callable(obj):
-        raise InputError(f"{what} spec '{spec}': '{attr}' is a {type(obj).__name__}, not a callable")
-    return obj
+        raise InputError(f"'{attr}' is a {type(obj).__name__}, not a callable", where=where)
+    found: Callable[..., Any] = obj
+    return found
 
 
 def parse_kv(pairs: Sequence[str], option: str) -> dict[str, Any]:
     """Parse repeated ``key=value`` options into keyword arguments.
 
     Values are JSON when they parse as JSON (``3``, ``0.5``, ``true``, ``null``, ``[1, 2]``, ``"x"``),
-    otherwise
-    the raw string (``resnet18``). A later key overrides an earlier one.
+    otherwise the raw string (``resnet18``). A later key overrides an earlier one.
 
     Args:
         pairs: the option values as given.
@@ -136,9 +137,9 @@ def parse_kv(pairs: Sequence[str], option: str) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise UsageError(f"{option} '{pair}' must look like key=value")
+            raise UsageError("must look like key=value", where=f"{option} '{pair}'")
         if not key.isidentifier():
-            raise UsageError(f"{option} '{pair}': '{key}' is not a valid keyword argument name")
+            raise UsageError(f"'{key}' is not a valid keyword argument name", where=f"{option} '{pair}'")
         try:
             out[key] = json.loads(value)
         except ValueError:
@@ -146,13 +147,15 @@ def parse_kv(pairs: Sequence[str], option: str) -> dict[str, Any]:
     return out
 
 
-def _call(fn: Callable[..., Any], kwargs: Mapping[str, Any], what: str, spec: str) -> Any:
+def call_spec(fn: Callable[..., Any], kwargs: Mapping[str, Any], what: str, spec: str) -> Any:
+    """Call user code ``fn(**kwargs)``; a TypeError (bad arguments) is a UsageError, anything else an
+    InputError, both naming the spec."""
     try:
         return fn(**kwargs)
     except TypeError as exc:
-        raise UsageError(f"{what} spec '{spec}': calling it raised {_one_line(exc)}") from None
+        raise UsageError(f"calling it raised {one_line(exc)}", where=f"{what} spec '{spec}'") from None
     except Exception as exc:
-        raise InputError(f"{what} spec '{spec}': calling it raised {_one_line(exc)}") from None
+        raise InputError(f"calling it raised {one_line(exc)}", where=f"{what} spec '{spec}'") from None
 
 
 def build_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> torch.nn.Module:
@@ -170,151 +173,12 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> torch.nn.
     """
     import torch
 
-    model = _call(load_callable(spec, "--model"), kwargs or {}, "--model", spec)
+    model = call_spec(load_callable(spec, "--model"), kwargs or {}, "--model", spec)
     if not isinstance(model, torch.nn.Module):
         raise InputError(
-            f"--model spec '{spec}' returned a {type(model).__name__}, expected a torch.nn.Module"
+            f"returned a {type(model).__name__}, expected a torch.nn.Module", where=f"--model spec '{spec}'"
         )
     return model
-
-
-@dataclass
-class BatchSource:
-    """The batches named by a ``--data`` spec.
-
-    Attributes:
-        batches: an iterable of batches (a DataLoader, a list, :class:`TensorFileBatches`, ...).
-        sharded: True when the loader was built with ``rank`` / ``world_size`` and yields only this rank's
-            batches (rank r's k-th batch is taken to be batch r + k * world_size of the single-process run).
-        description: a short text for logs (``data.py:make_loader`` or ``inputs.npy (1000 samples)``).
-    """
-
-    batches: Iterable[Any]
-    sharded: bool
-    description: str
-
-
-class TensorFileBatches:
-    """A tensor of inputs cut in order into batches of ``batch_size`` rows (the last one may be short)."""
-
-    def __init__(self, data: torch.Tensor, batch_size: int) -> None:
-        self.data = data
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return (len(self.data) + self.batch_size - 1) // self.batch_size
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for start in range(0, len(self.data), self.batch_size):
-            yield self.data[start : start + self.batch_size]
-
-
-def _pick_tensor(found: Mapping[str, Any], path: Path) -> Any:
-    if "inputs" in found:
-        return found["inputs"]
-    if len(found) == 1:
-        return next(iter(found.values()))
-    keys = ", ".join(sorted(map(str, found)))[:200]
-    raise InputError(f"{path}: holds several tensors ({keys}); name the inputs 'inputs' or keep one tensor")
-
-
-def load_tensor_file(path: str | Path) -> torch.Tensor:
-    """Read a tensor of inputs from ``.pt``/``.pth`` (``weights_only``), ``.safetensors`` or ``.npy``.
-
-    A file holding a dict must hold one tensor or an ``inputs`` key.
-
-    Raises:
-        InputError: the file is missing, unreadable, or holds no single input tensor.
-    """
-    import numpy as np
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"--data file '{p}' does not exist")
-    try:
-        if p.suffix == ".npy":
-            value: Any = torch.from_numpy(np.load(p, allow_pickle=False))
-        elif p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            value = _pick_tensor(load_file(str(p)), p)
-        else:
-            value = torch.load(p, map_location="cpu", weights_only=True)
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"--data file '{p}' cannot be read: {_one_line(exc)}") from None
-    if isinstance(value, Mapping):
-        value = _pick_tensor(value, p)
-    if not isinstance(value, torch.Tensor):
-        raise InputError(f"--data file '{p}' holds a {type(value).__name__}, expected a tensor of inputs")
-    if value.dim() == 0:
-        raise InputError(f"--data file '{p}' holds a scalar, expected a tensor of inputs (samples first)")
-    return value
-
-
-def _accepts_sharding(fn: Callable[..., Any]) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return "rank" in params and "world_size" in params
-
-
-def build_batches(
-    spec: str,
-    kwargs: Mapping[str, Any] | None = None,
-    batch_size: int | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-) -> BatchSource:
-    """Build the calibration batches named by a ``--data`` spec.
-
-    Args:
-        spec: a tensor file (``.pt``, ``.pth``, ``.safetensors``, ``.npy``) or a callable spec returning any
-            iterable of batches.
-        kwargs: keyword arguments from ``--data-arg`` (callables only).
-        batch_size: rows per batch for a tensor file (required then); ignored for callables unless the
-            callable takes a ``batch_size`` argument that ``kwargs`` does not already set.
-        rank, world_size: this process's place in a distributed run; passed to a callable that accepts both
-            ``rank`` and ``world_size`` keyword arguments when ``world_size > 1``, which marks the loader as
-            already sharded.
-
-    Returns:
-        A :class:`BatchSource`.
-
-    Raises:
-        UsageError: a tensor file without a positive ``batch_size``, or ``--data-arg`` with a tensor file.
-        InputError: the file or callable cannot be read, imported or called.
-    """
-    kwargs = dict(kwargs or {})
-    if spec.lower().endswith(TENSOR_FILE_SUFFIXES) and ":" not in Path(spec).name:
-        if kwargs:
-            raise UsageError(f"--data-arg given but --data '{spec}' is a tensor file, not a callable")
-        if batch_size is None or batch_size <= 0:
-            raise UsageError(f"--data '{spec}' is a tensor file: give --batch-size N (a positive integer)")
-        data = load_tensor_file(spec)
-        return BatchSource(TensorFileBatches(data, batch_size), False, f"{spec} ({len(data)} samples)")
-    fn = load_callable(spec, "--data")
-    sharded = world_size is not None and world_size > 1 and _accepts_sharding(fn)
-    if sharded:
-        kwargs.update(rank=rank, world_size=world_size)
-    if batch_size is not None and "batch_size" not in kwargs and _has_param(fn, "batch_size"):
-        kwargs["batch_size"] = batch_size
-    batches = _call(fn, kwargs, "--data", spec)
-    if isinstance(batches, str | bytes) or not isinstance(batches, Iterable):
-        raise InputError(
-            f"--data spec '{spec}' returned a {type(batches).__name__}, expected an iterable of batches"
-        )
-    return BatchSource(batches, sharded, spec)
-
-
-def _has_param(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def load_forward(spec: str) -> Callable[[Any, Any], Any]:
@@ -324,43 +188,3 @@ def load_forward(spec: str) -> Callable[[Any, Any], Any]:
         UsageError, InputError: as :func:`load_callable`.
     """
     return load_callable(spec, "--forward")
-
-
-def _describe(batch: Any) -> str:
-    return type(batch).__name__
-
-
-def batch_input(batch: Any, input_index: int = 0, input_key: str | None = None) -> Any:
-    """The model input inside one batch.
-
-    Args:
-        batch: a tensor (the input itself), a tuple/list (input at ``input_index``) or a dict (input at
-            ``input_key``).
-        input_index: position of the input in a tuple/list batch (``--input-index``).
-        input_key: key of the input in a dict batch (``--input-key``).
-
-    Returns:
-        The input to call the model with.
-
-    Raises:
-        UsageError: a dict batch without ``input_key``, a missing key or index, or a batch of another type.
-    """
-    import torch
-
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        keys = ", ".join(map(str, batch.keys()))[:200]
-        if input_key is None:
-            raise UsageError(f"batches are dicts (keys: {keys}); name the input with --input-key")
-        if input_key not in batch:
-            raise UsageError(f"--input-key '{input_key}' is not in the batch (keys: {keys})")
-        return batch[input_key]
-    if isinstance(batch, tuple | list):
-        if not -len(batch) <= input_index < len(batch):
-            raise UsageError(f"--input-index {input_index} is out of range for batches of {len(batch)} items")
-        return batch[input_index]
-    raise UsageError(
-        f"batches are of type {_describe(batch)}; bnaudit takes tensors, tuples/lists and dicts — "
-        "name a callable(model, batch) with --forward for anything else"
-    )

@@ -13,7 +13,7 @@ from torch import nn
 
 from bnaudit.bn.stats import MergeMethod
 from bnaudit.checkpoint.provenance import rank_stats_metadata
-from bnaudit.errors import UsageError
+from bnaudit.errors import InternalError, UsageError
 
 RANK_FILE_PATTERN = "bn_stats_rank{rank}.safetensors"
 
@@ -37,7 +37,8 @@ def bn_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _stats(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
-    assert isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)
+    if not (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)):
+        raise InternalError("lost its running statistics", where=f"module {type(module).__name__}")
     return mean, var
 
 
@@ -49,16 +50,17 @@ def _collective_device(group: Any) -> torch.device:
 
 
 def _check_same_layout(sizes: list[int], group: Any, device: torch.device) -> None:
-    """Fail on every rank alike when the ranks hold different BatchNorm layouts (a reduce would hang or "
-    "mix)."""
+    """Fail on every rank alike when the ranks hold different BatchNorm layouts (a reduce would hang)."""
     probe = torch.tensor(
         [len(sizes), sum(sizes), -len(sizes), -sum(sizes)], dtype=torch.float64, device=device
     )
     dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group)
     if probe[0] != -probe[2] or probe[1] != -probe[3]:
         raise UsageError(
-            f"sync_bn_stats: the ranks hold different BatchNorm layers (this rank: {len(sizes)} layers, "
-            f"{sum(sizes)} channels); call it on the same model on every rank"
+            "the ranks hold different BatchNorm layers "
+            f"(this rank: {len(sizes)} layers, {sum(sizes)} channels)",
+            where="sync_bn_stats",
+            fix="call it on the same model on every rank",
         )
 
 
@@ -93,17 +95,7 @@ def sync_bn_stats(
         UsageError: torch.distributed is not initialised, ``method`` or ``samples`` is invalid, or the ranks
             hold different layers.
     """
-    try:
-        merge = MergeMethod(method)
-    except ValueError:
-        raise UsageError(f"sync_bn_stats: method {method!r} is not one of: pooled, mean") from None
-    if not (dist.is_available() and dist.is_initialized()):
-        raise UsageError(
-            "sync_bn_stats: torch.distributed is not initialised; call torch.distributed.init_process_group "
-            "first (or skip the call when training on one process)"
-        )
-    if samples is not None and not samples > 0:
-        raise UsageError(f"sync_bn_stats: samples must be a positive count, got {samples!r}")
+    merge = _check_sync_args(method, samples)
     layers = bn_modules(module)
     device = _collective_device(group)
     buffers = [_stats(m) for _, m in layers]
@@ -111,6 +103,41 @@ def sync_bn_stats(
     _check_same_layout(sizes, group, device)
     if not layers:
         return []
+    mean, var = _reduced_stats(buffers, merge, group, (device, samples))
+    offset = 0
+    with torch.no_grad():
+        for (running_mean, running_var), size in zip(buffers, sizes, strict=True):
+            running_mean.copy_(mean[offset : offset + size].reshape(running_mean.shape))
+            running_var.copy_(var[offset : offset + size].reshape(running_var.shape))
+            offset += size
+    return [name for name, _ in layers]
+
+
+def _check_sync_args(method: MergeMethod | str, samples: float | None) -> MergeMethod:
+    try:
+        merge = MergeMethod(method)
+    except ValueError:
+        raise UsageError(f"method {method!r} is not one of: pooled, mean", where="sync_bn_stats") from None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise UsageError(
+            "torch.distributed is not initialised",
+            where="sync_bn_stats",
+            fix="call torch.distributed.init_process_group first "
+            "(or skip the call when training on one process)",
+        )
+    if samples is not None and not samples > 0:
+        raise UsageError("samples must be a positive count", where="sync_bn_stats", found=repr(samples))
+    return merge
+
+
+def _reduced_stats(
+    buffers: list[tuple[torch.Tensor, torch.Tensor]],
+    merge: MergeMethod,
+    group: Any,
+    place: tuple[torch.device, float | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged (mean, variance) of every channel, concatenated, identical on every rank (float64)."""
+    device, samples = place
     weight = torch.tensor([1.0 if samples is None else float(samples)], dtype=torch.float64, device=device)
     dist.all_reduce(weight, group=group)
     w = 1.0 if samples is None else float(samples)
@@ -122,13 +149,7 @@ def sync_bn_stats(
     spread = variances + (means - mean) ** 2 if merge is MergeMethod.POOLED else variances.clone()
     var = spread * (w / weight)
     dist.all_reduce(var, group=group)
-    offset = 0
-    with torch.no_grad():
-        for (running_mean, running_var), size in zip(buffers, sizes, strict=True):
-            running_mean.copy_(mean[offset : offset + size].reshape(running_mean.shape))
-            running_var.copy_(var[offset : offset + size].reshape(running_var.shape))
-            offset += size
-    return [name for name, _ in layers]
+    return mean, var
 
 
 def rank_stats_path(path: str | Path, rank: int) -> Path:
@@ -177,10 +198,10 @@ def save_rank_stats(
     rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
     world = dist.get_world_size() if initialised else 1
     if samples is not None and not samples > 0:
-        raise UsageError(f"save_rank_stats: samples must be a positive count, got {samples!r}")
+        raise UsageError("samples must be a positive count", where="save_rank_stats", found=repr(samples))
     tensors = _buffers(module)
     if not tensors:
-        raise UsageError("save_rank_stats: the model has no BatchNorm layers with running statistics")
+        raise UsageError("the model has no BatchNorm layers with running statistics", where="save_rank_stats")
     target = rank_stats_path(path, rank)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)

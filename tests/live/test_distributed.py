@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bnaudit.errors import BnauditError, InternalError, UsageError
-from bnaudit.live.distributed import launch_local, shard_batches, shard_length
+from bnaudit.live.distributed import shard_batches, shard_length
+from bnaudit.live.launch import launch_local
 from tests.recal_helpers import dist_worker, launch_entries
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -105,7 +105,9 @@ def test_mismatch_messages(tmp_path: Path) -> None:
     with pytest.raises(ModelMismatchError) as info:
         match_prefix(model_keys, {"module." + k: v for k, v in wrong.items()}, source="ckpt.pt:model")
     text = str(info.value)
-    assert text.startswith("ckpt.pt:model does not fit the model under prefix 'module.':")
+    assert info.value.fields.where == "ckpt.pt:model"
+    assert info.value.fields.problem.startswith("does not fit the model under prefix 'module.':")
+    assert info.value.fields.fix == "check --model / --model-arg, or give --prefix"
     assert "conv1.weight: model [4, 3, 3, 3] vs checkpoint [5, 3, 3, 3]" in text and ", ..." in text
     missing = {k: v for k, v in shapes(sd).items() if not k.startswith("bn3")}
     with pytest.raises(ModelMismatchError, match=r"5 of 21 model keys are missing \(bn3.weight, bn3.bias"):
@@ -115,6 +117,9 @@ def test_mismatch_messages(tmp_path: Path) -> None:
         ModelMismatchError, match=r"several key prefixes \('a.', 'b.'\); choose one with --prefix"
     ):
         match_prefix(model_keys, both)
+    with pytest.raises(ModelMismatchError) as several:
+        match_prefix(model_keys, both)
+    assert several.value.fields.fix == "choose one with --prefix"
     assert match_prefix(model_keys, both, prefix="b.").prefix == "b."
     with pytest.raises(ModelMismatchError, match=r"under --prefix 'c.'"):
         match_prefix(model_keys, both, prefix="c.")

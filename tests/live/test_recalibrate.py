@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from bnaudit.errors import InputError, NoBatchNormError, UsageError
-from bnaudit.live.recalibrate import RecalibrationResult, recalibrate
+from bnaudit.live.options import RecalibrationOptions
+from bnaudit.live.recalibrate import recalibrate
+from bnaudit.live.results import RecalibrationResult
 from tests.recal_helpers.models import make_batches, make_convnet, make_uneven
 
 Forward = Callable[[nn.Module, Any], Any]
@@ -92,7 +94,7 @@ def test_convnet_bn2d_and_bn1d_nc_with_dropout_and_momentum_none() -> None:
 
 def test_uneven_batches() -> None:
     model, batches = make_convnet(), make_uneven()
-    result = recalibrate(model, batches, write=False)
+    result = recalibrate(model, batches, RecalibrationOptions(write=False))
     assert_close(result, reference(model, batches))
 
 
@@ -103,7 +105,7 @@ def test_bn1d_ncl_and_bn3d(method: str) -> None:
         nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.Unflatten(2, (7, 1, 1)), nn.BatchNorm3d(3)
     )
     batches = [torch.randn(n, 2, 9) * 3 - 2 for n in (4, 7, 1)]
-    result = recalibrate(model, batches, method=method)
+    result = recalibrate(model, batches, RecalibrationOptions(method=method))
     assert_close(result, reference(model, batches), method)
     assert result.layer("1").samples == 12 * 7
 
@@ -111,7 +113,7 @@ def test_bn1d_ncl_and_bn3d(method: str) -> None:
 def test_batch_mean_differs_from_population() -> None:
     model, batches = make_convnet(), make_uneven()
     ref = reference(model, batches)
-    result = recalibrate(model, batches, method="batch-mean")
+    result = recalibrate(model, batches, RecalibrationOptions(method="batch-mean"))
     assert_close(result, ref, "batch-mean")
     layer = result.layer("bn1")
     assert layer.population_var is not None
@@ -130,35 +132,38 @@ def test_batchnorm_kernel_path_exact_on_a_million_values_per_channel() -> None:
     """The CPU fast path takes the statistics from BatchNorm's own kernel: it must stay float64-exact on long
     reductions (a float32-accumulating kernel would be off by far more than 1e-6 std here), and a channel whose
     mean dwarfs its spread (x100 std) must still fall back to float64."""
-    from bnaudit.live.recalibrate import _kernel_is_exact
+    from bnaudit.live.measure import kernel_is_exact
 
     g = torch.Generator().manual_seed(0)
     scale = torch.tensor([1.0, 0.01, 3.0]).view(1, 3, 1, 1)
     shift = torch.tensor([5.0, 1.0, -7.0]).view(1, 3, 1, 1)
     batches = [torch.randn(64, 3, 128, 128, generator=g) * scale + shift for _ in range(2)]
     model = nn.Sequential(nn.BatchNorm2d(3))
-    assert _kernel_is_exact(batches[0], model[0])
-    assert not _kernel_is_exact(batches[0].contiguous(memory_format=torch.channels_last), model[0])
+    assert kernel_is_exact(batches[0], model[0])
+    assert not kernel_is_exact(batches[0].contiguous(memory_format=torch.channels_last), model[0])
     assert_close(recalibrate(model, batches), reference(model, batches))
 
 
 def test_dict_batches_with_input_key_and_device() -> None:
     model = make_convnet()
     batches = [{"image": b, "label": torch.zeros(len(b))} for b in make_batches(4)]
-    result = recalibrate(model, batches, input_key="image", device="cpu")
+    result = recalibrate(model, batches, RecalibrationOptions(input_key="image", device="cpu"))
     assert_close(result, reference(model, [b["image"] for b in batches]))
 
 
 def test_tuple_batches_input_index_and_forward_fn() -> None:
     model = make_convnet()
     tuples = [(torch.zeros(1), b) for b in make_batches(3)]
-    assert_close(recalibrate(model, tuples, input_index=1), reference(model, [t[1] for t in tuples]))
+    assert_close(
+        recalibrate(model, tuples, RecalibrationOptions(input_index=1)),
+        reference(model, [t[1] for t in tuples]),
+    )
 
     def fwd(m: nn.Module, batch: Any) -> Any:
         return m(batch["x"] * 2)
 
     dicts = [{"x": b} for b in make_batches(3)]
-    assert_close(recalibrate(model, dicts, forward=fwd), reference(model, dicts, fwd))
+    assert_close(recalibrate(model, dicts, RecalibrationOptions(forward=fwd)), reference(model, dicts, fwd))
 
 
 class Shared(nn.Module):
@@ -196,7 +201,7 @@ def test_stop_after_last_bn_same_result_and_skips_the_tail(stop: bool) -> None:
     seen: list[int] = []
     handle = model.fc.register_forward_pre_hook(lambda m, a: seen.append(1))
     try:
-        result = recalibrate(model, batches, stop_after_last_bn=stop)
+        result = recalibrate(model, batches, RecalibrationOptions(stop_after_last_bn=stop))
     finally:
         handle.remove()
     assert_close(result, reference(model, batches))
@@ -244,10 +249,14 @@ def test_loader_failure_is_named() -> None:
 def test_limits_and_progress() -> None:
     model, batches = make_convnet(), make_batches(10)
     calls: list[tuple[int, int | None]] = []
-    result = recalibrate(model, batches, max_batches=3, progress=lambda d, t: calls.append((d, t)))
+    result = recalibrate(
+        model, batches, RecalibrationOptions(max_batches=3), progress=lambda d, t: calls.append((d, t))
+    )
     assert result.batches == 3 and calls == [(1, 3), (2, 3), (3, 3)]
     assert_close(result, reference(model, batches[:3]))
-    result = recalibrate(model, batches, max_samples=20)  # whole batches of 8 until >= 20
+    result = recalibrate(
+        model, batches, RecalibrationOptions(max_samples=20)
+    )  # whole batches of 8 until >= 20
     assert result.batches == 3 and result.samples == 24
 
 
@@ -257,11 +266,13 @@ def test_errors() -> None:
     with pytest.raises(InputError, match="no batches"):
         recalibrate(nn.BatchNorm1d(2), [])
     with pytest.raises(UsageError, match="--method"):
-        recalibrate(nn.BatchNorm1d(2), [torch.randn(2, 2)], method="mean")
+        recalibrate(nn.BatchNorm1d(2), [torch.randn(2, 2)], RecalibrationOptions(method="mean"))
     with pytest.raises(UsageError, match="--input-key"):
         recalibrate(nn.BatchNorm1d(2), [{"a": torch.randn(2, 2)}])
-    with pytest.raises(UsageError, match=r"--input-key 'b' is not in the batch \(keys: a\)"):
-        recalibrate(nn.BatchNorm1d(2), [{"a": torch.randn(2, 2)}], input_key="b")
+    with pytest.raises(UsageError) as info:
+        recalibrate(nn.BatchNorm1d(2), [{"a": torch.randn(2, 2)}], RecalibrationOptions(input_key="b"))
+    assert info.value.fields.where == "--input-key 'b'"
+    assert info.value.fields.problem == "is not in the batch (keys: a)"
 
 
 def test_instance_norm_with_running_stats_and_metrics() -> None:

@@ -11,7 +11,11 @@ import torch
 from torch import nn
 
 from bnaudit.errors import UsageError
-from bnaudit.live.recalibrate import RecalibrationResult, _moments, recalibrate, to_channels_last
+from bnaudit.live.accumulate import moments
+from bnaudit.live.batches import to_channels_last
+from bnaudit.live.options import RecalibrationOptions
+from bnaudit.live.recalibrate import recalibrate
+from bnaudit.live.results import RecalibrationResult
 from tests.conftest import FIXTURES, run_cli
 from tests.live.test_recalibrate import reference
 from tests.recal_helpers.models import make_batches, make_convnet
@@ -43,8 +47,8 @@ def state_of(model: nn.Module) -> dict[str, tuple[torch.Tensor, tuple[int, ...],
 def test_channels_last_equals_default_within_float_tolerance() -> None:
     model, batches = make_convnet(8), make_batches(6, 16)
     ref = reference(model, batches)
-    default = recalibrate(model, batches, write=False)
-    fast = recalibrate(model, batches, write=False, channels_last=True)
+    default = recalibrate(model, batches, RecalibrationOptions(write=False))
+    fast = recalibrate(model, batches, RecalibrationOptions(write=False, channels_last=True))
     for a, b in zip(default.layers, fast.layers, strict=True):
         std = np.sqrt(a.after_var)
         assert np.all(np.abs(a.after_mean - b.after_mean) <= FLOAT_TOLERANCE * std), a.name
@@ -55,7 +59,7 @@ def test_channels_last_equals_default_within_float_tolerance() -> None:
 def test_channels_last_restores_memory_format_and_values() -> None:
     model, batches = make_convnet(8), make_batches(3, 4)
     before = state_of(model)
-    result = recalibrate(model, batches, channels_last=True, write=False)
+    result = recalibrate(model, batches, RecalibrationOptions(channels_last=True, write=False))
     after = state_of(model)
     assert result.layers[0].reached
     for key, (values, stride, dtype) in before.items():
@@ -67,15 +71,15 @@ def test_channels_last_restores_memory_format_and_values() -> None:
 
 def test_channels_last_keeps_a_model_already_channels_last_and_handles_5d() -> None:
     model = make_convnet(8).to(memory_format=torch.channels_last)
-    recalibrate(model, make_batches(2, 4), channels_last=True)
+    recalibrate(model, make_batches(2, 4), RecalibrationOptions(channels_last=True))
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert not model.conv1.weight.is_contiguous()
 
     torch.manual_seed(0)
     net3d = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.BatchNorm3d(3))
     batches = [torch.randn(4, 2, 3, 5, 5) for _ in range(3)]
-    result = recalibrate(net3d, batches, channels_last=True, write=False)
-    plain = recalibrate(net3d, batches, write=False)
+    result = recalibrate(net3d, batches, RecalibrationOptions(channels_last=True, write=False))
+    plain = recalibrate(net3d, batches, RecalibrationOptions(write=False))
     np.testing.assert_allclose(result.layers[0].after_mean, plain.layers[0].after_mean, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(result.layers[0].after_var, plain.layers[0].after_var, rtol=1e-5)
     assert net3d[0].weight.is_contiguous()
@@ -97,7 +101,7 @@ def test_amp_within_documented_tolerance_and_state_restored(dtype: str) -> None:
     ref = reference(model, batches)
     before = state_of(model)
     training = {name: m.training for name, m in model.named_modules()}
-    result = recalibrate(model, batches, write=False, amp=True, amp_dtype=dtype)
+    result = recalibrate(model, batches, RecalibrationOptions(write=False, amp=True, amp_dtype=dtype))
     mean_err, var_err = max_errors(result, ref)
     assert mean_err <= AMP_TOLERANCE[dtype] and var_err <= AMP_TOLERANCE[dtype], (mean_err, var_err)
     assert mean_err > 0  # the pass really ran in low precision
@@ -110,7 +114,7 @@ def test_amp_within_documented_tolerance_and_state_restored(dtype: str) -> None:
 def test_amp_takes_exact_moments_of_the_low_precision_inputs() -> None:
     """The first layer's input (conv1 under autocast) is the same in the pass and here: exact to 1e-6."""
     model, batches = make_convnet(8), make_batches(4, 8)
-    result = recalibrate(model, batches, write=False, amp=True)
+    result = recalibrate(model, batches, RecalibrationOptions(write=False, amp=True))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         inputs = [model.conv1(x) for x in batches]
     assert inputs[0].dtype == torch.bfloat16
@@ -124,7 +128,7 @@ def test_amp_takes_exact_moments_of_the_low_precision_inputs() -> None:
 def test_moments_of_half_inputs_are_widened_exactly() -> None:
     x = (torch.randn(64, 5, 6, 6) * 3 + 100).to(torch.bfloat16)  # mean >> std: the float64 path too
     for tensor in (x, x.to(torch.float16)):
-        var, mean = _moments(tensor, [0, 2, 3])
+        var, mean = moments(tensor, [0, 2, 3])
         exact_var, exact_mean = torch.var_mean(tensor.double(), dim=[0, 2, 3], correction=0)
         torch.testing.assert_close(mean.double(), exact_mean, rtol=1e-7, atol=0)
         torch.testing.assert_close(var.double(), exact_var, rtol=1e-6, atol=0)
@@ -133,11 +137,11 @@ def test_moments_of_half_inputs_are_widened_exactly() -> None:
 def test_amp_option_errors() -> None:
     model, batches = make_convnet(), make_batches(2)
     with pytest.raises(UsageError, match="needs --amp"):
-        recalibrate(model, batches, amp_dtype="float16")
+        recalibrate(model, batches, RecalibrationOptions(amp_dtype="float16"))
     with pytest.raises(UsageError, match="bfloat16 or float16"):
-        recalibrate(model, batches, amp=True, amp_dtype="float64")
+        recalibrate(model, batches, RecalibrationOptions(amp=True, amp_dtype="float64"))
     with pytest.raises(UsageError, match="bfloat16 or float16"):
-        recalibrate(model, batches, amp=True, amp_dtype=torch.float32)
+        recalibrate(model, batches, RecalibrationOptions(amp=True, amp_dtype=torch.float32))
 
 
 def _stats(path: Path) -> dict[str, torch.Tensor]:

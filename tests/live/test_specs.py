@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from bnaudit.errors import InputError, UsageError
-from bnaudit.live.specs import batch_input, build_batches, build_model, load_callable, parse_kv
+from bnaudit.live.batch_source import batch_input, build_batches
+from bnaudit.live.specs import build_model, load_callable, parse_kv
 
 HELPERS = Path(__file__).resolve().parents[1] / "recal_helpers"
 
@@ -24,8 +25,9 @@ def test_load_callable_module_and_file_and_dotted() -> None:
 
 
 def test_load_callable_errors(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match=r"must look like 'package.module:callable'"):
+    with pytest.raises(UsageError, match=r"must look like 'package.module:callable'") as no_colon:
         load_callable("nocolon", "--model")
+    assert no_colon.value.fields.where == "--model spec 'nocolon'"
     with pytest.raises(InputError, match="no module named 'no_such_pkg_xyz'"):
         load_callable("no_such_pkg_xyz.mod:fn", "--model")
     with pytest.raises(InputError, match=r"file 'missing.py' does not exist"):
@@ -44,8 +46,12 @@ def test_load_callable_errors(tmp_path: Path) -> None:
 def test_parse_kv() -> None:
     got = parse_kv(["a=1", "b=0.5", "c=true", "d=[1, 2]", "e=resnet18", "f=", "g=null", "a=2"], "--model-arg")
     assert got == {"a": 2, "b": 0.5, "c": True, "d": [1, 2], "e": "resnet18", "f": "", "g": None}
-    with pytest.raises(UsageError, match="--data-arg 'x' must look like key=value"):
+    with pytest.raises(UsageError) as info:
         parse_kv(["x"], "--data-arg")
+    assert (
+        info.value.fields.where == "--data-arg 'x'"
+        and info.value.fields.problem == "must look like key=value"
+    )
     with pytest.raises(UsageError, match="not a valid keyword"):
         parse_kv(["a-b=1"], "--data-arg")
 
@@ -107,7 +113,10 @@ def test_batch_input() -> None:
         UsageError, match=r"batches are dicts \(keys: img, y\); name the input with --input-key"
     ):
         batch_input({"img": x, "y": 1})
-    with pytest.raises(UsageError, match="--input-index 3 is out of range"):
+    with pytest.raises(UsageError) as index_error:
         batch_input([x], input_index=3)
-    with pytest.raises(UsageError, match="--forward"):
+    assert index_error.value.fields.where == "--input-index 3"
+    assert index_error.value.fields.problem == "is out of range for batches of 1 items"
+    with pytest.raises(UsageError, match="--forward") as type_error:
         batch_input("text")
+    assert type_error.value.fields.fix == "name a callable(model, batch) with --forward for anything else"

@@ -9,6 +9,7 @@ import torch
 
 from bnaudit.errors import BnauditError
 from bnaudit.live.distributed import destroy_on_exit, init_from_env
+from bnaudit.live.options import RecalibrationOptions
 from bnaudit.live.recalibrate import recalibrate
 from tests.recal_helpers.models import FailingBatches, make_batches, make_convnet, make_uneven
 
@@ -25,14 +26,16 @@ def cases() -> dict[str, Any]:
     out["even"] = _after(recalibrate(make_convnet(), make_batches()))
     out["uneven"] = _after(recalibrate(make_convnet(), make_uneven()))
     loader = torch.utils.data.DataLoader(torch.cat(make_batches()), batch_size=7)
-    out["loader_max7"] = _after(recalibrate(make_convnet(), loader, max_batches=7))
+    out["loader_max7"] = _after(recalibrate(make_convnet(), loader, RecalibrationOptions(max_batches=7)))
     rank, world = (
         (torch.distributed.get_rank(), torch.distributed.get_world_size())
         if torch.distributed.is_initialized()
         else (None, None)
     )
     sharded = make_batches(rank=rank, world_size=world)
-    out["self_sharded"] = _after(recalibrate(make_convnet(), sharded, sharded=rank is not None))
+    out["self_sharded"] = _after(
+        recalibrate(make_convnet(), sharded, RecalibrationOptions(sharded=rank is not None))
+    )
     return out
 
 

@@ -1,0 +1,186 @@
+"""``drift``: do a checkpoint's stored BatchNorm statistics describe the data? (measured, nothing written)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bnaudit.audit.measured import DRIFT_COLUMNS, calibration_data, pass_layer_row, unreached_finding
+from bnaudit.bn.layers import is_ignored
+from bnaudit.bn.pickle_policy import pickle_findings
+from bnaudit.checkpoint.types import Checkpoint
+from bnaudit.defaults import DEFAULT_DRIFT_ERROR_KL, DEFAULT_DRIFT_WARN_KL
+from bnaudit.errors import UsageError
+from bnaudit.live.options import ProgressCallback
+from bnaudit.live.passes import CalibrationSpec, StateDictPass, run_passes
+from bnaudit.report.model import (
+    Finding,
+    FindingKind,
+    InputInfo,
+    Report,
+    Severity,
+    sort_by_layer_metric,
+    sort_findings,
+)
+from bnaudit.report.sections import Command
+
+if TYPE_CHECKING:
+    from bnaudit.live.results import LayerRecalibration
+    from bnaudit.report.model import LayerRow
+
+
+@dataclass(frozen=True)
+class DriftThresholds:
+    """The gate of ``drift``: KL(N(data) || N(stored)) in nats, max over channels, per layer.
+
+    Attributes:
+        warn_kl: a layer at or above this is a warning.
+        error_kl: a layer at or above this is an error (not below ``warn_kl``).
+        ignore: glob patterns of layers left out of the report.
+
+    Raises:
+        UsageError: a threshold that is not positive, or ``warn_kl`` above ``error_kl``.
+    """
+
+    warn_kl: float = DEFAULT_DRIFT_WARN_KL
+    error_kl: float = DEFAULT_DRIFT_ERROR_KL
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.warn_kl <= self.error_kl:
+            raise UsageError(
+                "must be positive and not above --error-kl",
+                where="--warn-kl",
+                found=f"--warn-kl {self.warn_kl}, --error-kl {self.error_kl}",
+            )
+
+
+@dataclass(frozen=True)
+class DriftResult:
+    """What :func:`drift_checkpoint` measured.
+
+    Attributes:
+        report: the Report (command ``drift``): one row per layer, a finding per drifting layer.
+        passes: one measuring pass per state dict that fits the model (statistics in ``result.layers``).
+    """
+
+    report: Report
+    passes: tuple[StateDictPass, ...]
+
+
+def drift_checkpoint(
+    path: str | Path,
+    spec: CalibrationSpec,
+    thresholds: DriftThresholds | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+) -> DriftResult:
+    """Measure the population statistics of every BatchNorm layer on ``spec.data`` and compare them with the
+    statistics stored in the checkpoint, without changing anything.
+
+    The metric is the one ``compare`` uses, with the data's statistics in place of the pooled ones:
+    KL(N(data mean, data var + eps) || N(stored mean, stored var + eps)) per channel, max per layer. Under
+    torch.distributed every rank runs it on its share of the batches and gets the same result.
+
+    Args:
+        path: the checkpoint (read with the inert reader).
+        spec: model, data and pass options (``spec.options.method`` is reported but the population
+            statistics are always the ones compared).
+        thresholds: the warn / error levels and ignored layers (default: :class:`DriftThresholds`).
+        progress: called after each local batch.
+
+    Returns:
+        A :class:`DriftResult`.
+
+    Raises:
+        ModelMismatchError: no state dict fits the model.
+        InputError / UsageError: bad specs, data or batches.
+    """
+    thresholds = thresholds or DriftThresholds()
+    ckpt, passes = run_passes(path, spec, write=False, progress=progress)
+    settings = {"method": spec.method, "data": spec.data, "model": spec.model}
+    return DriftResult(_drift_report(str(path), ckpt, passes, thresholds, settings), tuple(passes))
+
+
+def _severity(value: float | None, warn: float, error: float) -> Severity:
+    if value is None:
+        return Severity.WARN
+    if value >= error:
+        return Severity.ERROR
+    return Severity.WARN if value >= warn else Severity.OK
+
+
+def _drift_report(
+    display: str,
+    ckpt: Checkpoint,
+    passes: Sequence[StateDictPass],
+    thresholds: DriftThresholds,
+    settings: dict[str, Any],
+) -> Report:
+    warn_kl, error_kl, ignore = thresholds.warn_kl, thresholds.error_kl, thresholds.ignore
+    rows: list[LayerRow] = []
+    findings: list[Finding] = pickle_findings(ckpt.globals, display)
+    for p in passes:
+        for layer in p.result.layers:
+            if is_ignored(layer.name, ignore):
+                continue
+            if not layer.reached:
+                findings.append(unreached_finding(display, p.state_dict.name, layer.name, changed=False))
+                rows.append(pass_layer_row(p.state_dict.name, layer, Severity.WARN))
+                continue
+            metrics = layer.metrics()
+            severity = _severity(metrics["max_kl"], warn_kl, error_kl)
+            rows.append(pass_layer_row(p.state_dict.name, layer, severity))
+            if severity is not Severity.OK:
+                limit = error_kl if severity is Severity.ERROR else warn_kl
+                findings.append(_drift_finding(display, p, layer, metrics, (severity, limit)))
+    rows.sort(key=lambda r: (-r.severity.rank, -float(r.metrics.get("max_kl") or 0.0)))
+    sort_by_layer_metric(findings, rows, FindingKind.DRIFT)
+    return Report(
+        command=Command.DRIFT,
+        inputs=(InputInfo(display, ckpt.format, None, tuple(p.state_dict.name for p in passes)),),
+        settings={"warn_kl": warn_kl, "error_kl": error_kl, "ignore": list(ignore), **(settings or {})},
+        layers=tuple(rows),
+        findings=sort_findings(findings),
+        headline="max_kl",
+        next_step=(
+            f"bnaudit recalibrate {display} --model {(settings or {}).get('model', 'SPEC')} --data "
+            f"CALIBRATION_DATA -o {_recalibrated_name(display)}"
+        ),
+        columns=DRIFT_COLUMNS,
+        calibration=calibration_data(passes),
+    )
+
+
+def _recalibrated_name(display: str) -> str:
+    path = Path(display)
+    return str(path.with_name(f"{path.stem}.recalibrated{path.suffix}"))
+
+
+def _drift_finding(
+    display: str,
+    p: StateDictPass,
+    layer: LayerRecalibration,
+    metrics: dict[str, Any],
+    level: tuple[Severity, float],
+) -> Finding:
+    severity, limit = level
+    samples = int(metrics["samples"] or 0)
+    message = (
+        f"layer '{layer.name}': the stored running statistics do not describe the data (channel "
+        f"{metrics['worst_channel']}: KL {metrics['max_kl']:.3g} >= {limit:g}; mean off by up to "
+        f"{metrics['max_shift']:.2f} std, std off by up to x{metrics['max_std_ratio']:.2f}; {samples} values "
+        "per channel). Running statistics are an average over the last training batches of one rank, taken "
+        "while the weights still moved; recalibrate them on data"
+    )
+    return Finding(
+        severity,
+        FindingKind.DRIFT,
+        message,
+        file=display,
+        state_dict=p.state_dict.name,
+        layer=layer.name,
+        channel=metrics["worst_channel"],
+    )

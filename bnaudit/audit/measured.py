@@ -1,0 +1,63 @@
+"""Report pieces shared by ``drift`` and ``recalibrate``: a measured layer's row, the unreached warning."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from bnaudit.report.model import Finding, FindingKind, LayerRow, Severity
+from bnaudit.report.sections import CalibrationData, Column
+
+if TYPE_CHECKING:
+    from bnaudit.live.passes import StateDictPass
+    from bnaudit.live.results import LayerRecalibration
+
+# The layer table's columns after name and status. recalibrate shows how far each layer moved, old -> new,
+# in the same units as drift.
+DRIFT_COLUMNS = (
+    Column("max KL", "max_kl"),
+    Column("max shift (std)", "max_shift"),
+    Column("max std ratio", "max_std_ratio"),
+    Column("channel", attribute="worst_channel"),
+    Column("values/channel", "samples"),
+)
+RECALIBRATE_COLUMNS = (
+    Column("KL old->new", "max_kl"),
+    Column("mean move (std)", "max_shift"),
+    Column("std change (x)", "max_std_ratio"),
+    Column("channel", attribute="worst_channel"),
+    Column("values/channel", "samples"),
+)
+
+
+def calibration_data(passes: Sequence[StateDictPass]) -> CalibrationData:
+    """The report section naming the data the passes used and the checkpoint keys the model ignored."""
+    return CalibrationData(
+        samples=passes[0].result.samples if passes else None,
+        batches=passes[0].result.batches if passes else None,
+        unused_keys={p.state_dict.name: p.unused_keys for p in passes if p.unused_keys},
+    )
+
+
+def unreached_finding(display: str, sd_name: str, name: str, *, changed: bool) -> Finding:
+    """The warning for a layer no calibration batch reached (``changed``: recalibrate, else drift)."""
+    tail = "left unchanged" if changed else "its stored statistics were not checked"
+    return Finding(
+        Severity.WARN,
+        FindingKind.UNREACHED_LAYER,
+        f"layer '{name}': no calibration batch reached it, so it was {tail}; check --forward / the "
+        "model's control flow, or --ignore it",
+        file=display,
+        state_dict=sd_name,
+        layer=name,
+    )
+
+
+def pass_layer_row(sd_name: str, layer: LayerRecalibration, severity: Severity) -> LayerRow:
+    """The report row of one measured layer (a ``LayerRecalibration``): how far data and stored differ."""
+    metrics = layer.metrics()
+    worst = metrics.pop("worst_channel")
+    metrics["samples"] = int(metrics["samples"] or 0)  # values per channel: a count
+    return LayerRow(
+        layer.name, sd_name, severity, layer.channels, metrics, None, None if worst is None else int(worst)
+    )

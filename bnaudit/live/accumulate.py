@@ -1,0 +1,118 @@
+"""Per-call moments of a layer's input and their running merge on the layer's device (float64, Chan)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnaudit.bn.stats import ChannelStats
+from bnaudit.errors import InputError
+from bnaudit.live.estimators import LayerSums
+
+# Above this |mean| / std ratio a float32 mean (relative rounding 6e-8) may miss 1e-6 * std: use float64.
+FLOAT32_MEAN_STD_RATIO = 8.0
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def moments(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (biased variance, mean) of ``x`` over ``dims``, accurate to float64 tolerance.
+
+    On CPU a float32 ``var_mean`` (accumulated in double inside ATen) is as cheap as BatchNorm's own
+    statistics and exact to float32 rounding of its results, enough unless a channel's mean dwarfs its
+    spread; those calls are recomputed in float64. A half / bfloat16 input (under ``amp``) is widened to
+    float32 first, which is exact (every such value is a float32 value), so only the forward itself is low
+    precision, never the moments. Elsewhere (CUDA: no host sync wanted) the input is widened to float64.
+    """
+    if x.dtype in LOW_PRECISION and x.device.type == "cpu":
+        x = x.float()
+    if x.dtype == torch.float32 and x.device.type == "cpu":
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        if bool((mean.abs() <= FLOAT32_MEAN_STD_RATIO * var.sqrt()).all()):
+            return var, mean
+    return torch.var_mean(x.to(torch.float64), dim=dims, correction=0)
+
+
+def buffer_of(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor buffer ``name`` of a BatchNorm-like module (``running_mean``, ``running_var``)."""
+    buf = getattr(module, name)
+    if not isinstance(buf, torch.Tensor):
+        raise InputError("has no tensor buffer", where=f"module {type(module).__name__}", found=name)
+    return buf
+
+
+class LayerAccumulator:
+    """Collects one layer's input statistics on the layer's device, without a host sync per call."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.channels = buffer_of(module, "running_mean").numel()
+        self.count = 0.0
+        self.calls = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+        self.sum_means: torch.Tensor | None = None
+        self.sum_vars: torch.Tensor | None = None
+        no_batch = getattr(module, "_get_no_batch_dim", None)
+        self.no_batch_dim: int | None = no_batch() if callable(no_batch) else None
+
+    def check(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The input with its batch dimension and its count of values per channel; InputError if misshapen."""
+        if self.no_batch_dim is not None and x.dim() == self.no_batch_dim:
+            x = x.unsqueeze(0)  # an unbatched InstanceNorm input is one sample
+        if x.dim() < 2 or x.shape[1] != self.channels:
+            raise InputError(
+                "got an input with the wrong number of channels",
+                where=f"layer '{self.name}'",
+                expected=f"{self.channels} channels",
+                found=f"an input of shape {list(x.shape)}",
+            )
+        return x, x.numel() // self.channels
+
+    def add(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Fold one call's input in; returns that call's (mean, biased variance), None for an empty input."""
+        x, n = self.check(x)
+        if n == 0:
+            return None
+        var, mean = moments(x.detach(), [0, *range(2, x.dim())])
+        self._merge(n, mean.to(torch.float64), var.to(torch.float64))
+        return mean, var
+
+    def add_kernel_moments(self, x: torch.Tensor, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Fold in one call's float32 (mean, biased variance) from BatchNorm's own kernel (``x``: that input).
+
+        As in :func:`moments`, a call whose mean dwarfs its spread is recomputed from ``x`` in float64.
+        """
+        if not bool((mean.abs() <= FLOAT32_MEAN_STD_RATIO * var.sqrt()).all()):
+            var, mean = torch.var_mean(
+                x.detach().to(torch.float64), dim=[0, *range(2, x.dim())], correction=0
+            )
+        self._merge(n, mean.to(torch.float64), var.to(torch.float64))
+
+    def _merge(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        m2 = var * n
+        self.calls += 1
+        unbiased = m2 / (n - 1) if n > 1 else torch.full_like(m2, float("nan"))
+        if self.mean is None or self.m2 is None or self.sum_means is None or self.sum_vars is None:
+            self.count, self.mean, self.m2 = float(n), mean, m2
+            self.sum_means, self.sum_vars = mean.clone(), unbiased
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        # Chan et al.: merge (count, mean, M2) of the running total with this call's.
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+        self.count = total
+        self.sum_means = self.sum_means + mean
+        self.sum_vars = self.sum_vars + unbiased
+
+    def sums(self) -> LayerSums:
+        """What was collected, as float64 NumPy sufficient statistics (one host copy per layer)."""
+        if self.mean is None or self.m2 is None or self.sum_means is None or self.sum_vars is None:
+            return LayerSums.empty(self.channels)
+        as_np = [
+            t.cpu().numpy().astype(np.float64) for t in (self.mean, self.m2, self.sum_means, self.sum_vars)
+        ]
+        return LayerSums(ChannelStats(self.count, as_np[0], as_np[1]), self.calls, as_np[2], as_np[3])

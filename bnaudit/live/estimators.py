@@ -1,0 +1,136 @@
+"""The recalibration methods: which mean and variance each makes of a layer's accumulated input (NumPy)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from types import MappingProxyType
+from typing import Protocol
+
+import numpy as np
+
+from bnaudit.bn.stats import ChannelStats
+from bnaudit.errors import UsageError
+
+
+@dataclass
+class LayerSums:
+    """Sufficient statistics of one layer's input, mergeable across batches, calls and ranks (float64).
+
+    Attributes:
+        population: count (elements per channel seen: N*H*W summed over calls), mean and M2 per channel.
+        calls: number of forward calls that reached the layer.
+        sum_means: sum over calls of each call's mean (for ``batch-mean``).
+        sum_vars: sum over calls of each call's *unbiased* variance (for ``batch-mean``).
+    """
+
+    population: ChannelStats
+    calls: int
+    sum_means: np.ndarray
+    sum_vars: np.ndarray
+
+    @classmethod
+    def empty(cls, channels: int) -> LayerSums:
+        zeros = np.zeros(channels, dtype=np.float64)
+        return cls(ChannelStats.empty(channels), 0, zeros, zeros.copy())
+
+    @property
+    def reached(self) -> bool:
+        """True when at least one call with at least one value reached the layer."""
+        return self.calls > 0 and self.population.count > 0
+
+    def merge(self, other: LayerSums) -> LayerSums:
+        return LayerSums(
+            self.population.merge(other.population),
+            self.calls + other.calls,
+            self.sum_means + other.sum_means,
+            self.sum_vars + other.sum_vars,
+        )
+
+    def pack(self) -> np.ndarray:
+        p = self.population
+        head = np.array([p.count, float(self.calls)], dtype=np.float64)
+        return np.concatenate([head, p.mean, p.m2, self.sum_means, self.sum_vars])
+
+    @classmethod
+    def unpack(cls, flat: np.ndarray, channels: int) -> LayerSums:
+        c = channels
+        body = flat[2:]
+        pop = ChannelStats(float(flat[0]), body[:c].copy(), body[c : 2 * c].copy())
+        return cls(pop, round(float(flat[1])), body[2 * c : 3 * c].copy(), body[3 * c : 4 * c].copy())
+
+    @staticmethod
+    def packed_size(channels: int) -> int:
+        return 2 + 4 * channels
+
+
+class Estimator(Protocol):
+    """Turns a reached layer's :class:`LayerSums` into the (mean, unbiased variance) to write."""
+
+    def estimate(self, sums: LayerSums) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class PopulationEstimator:
+    """``population``: the exact mean and *unbiased* variance of every value the layer saw.
+
+    Pooled over all elements (N*H*W per channel and call) of all calls and ranks, merged with Chan's parallel
+    formulas, so uneven batches, shared layers and any split across processes give the same numbers as one
+    pass over the concatenated inputs. The variance is M2 / (count - 1) (NaN for a single value).
+    """
+
+    def estimate(self, sums: LayerSums) -> tuple[np.ndarray, np.ndarray]:
+        p = sums.population
+        var = p.m2 / (p.count - 1) if p.count > 1 else p.m2 * np.nan
+        return p.mean, var
+
+
+class BatchMeanEstimator:
+    """``batch-mean``: the average of per-call means and the average of per-call *unbiased* variances.
+
+    What ``torch.optim.swa_utils.update_bn`` computes (a cumulative moving average of each batch's
+    statistics). It ignores the spread between batch means, so it is below the population variance whenever
+    batches differ, and it weighs a short last batch like a full one.
+    """
+
+    def estimate(self, sums: LayerSums) -> tuple[np.ndarray, np.ndarray]:
+        return sums.sum_means / sums.calls, sums.sum_vars / sums.calls
+
+
+class RecalibrationMethod(str, Enum):
+    """How the statistics written are made from the pass (``--method``); see :data:`ESTIMATORS`."""
+
+    POPULATION = "population"
+    BATCH_MEAN = "batch-mean"
+
+    @classmethod
+    def parse(cls, value: RecalibrationMethod | str) -> RecalibrationMethod:
+        """The method named ``value``.
+
+        Raises:
+            UsageError: ``value`` names no method (the message lists the choices).
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            raise UsageError(
+                f"must be one of {', '.join(choices())}", where="--method", found=repr(str(value))
+            ) from None
+
+    @property
+    def estimator(self) -> Estimator:
+        """The estimator object of this method."""
+        return ESTIMATORS[self]
+
+
+ESTIMATORS: Mapping[RecalibrationMethod, Estimator] = MappingProxyType(
+    {
+        RecalibrationMethod.POPULATION: PopulationEstimator(),
+        RecalibrationMethod.BATCH_MEAN: BatchMeanEstimator(),
+    }
+)
+
+
+def choices() -> tuple[str, ...]:
+    """Every method's name, the default first (for ``--method`` and error messages)."""
+    return tuple(method.value for method in RecalibrationMethod)

@@ -1,0 +1,215 @@
+"""The measuring forward: BatchNorm layers patched or hooked to record their inputs, state put back after."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnaudit.errors import InputError
+from bnaudit.live.accumulate import LOW_PRECISION, LayerAccumulator
+
+PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+class StopForward(BaseException):
+    """Raised from a hook once the last BatchNorm call of a forward is recorded: the rest is not needed.
+
+    A BaseException so that a model's own ``except Exception`` cannot swallow it.
+    """
+
+
+@dataclass
+class PassState:
+    """Forward-order bookkeeping for ``stop_after_last_bn``."""
+
+    enabled: bool
+    batch_index: int = 0
+    stop_at: tuple[int, int] | None = None  # (layer index, call number within a forward)
+    first_sequence: list[int] | None = None
+    calls_this_batch: dict[int, int] = field(default_factory=dict)
+
+    def start_batch(self, index: int) -> None:
+        self.batch_index = index
+        self.calls_this_batch = {}
+        if index == 0:
+            self.first_sequence = []
+
+    def end_batch(self) -> None:
+        if self.enabled and self.batch_index == 0 and self.first_sequence and self.calls_this_batch:
+            last = self.first_sequence[-1]
+            self.stop_at = (last, self.calls_this_batch[last])
+
+    def record(self, layer_index: int) -> bool:
+        """Count one call; True when the rest of this forward can be skipped."""
+        seen = self.calls_this_batch.get(layer_index, 0) + 1
+        self.calls_this_batch[layer_index] = seen
+        if self.first_sequence is not None and self.batch_index == 0:
+            self.first_sequence.append(layer_index)
+        return self.stop_at is not None and self.stop_at == (layer_index, seen)
+
+
+def _make_hook(acc: LayerAccumulator, index: int, state: PassState) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor):
+            raise InputError("was called without a tensor input", where=f"layer '{acc.name}'")
+        acc.add(x)
+        if state.record(index):
+            raise StopForward
+
+    return hook
+
+
+def kernel_is_exact(x: torch.Tensor, module: Any) -> bool:
+    """True where BatchNorm's CPU kernel gives statistics as exact as ``accumulate.moments``:
+    float32 (parameters too) in plain contiguous layout with more than one value per sample and channel.
+
+    That kernel sums in double, two passes (mean, then squared deviations); its channels-last path (also taken
+    for (N, C) and N x C x 1 x 1 inputs) sums in float32, which is not exact enough, and is left to
+    ``var_mean``. tests/live/test_recalibrate.py holds it to the float64 reference on a million values per
+    channel.
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 3 or not x.is_contiguous():
+        return False
+    if x.dim() in CHANNELS_LAST and x.is_contiguous(memory_format=CHANNELS_LAST[x.dim()]):
+        return False  # ambiguous strides (C == 1, or H = W = 1): the kernel may take its channels-last path
+    if x.numel() // max(1, x.shape[0] * x.shape[1]) <= 1:
+        return False
+    params = (module.weight, module.bias)
+    return all(p is None or p.dtype == torch.float32 for p in params)
+
+
+def _kernel_forward(acc: LayerAccumulator, module: Any, x: torch.Tensor, n: int) -> torch.Tensor:
+    """Normalise ``x`` with BatchNorm's own kernel and fold in the statistics it computed."""
+    scratch_mean = torch.zeros(acc.channels, dtype=torch.float32)
+    scratch_var = torch.zeros(acc.channels, dtype=torch.float32)
+    out = nn.functional.batch_norm(
+        x, scratch_mean, scratch_var, module.weight, module.bias, True, 1.0, module.eps
+    )
+    # With momentum 1 the scratch buffers hold the batch mean and the *unbiased* variance.
+    acc.add_kernel_moments(x, n, scratch_mean, scratch_var.double() * ((n - 1) / n))
+    return out
+
+
+def _measuring_forward(
+    acc: LayerAccumulator, index: int, state: PassState
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A train-mode BatchNorm forward that records the batch statistics and normalises with them.
+
+    Where BatchNorm's own CPU kernel is exact (see :func:`kernel_is_exact`) it computes the statistics and
+    normalises in one call, with momentum 1 into scratch buffers: as cheap as ``update_bn``'s forward (a
+    separate ``var_mean`` costs twice the whole BatchNorm there). Elsewhere the statistics come from
+    ``moments`` and the input is normalised with them by an inference-mode batch_norm. Either way
+    SyncBatchNorm does not sync across ranks (nor refuse CPU tensors): every batch is normalised by its own
+    statistics, as in a single process.
+    """
+    module: Any = acc.module  # a BatchNorm: weight/bias/eps are there, typed loosely by nn.Module
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if kernel_is_exact(x, module):
+            x, n = acc.check(x)
+            if n > 1:  # (train-mode BatchNorm refuses a single value per channel)
+                out = _kernel_forward(acc, module, x, n)
+                if state.record(index):
+                    raise StopForward
+                return out
+        found = acc.add(x)
+        if state.record(index):
+            raise StopForward
+        if found is None:
+            return x.clone()
+        mean, var = found
+        # Under autocast x may be half / bfloat16 while the affine parameters stay float32: batch_norm takes
+        # that mix (the usual AMP layout); float32 statistics keep the normalisation as exact as it can be.
+        if module.weight is not None:
+            dtype = module.weight.dtype
+        else:
+            dtype = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+        return nn.functional.batch_norm(
+            x, mean.to(dtype), var.to(dtype), module.weight, module.bias, False, 0.0, module.eps
+        )
+
+    return forward
+
+
+@dataclass
+class SavedState:
+    """Everything the pass changes on the model, to put back in ``finally``."""
+
+    training: dict[nn.Module, bool]
+    buffers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    hooks: list[Any] = field(default_factory=list)
+    patched: list[nn.Module] = field(default_factory=list)
+    # 4-D / 5-D parameters and buffers moved to channels_last: the format (or the very tensor) to put back
+    formats: list[tuple[torch.Tensor, torch.memory_format | torch.Tensor]] = field(default_factory=list)
+
+    def restore(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        for module in self.patched:
+            del module.forward
+        for tensor, original in self.formats:
+            if isinstance(original, torch.Tensor):
+                tensor.data = original
+            else:
+                tensor.data = tensor.data.contiguous(memory_format=original)
+        for module, flag in self.training.items():
+            module.training = flag
+        with torch.no_grad():
+            for live, saved in self.buffers:
+                live.copy_(saved)
+
+
+def _to_channels_last(model: nn.Module, saved: SavedState) -> None:
+    """Move the model's 4-D / 5-D parameters and buffers to channels_last, noting how to put each back.
+
+    Done tensor by tensor rather than with ``model.to(memory_format=...)``, which refuses 5-D tensors, and so
+    that a tensor already in neither standard format is restored as the very same tensor.
+    """
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            fmt = CHANNELS_LAST.get(tensor.dim())
+            if fmt is None or (tensor.is_contiguous(memory_format=fmt) and not tensor.is_contiguous()):
+                continue
+            original: torch.memory_format | torch.Tensor = tensor.data
+            if tensor.is_contiguous():
+                original = torch.contiguous_format
+            saved.formats.append((tensor, original))
+            tensor.data = tensor.data.contiguous(memory_format=fmt)
+
+
+def prepare_model(
+    model: nn.Module, accs: list[LayerAccumulator], state: PassState, channels_last: bool
+) -> SavedState:
+    """Put the model in measuring mode: BatchNorm layers in train mode and recording, the rest in eval.
+
+    Returns:
+        What to put back (call ``restore()`` in ``finally``).
+    """
+    saved = SavedState({m: m.training for m in model.modules()})
+    if channels_last:
+        _to_channels_last(model, saved)
+    # The layers' own running updates during the pass are discarded: the buffers (num_batches_tracked too)
+    # are put back afterwards, then overwritten with the exact statistics when writing.
+    for acc in accs:
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            buf = getattr(acc.module, name, None)
+            if isinstance(buf, torch.Tensor):
+                saved.buffers.append((buf, buf.detach().clone()))
+    model.eval()  # dropout off, every other module in inference behaviour
+    for index, acc in enumerate(accs):
+        acc.module.train()
+        if type(acc.module) in PLAIN_BATCHNORMS:
+            acc.module.forward = _measuring_forward(acc, index, state)
+            saved.patched.append(acc.module)
+        else:
+            # Subclasses with their own forward, InstanceNorm: observe the input and let the layer run.
+            hook = _make_hook(acc, index, state)
+            saved.hooks.append(acc.module.register_forward_pre_hook(hook, with_kwargs=True))
+    return saved

@@ -1,0 +1,85 @@
+"""The options of a recalibration pass, as one frozen dataclass (importable without torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bnaudit.errors import UsageError
+from bnaudit.live.estimators import Estimator, RecalibrationMethod
+
+if TYPE_CHECKING:
+    import torch
+
+ProgressCallback = Callable[[int, "int | None"], None]
+# forward(model, batch), replacing model(input)
+ForwardFn = Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class RecalibrationOptions:
+    """How :func:`bnaudit.live.recalibrate.recalibrate` runs its pass; checked when built.
+
+    Attributes:
+        method: ``population`` (exact) or ``batch-mean`` (see :mod:`bnaudit.live.estimators`); a string is
+            turned into a :class:`RecalibrationMethod`. Both methods' statistics are in the result.
+        max_batches: use at most this many batches (counted over all ranks).
+        max_samples: stop once this many samples were used (whole batches; per rank, ceil(max_samples / N)
+            in distributed mode, so use ``max_batches`` for results identical to one process).
+        input_index, input_key: where the input is in a tuple/list or dict batch.
+        forward: ``forward(model, batch)`` replacing ``model(input)``.
+        stop_after_last_bn: skip the rest of each forward once the last BatchNorm call of the first batch's
+            forward is recorded. Assumes the BatchNorm call sequence does not depend on the data; turn it off
+            for models with data-dependent control flow.
+        device: where batches go; None: the device of the model's first parameter or buffer.
+        write: overwrite ``running_mean`` / ``running_var`` of the reached layers (False: measure only).
+        channels_last: run the pass with the model's 4-D (5-D) parameters and inputs in channels_last
+            (channels_last_3d) memory format, often faster for convolutions; the original formats are put
+            back afterwards. The statistics are the same to float32 rounding.
+        amp: run each forward under ``torch.autocast`` (mixed precision). The layer inputs are then computed
+            in low precision, but their moments are still taken in float32 / float64 from the exact widened
+            values; only the forward's own rounding changes the statistics (measured in BENCHMARKS.md).
+        amp_dtype: ``bfloat16`` / ``float16`` (or a torch dtype) for ``amp``; default bfloat16 on CPU,
+            float16 elsewhere.
+        distributed: None: automatic; False: ignore torch.distributed even when initialised.
+        sharded: the batches already hold only this rank's share (a loader built with rank/world_size).
+        status_timeout_s: how long a finished rank waits for the others (distributed only).
+
+    Raises:
+        UsageError: an unknown method, a limit that is not positive, or ``amp_dtype`` without ``amp``.
+    """
+
+    method: RecalibrationMethod | str = RecalibrationMethod.POPULATION
+    max_batches: int | None = None
+    max_samples: int | None = None
+    input_index: int = 0
+    input_key: str | None = None
+    forward: ForwardFn | None = None
+    stop_after_last_bn: bool = True
+    device: str | torch.device | None = None
+    write: bool = True
+    channels_last: bool = False
+    amp: bool = False
+    amp_dtype: str | torch.dtype | None = None
+    distributed: bool | None = None
+    sharded: bool = False
+    status_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", RecalibrationMethod.parse(self.method))
+        for option, value in (("--max-batches", self.max_batches), ("--max-samples", self.max_samples)):
+            if value is not None and value <= 0:
+                raise UsageError("must be a positive integer", where=option, found=str(value))
+        if self.amp_dtype is not None and not self.amp:
+            raise UsageError("needs --amp", where="--amp-dtype", fix="add --amp or drop --amp-dtype")
+
+    @property
+    def chosen_method(self) -> RecalibrationMethod:
+        """``method`` as the enum (it always is one once built)."""
+        return RecalibrationMethod.parse(self.method)
+
+    @property
+    def estimator(self) -> Estimator:
+        """The estimator of the chosen method."""
+        return self.chosen_method.estimator
