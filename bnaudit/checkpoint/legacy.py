@@ -7,7 +7,7 @@ from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
-from bnaudit.checkpoint.types import ITEMSIZE, Checkpoint, StorageRef
+from bnaudit.checkpoint.types import ITEMSIZE, Checkpoint, ContainerFormat, StorageRef
 from bnaudit.checkpoint.unpickler import inert_load
 from bnaudit.errors import InputError, UnsupportedFormatError
 
@@ -120,5 +120,10 @@ def read_legacy(path: Path) -> Checkpoint:
         f.seek(main_start)
         root, refs, warnings = inert_load(f, display=str(path), source="main pickle", resolver=resolve)
     return Checkpoint(
-        path=path, format="torch-legacy", root=root, state_dicts=[], globals=refs, warnings=warnings
+        path=path,
+        format=ContainerFormat.TORCH_LEGACY,
+        root=root,
+        state_dicts=[],
+        globals=refs,
+        warnings=warnings,
     )

@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from bnaudit.checkpoint.types import ITEMSIZE, Checkpoint, StorageRef, TensorRef
+from bnaudit.checkpoint.types import ITEMSIZE, Checkpoint, ContainerFormat, StorageRef, TensorRef
 from bnaudit.errors import InputError
 
 SAFETENSORS_DTYPES: dict[str, str] = {
@@ -141,4 +141,6 @@ def read_safetensors(path: Path) -> Checkpoint:
     data_size = path.stat().st_size - data_start
     root = {name: _tensor(path, name, info, data_start, data_size) for name, info in header.items()}
     _check_overlaps(path, root)
-    return Checkpoint(path=path, format="safetensors", root=root, state_dicts=[], metadata=metadata)
+    return Checkpoint(
+        path=path, format=ContainerFormat.SAFETENSORS, root=root, state_dicts=[], metadata=metadata
+    )

@@ -8,18 +8,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from bnaudit.checkpoint.detect import detect_format
-from bnaudit.checkpoint.legacy import read_legacy
-from bnaudit.checkpoint.safetensors_io import read_safetensors
-from bnaudit.checkpoint.torchzip import read_torch_zip
-from bnaudit.checkpoint.types import Checkpoint, GlobalRef, TensorRef
+from bnaudit.checkpoint.types import Checkpoint, ContainerFormat, GlobalRef, TensorRef
 from bnaudit.errors import InputError
 
 MAX_INDEX_BYTES = 100_000_000
-_SHARD_READERS: dict[str, Callable[[Path], Checkpoint]] = {
-    "safetensors": read_safetensors,
-    "torch-zip": read_torch_zip,
-    "torch-legacy": read_legacy,
-}
+ShardReaders = Mapping[ContainerFormat, Callable[[Path], Checkpoint]]
+"""The readers of the formats a shard may have (the registry's single-file formats)."""
 
 
 def _read_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -57,7 +51,7 @@ def _shard_path(index: Path, shard: str) -> Path:
     return index.parent / pure
 
 
-def _read_shard(index: Path, shard: str) -> Checkpoint:
+def _read_shard(index: Path, shard: str, readers: ShardReaders) -> Checkpoint:
     path = _shard_path(index, shard)
     if not path.is_file():
         raise InputError(
@@ -65,7 +59,7 @@ def _read_shard(index: Path, shard: str) -> Checkpoint:
             "download every shard next to the index"
         )
     fmt = detect_format(path)
-    reader = _SHARD_READERS.get(fmt)
+    reader = readers.get(fmt)
     if reader is None:
         raise InputError(
             f"{index}: shard '{shard}' is {fmt}, expected safetensors or a torch.save file; "
@@ -74,11 +68,12 @@ def _read_shard(index: Path, shard: str) -> Checkpoint:
     return reader(path)
 
 
-def read_sharded(path: Path) -> Checkpoint:
+def read_sharded(path: Path, readers: ShardReaders) -> Checkpoint:
     """Read every shard named by a sharded index and expose one flat state dict.
 
     Args:
         path: the ``*.index.json`` file.
+        readers: the reader of each format a shard may have (from :mod:`bnaudit.checkpoint.formats`).
 
     Returns:
         A Checkpoint (format ``hf-sharded``) whose root maps each tensor name (weight_map order) to a
@@ -96,13 +91,13 @@ def read_sharded(path: Path) -> Checkpoint:
     warnings: list[str] = []
     for name, shard in weight_map.items():
         if shard not in shards:
-            shards[shard] = ckpt = _read_shard(path, shard)
+            shards[shard] = ckpt = _read_shard(path, shard, readers)
             refs.extend(ckpt.globals)
             warnings.extend(ckpt.warnings)
         root[name] = _tensor_in(path, shard, shards[shard].root, name)
     return Checkpoint(
         path=path,
-        format="hf-sharded",
+        format=ContainerFormat.HF_SHARDED,
         root=root,
         state_dicts=[],
         globals=refs,

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from bnaudit.checkpoint import Checkpoint, TensorRef, iter_tensors, load_checkpoint
+from bnaudit.checkpoint.tensors import read_tensor
 
 WIDENED = {
     torch.bfloat16,
@@ -34,7 +35,7 @@ def torch_tensors(obj: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tupl
 
 
 def expected_array(t: torch.Tensor) -> np.ndarray:
-    """What ``TensorRef.to_numpy`` must return for ``t``, computed by torch."""
+    """What ``read_tensor`` must return for ``t``, computed by torch."""
     t = t.detach()
     if t.dtype in WIDENED:
         return t.to(torch.float64).numpy()
@@ -48,7 +49,7 @@ def assert_same_tensor(ref: TensorRef, t: torch.Tensor, where: Any = "") -> None
     assert ref.shape == tuple(t.shape), where
     assert ref.stride == tuple(t.stride()), where
     assert ref.offset == t.storage_offset(), where
-    got, want = ref.to_numpy(), expected_array(t)
+    got, want = read_tensor(ref), expected_array(t)
     assert got.dtype == want.dtype, (where, got.dtype, want.dtype)
     assert got.shape == want.shape, where
     np.testing.assert_array_equal(got, want, err_msg=str(where))
