@@ -10,11 +10,9 @@ from bnaudit.checkpoint.tensor_codec import DtypeOverflowError, encode_like
 from bnaudit.checkpoint.tensors import read_tensor, read_tensors
 from bnaudit.checkpoint.types import (
     Checkpoint,
-    ChunkedTensor,
     ContainerFormat,
     GlobalRef,
     Placeholder,
-    RefusedTensor,
     StateDictRef,
     StorageRef,
     TensorRef,
@@ -24,14 +22,12 @@ from bnaudit.checkpoint.types import (
 __all__ = [
     "FORMAT_SPECS",
     "Checkpoint",
-    "ChunkedTensor",
     "ContainerFormat",
     "DtypeOverflowError",
     "FormatFamily",
     "FormatSpec",
     "GlobalRef",
     "Placeholder",
-    "RefusedTensor",
     "StateDictRef",
     "StorageRef",
     "TensorRef",

@@ -142,10 +142,10 @@ def _to_safetensors(
             for key, ref in order:
                 f.write(new_bytes[key] if key in new_bytes else tensor_bytes(ref))
         _verify_tensors(staged.tmp, "", {k: r for k, r in order}, new_bytes)
+        ranges, written_meta = _ranges(patches, new_bytes), {"format": "pt", **metadata}
         result = WriteResult(
-            out, ContainerFormat.SAFETENSORS, ref_sha, _sha256(staged.tmp), _ranges(patches, new_bytes)
+            out, ContainerFormat.SAFETENSORS, ref_sha, _sha256(staged.tmp), ranges, metadata=written_meta
         )
-        result.metadata = {"format": "pt", **metadata}
         for path, text in companions(result) if companions else []:
             staged.add_companion(path, text)
         staged.commit()

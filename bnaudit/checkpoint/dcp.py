@@ -33,7 +33,7 @@ from bnaudit.checkpoint.types import (
 from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, inert_load
 from bnaudit.checkpoint.unpickler_globals import int_tuple
 from bnaudit.checkpoint.zipdir import LOCAL_SIGNATURE
-from bnaudit.errors import BnauditError, InputError
+from bnaudit.errors import InputError
 
 # A non-tensor item (epoch, a config dict) is a small torch.save'd object; anything bigger is not read.
 MAX_BYTES_ITEM = 64 << 20
@@ -276,8 +276,8 @@ def read_dcp(folder: Path) -> Checkpoint:
                 folder, ContainerFormat.DCP, {}, [], globals=reader.globals, warnings=reader.warnings
             )
         flat = {fqn: reader.item(fqn, entry, meta) for fqn, entry in meta.items.items()}
-    except BnauditError:
-        raise
+    # No BnauditError is an OSError, nor (DtypeOverflowError aside, which only writing raises) one of the
+    # errors below: the reader's own errors pass through untouched.
     except OSError as exc:
         raise InputError(
             f"cannot read a data file ({exc.strerror or exc})", path=folder, fix="check the folder"

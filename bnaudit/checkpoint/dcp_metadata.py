@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bnaudit.checkpoint.types import ITEMSIZE, GlobalRef, Placeholder
-from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, inert_load
+from bnaudit.checkpoint.unpickler import inert_load_file
 from bnaudit.checkpoint.unpickler_globals import DtypeMarker, int_tuple
 from bnaudit.errors import InputError
 
@@ -51,16 +51,7 @@ def read_metadata_pickle(folder: Path) -> tuple[Any, list[GlobalRef], list[str]]
     Raises:
         InputError: the file is over the pickle size limit, or corrupt.
     """
-    meta_path = folder / METADATA_FILE
-    size = meta_path.stat().st_size
-    if size > MAX_PICKLE_BYTES:
-        raise InputError(
-            f"{METADATA_FILE} is {size} bytes, over the {MAX_PICKLE_BYTES} byte limit for a pickle",
-            path=folder,
-            fix="it is not DCP metadata",
-        )
-    with open(meta_path, "rb") as f:
-        return inert_load(f, display=str(folder), source=METADATA_FILE)
+    return inert_load_file(folder / METADATA_FILE, where=METADATA_FILE, fix="it is not DCP metadata")
 
 
 @dataclass(frozen=True)

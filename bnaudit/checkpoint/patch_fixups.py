@@ -137,7 +137,7 @@ def safetensors_header_with(path: Path, entries: Mapping[str, str]) -> bytes:
 def data_start(path: Path) -> int:
     """Where a safetensors file's data section starts (after the length and the JSON header)."""
     with open(path, "rb") as f:
-        return _LENGTH.size + _LENGTH.unpack(f.read(_LENGTH.size))[0]
+        return _LENGTH.size + int(_LENGTH.unpack(f.read(_LENGTH.size))[0])
 
 
 class SafetensorsHeaderFixups:

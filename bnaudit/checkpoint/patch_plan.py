@@ -51,7 +51,7 @@ class ByteRange:
         return self.offset + len(self.data)
 
 
-@dataclass
+@dataclass(frozen=True)
 class WriteResult:
     """What :func:`write_patched` wrote.
 
@@ -70,7 +70,7 @@ class WriteResult:
     reference_sha256: str
     output_sha256: str
     ranges: list[ByteRange]
-    crc_entries: list[str] = field(default_factory=list)
+    crc_entries: tuple[str, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
 
 

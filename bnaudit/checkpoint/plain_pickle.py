@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bnaudit.checkpoint.types import Checkpoint, ContainerFormat
-from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, inert_load
-from bnaudit.errors import InputError
+from bnaudit.checkpoint.unpickler import inert_load_file
 
 
 def read_pickle(path: Path) -> Checkpoint:
@@ -21,15 +20,7 @@ def read_pickle(path: Path) -> Checkpoint:
     Raises:
         InputError: the pickle is over the size limit, corrupt or truncated.
     """
-    size = path.stat().st_size
-    if size > MAX_PICKLE_BYTES:
-        raise InputError(
-            f"is a {size} byte pickle, over the {MAX_PICKLE_BYTES} byte limit",
-            path=path,
-            fix="save a state dict with torch.save instead",
-        )
-    with open(path, "rb") as f:
-        root, refs, warnings = inert_load(f, display=str(path), source=path.name)
+    root, refs, warnings = inert_load_file(path, where=None, fix="save a state dict with torch.save instead")
     return Checkpoint(
         path=path, format=ContainerFormat.PICKLE, root=root, state_dicts=[], globals=refs, warnings=warnings
     )

@@ -6,6 +6,7 @@ import io
 import pickle
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bnaudit.checkpoint.pickle_scan import c_unpickler_safe
@@ -157,6 +158,33 @@ _CORRUPT = (
     OverflowError,
     NotImplementedError,
 )
+
+
+def inert_load_file(path: Path, *, where: str | None, fix: str) -> tuple[Any, list[GlobalRef], list[str]]:
+    """:func:`inert_load` of a whole file, refused when it is over :data:`MAX_PICKLE_BYTES`.
+
+    Args:
+        path: the pickle file.
+        where: how messages name it inside its checkpoint (``.metadata``), or None for the file itself.
+        fix: what a user with a file over the limit should do.
+
+    Returns:
+        (object, globals referenced, warnings), as :func:`inert_load`.
+
+    Raises:
+        InputError: the file is over the limit, corrupt or truncated.
+    """
+    size = path.stat().st_size
+    display = path if where is None else path.parent
+    if size > MAX_PICKLE_BYTES:
+        raise InputError(
+            f"is {size} bytes, over the {MAX_PICKLE_BYTES} byte limit for a pickle",
+            path=display,
+            where=where,
+            fix=fix,
+        )
+    with open(path, "rb") as f:
+        return inert_load(f, display=str(display), source=where or path.name)
 
 
 def inert_load(

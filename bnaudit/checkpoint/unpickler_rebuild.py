@@ -45,6 +45,10 @@ class InertBase:
         self._storages: dict[str, StorageRef] = {}
         self._special: dict[tuple[str, str], Any] = self._special_globals()
 
+    def _special_globals(self) -> dict[tuple[str, str], Any]:
+        """The globals with a safe stand-in of their own (the subclass names them)."""
+        return {}
+
     def placeholder_class(self, module: str, name: str) -> type[PlaceholderObject]:
         """The generated placeholder class for ``module.name`` (one per name and unpickler).
 

@@ -208,7 +208,7 @@ def write_patched(
     with AtomicOutput(out) as staged:
         _write_output(staged.tmp, ckpt, ranges, fixed, spec)
         ref_sha, out_sha = _verify(staged.tmp, ckpt, patches, ranges, fixed, spec)
-        crc_names = [e.name for e in fixed.crc_entries]
+        crc_names = tuple(e.name for e in fixed.crc_entries)
         result = WriteResult(out, ckpt.format, ref_sha, out_sha, ranges, crc_names, dict(fixed.metadata))
         for path, text in companions(result) if companions else []:
             staged.add_companion(path, text)
