@@ -82,7 +82,9 @@ def test_files_and_their_folder_are_fsynced(tmp_path: Path, monkeypatch) -> None
         staged.add_companion(tmp_path / "main.bin.json", "{}")
         staged.commit()
     assert synced == ["file", "file", "folder"]
-    assert (tmp_path / "main.bin").read_bytes() == b"main" and (tmp_path / "main.bin.json").read_text() == "{}"
+    assert (tmp_path / "main.bin").read_bytes() == b"main" and (
+        tmp_path / "main.bin.json"
+    ).read_text() == "{}"
 
 
 def test_an_exception_mid_write_leaves_the_old_target_and_no_temp(tmp_path: Path) -> None:
@@ -94,7 +96,7 @@ def test_an_exception_mid_write_leaves_the_old_target_and_no_temp(tmp_path: Path
         raise RuntimeError("boom")
     assert target.read_bytes() == b"old" and not companion.exists()
     assert _leftovers(tmp_path) == []
-    assert atomic_output._LIVE_TEMPS == set()
+    assert not atomic_output._LIVE_TEMPS
 
 
 def test_a_failing_checkpoint_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -13,8 +13,8 @@ from ckpt_helpers import entry_name, rewrite_zip
 from safetensors.torch import save_file
 
 from bnaudit.checkpoint import detect_format, load_checkpoint
-from bnaudit.errors import InputError, UnsupportedFormatError
 from bnaudit.checkpoint.tensors import read_tensor
+from bnaudit.errors import InputError, UnsupportedFormatError
 
 
 def _fails(path: Path, *fragments: str, exc: type[Exception] = InputError) -> str:

@@ -14,8 +14,8 @@ import torch
 from ckpt_helpers import entry_name, rewrite_zip
 
 from bnaudit.checkpoint import Placeholder, load_checkpoint
-from bnaudit.checkpoint.unpickler import inert_load
 from bnaudit.checkpoint.tensors import read_tensor
+from bnaudit.checkpoint.unpickler import inert_load
 
 
 class Reduce:

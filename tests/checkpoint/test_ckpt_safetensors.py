@@ -13,8 +13,8 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file as save_torch
 
 from bnaudit.checkpoint import TensorRef, detect_format, load_checkpoint
-from bnaudit.errors import InputError
 from bnaudit.checkpoint.tensors import read_tensor
+from bnaudit.errors import InputError
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bnaudit.checkpoint import DtypeOverflowError, detect_format, encode_like, load_checkpoint
-from bnaudit.checkpoint import tensor_codec
+from bnaudit.checkpoint import DtypeOverflowError, detect_format, encode_like, load_checkpoint, tensor_codec
 from bnaudit.checkpoint import tensors as tensors_module
 from bnaudit.checkpoint.tensors import read_tensor
 

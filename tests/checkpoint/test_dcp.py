@@ -21,9 +21,9 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint import tensors as tensors_module
 from bnaudit.checkpoint.dcp_metadata import unflatten
+from bnaudit.checkpoint.tensors import read_tensor
 from bnaudit.checkpoint.types import ChunkedTensor, StorageRef, TensorRef
 from bnaudit.errors import InputError
-from bnaudit.checkpoint.tensors import read_tensor
 from tests.conftest import REPO, bn_state, call_main
 
 

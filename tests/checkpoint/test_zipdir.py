@@ -65,7 +65,8 @@ def _located(path: Path, base: int = 0, end: int | None = None, descriptors: boo
 
 def _summary(entries: dict) -> dict[str, tuple[int, int, int, int, int, int]]:
     return {
-        n: (e.header_offset, e.data_offset, e.stored_size, e.size, e.method, e.crc) for n, e in entries.items()
+        n: (e.header_offset, e.data_offset, e.stored_size, e.size, e.method, e.crc)
+        for n, e in entries.items()
     }
 
 
@@ -82,7 +83,9 @@ def test_every_crc_field_holds_the_crc(saved: Path) -> None:
         assert data[entry.descriptor_crc_at - 4 : entry.descriptor_crc_at] == b"PK\x07\x08"
         assert len(entry.crc_fields) >= 2
         for at in entry.crc_fields:
-            assert struct.unpack_from("<L", data, at)[0] == zlib.crc32(data[entry.data_offset :][: entry.size])
+            assert struct.unpack_from("<L", data, at)[0] == zlib.crc32(
+                data[entry.data_offset :][: entry.size]
+            )
 
 
 def test_every_consumer_sees_the_same_entries(saved: Path) -> None:
@@ -182,7 +185,9 @@ def test_a_mutated_record_is_an_input_error(
     saved: Path, tmp_path: Path, capsys, signature: bytes, which: int, message: str
 ) -> None:  # type: ignore[no-untyped-def]
     data = bytearray(saved.read_bytes())
-    at = _signature_at(bytes(data), signature, which) if signature != b"PK\x05\x06" else data.rindex(signature)
+    at = (
+        _signature_at(bytes(data), signature, which) if signature != b"PK\x05\x06" else data.rindex(signature)
+    )
     data[at + 2] ^= 0xFF
     path = tmp_path / "bad.pt"
     path.write_bytes(bytes(data))
