@@ -59,9 +59,13 @@ def tensor_bytes(ref: TensorRef) -> bytes:
     if ref.dtype == "bfloat16":
         return encode_like(values, "bfloat16")  # exact: every bfloat16 value is a float64
     raise UnsupportedFormatError(
-        f"{ref.storage.path}: tensor in '{ref.storage.key}' is a non-contiguous {ref.dtype} tensor, which "
-        "bnaudit "
-        "cannot convert; convert it with torch"
+        (
+            f"tensor in '{ref.storage.key}' is a non-contiguous {ref.dtype} tensor, which "
+            "bnaudit "
+            "cannot convert"
+        ),
+        path=ref.storage.path,
+        fix="convert it with torch",
     )
 
 
@@ -70,9 +74,9 @@ def _only_state_dict(ckpt: Checkpoint, patches: Sequence[TensorPatch]) -> StateD
     if len(names) != 1:
         listed = ", ".join(repr(n) for n in names)
         raise UsageError(
-            f"{ckpt.path}: --to safetensors keeps one state dict, but {len(names)} are merged ({listed}); "
-            "pass "
-            "--key to choose one"
+            f"--to safetensors keeps one state dict, but {len(names)} are merged ({listed})",
+            path=ckpt.path,
+            fix=("pass --key to choose one"),
         )
     return ckpt.state_dict(names[0])
 
@@ -113,8 +117,9 @@ def _safetensors_header(
         st = _TO_SAFETENSORS.get(ref.dtype)
         if st is None:
             raise UnsupportedFormatError(
-                f"{sd.display_name}: tensor '{key}' has dtype {ref.dtype}, which safetensors cannot hold; "
-                "keep the torch format (leave out --to)"
+                f"tensor '{key}' has dtype {ref.dtype}, which safetensors cannot hold",
+                where=sd.display_name,
+                fix="keep the torch format (leave out --to)",
             )
         size = ref.numel * ref.itemsize
         entries[key] = {"dtype": st, "shape": list(ref.shape), "data_offsets": [offset, offset + size]}
@@ -195,16 +200,18 @@ def _verify_tensors(
         written = load_checkpoint(tmp).state_dict(sd_name).tensors
     except (InputError, KeyError) as exc:
         raise InternalError(
-            f"{tmp}: the converted checkpoint cannot be read back ({exc}); this is a bug in bnaudit"
+            f"the converted checkpoint cannot be read back ({exc})", path=tmp, fix="this is a bug in bnaudit"
         ) from None
     if list(written) != list(source):
         raise InternalError(
-            f"{tmp}: the converted checkpoint's keys differ from the source; this is a bug in bnaudit"
+            "the converted checkpoint's keys differ from the source", path=tmp, fix="this is a bug in bnaudit"
         )
     for key, ref in source.items():
         expected = new_bytes[key] if key in new_bytes else tensor_bytes(ref)
         if tensor_bytes(written[key]) != expected or written[key].shape != ref.shape:
-            raise InternalError(f"{tmp}: tensor '{key}' differs after conversion; this is a bug in bnaudit")
+            raise InternalError(
+                f"tensor '{key}' differs after conversion", path=tmp, fix="this is a bug in bnaudit"
+            )
 
 
 @dataclass(frozen=True)

@@ -58,28 +58,31 @@ def detect_format(path: str | Path) -> ContainerFormat:
             if (path / ".metadata").is_file():
                 return ContainerFormat.DCP
             raise InputError(
-                f"{path}: is a directory without a .metadata file, so not a distributed "
-                f"checkpoint; {_EXPECTED}"
+                "is a directory without a .metadata file, so not a distributed checkpoint",
+                path=path,
+                fix=_EXPECTED,
             )
         file_size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(_SNIFF_BYTES)
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file or directory; check the path") from None
+        raise InputError("no such file or directory", path=path, fix="check the path") from None
     except PermissionError:
-        raise InputError(f"{path}: permission denied; check the file's permissions") from None
+        raise InputError("permission denied", path=path, fix="check the file's permissions") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror}); check the path") from None
+        raise InputError(f"cannot be read ({exc.strerror})", path=path, fix="check the path") from None
     return _format_of(path, head, file_size)
 
 
 def _format_of(path: Path, head: bytes, file_size: int) -> ContainerFormat:
     if not head:
-        raise InputError(f"{path}: is empty (0 bytes); the save was interrupted — re-save the checkpoint")
+        raise InputError(
+            "is empty (0 bytes)", path=path, fix="the save was interrupted — re-save the checkpoint"
+        )
     if head.startswith(LOCAL_SIGNATURE):
         return ContainerFormat.TORCH_ZIP
     if head.startswith(END_SIGNATURE):
-        raise InputError(f"{path}: is an empty zip archive, not a checkpoint; {_EXPECTED}")
+        raise InputError("is an empty zip archive, not a checkpoint", path=path, fix=_EXPECTED)
     if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
         return ContainerFormat.TORCH_LEGACY if _is_legacy_torch(head) else ContainerFormat.PICKLE
     if _looks_like_safetensors(head, file_size):
@@ -89,10 +92,12 @@ def _format_of(path: Path, head: bytes, file_size: int) -> ContainerFormat:
         if b'"weight_map"' in head:
             return ContainerFormat.HF_SHARDED
         raise InputError(
-            f"{path}: is a JSON file without a 'weight_map', so not a sharded checkpoint index; {_EXPECTED}"
+            "is a JSON file without a 'weight_map', so not a sharded checkpoint index",
+            path=path,
+            fix=_EXPECTED,
         )
     kind = "a text file" if _is_text(head) else f"an unknown format (first bytes {head[:8].hex()})"
-    raise InputError(f"{path}: is {kind}, not a checkpoint; {_EXPECTED}")
+    raise InputError(f"is {kind}, not a checkpoint", path=path, fix=_EXPECTED)
 
 
 def _is_text(head: bytes) -> bool:

@@ -116,14 +116,16 @@ def _encode(ckpt: Checkpoint, patch: TensorPatch) -> bytes:
     ref = patch.ref
     if tuple(np.shape(patch.values)) != ref.shape:
         raise InternalError(
-            f"{patch.label}: new values have shape {np.shape(patch.values)}, expected {ref.shape}"
+            f"new values have shape {np.shape(patch.values)}, expected {ref.shape}", path=patch.label
         )
     try:
         return encode_like(np.asarray(patch.values, dtype=np.float64), ref.dtype)
     except DtypeOverflowError as exc:
-        raise DtypeOverflowError(f"{ckpt.path}: tensor '{patch.label}': {exc}; nothing was written") from None
+        raise DtypeOverflowError(
+            f"tensor '{patch.label}': {exc}", path=ckpt.path, fix="nothing was written"
+        ) from None
     except ValueError as exc:
-        raise UnsupportedFormatError(f"{ckpt.path}: tensor '{patch.label}': {exc}") from None
+        raise UnsupportedFormatError(f"tensor '{patch.label}': {exc}", path=ckpt.path) from None
 
 
 def encode_patches(ckpt: Checkpoint, patches: Sequence[TensorPatch]) -> list[bytes]:
@@ -146,8 +148,12 @@ def _check_target(ckpt: Checkpoint, patch: TensorPatch) -> None:
     end = _span(ref)[1]
     if end - ref.storage.file_offset > ref.storage.nbytes:
         raise InputError(
-            f"{ckpt.path}: tensor '{patch.label}' needs {end - ref.storage.file_offset} bytes of storage "
-            f"'{ref.storage.key}', which holds {ref.storage.nbytes}; the file is corrupt — re-save it"
+            (
+                f"tensor '{patch.label}' needs {end - ref.storage.file_offset} bytes of storage "
+                f"'{ref.storage.key}', which holds {ref.storage.nbytes}"
+            ),
+            path=ckpt.path,
+            fix="the file is corrupt — re-save it",
         )
 
 

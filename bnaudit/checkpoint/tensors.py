@@ -37,7 +37,9 @@ def _open_for_reading(path: Path) -> int:
     try:
         return os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise InputError(f"{path}: cannot open for reading ({exc.strerror}); check the path") from None
+        raise InputError(
+            f"cannot open for reading ({exc.strerror})", path=path, fix="check the path"
+        ) from None
 
 
 def _read_plain(ref: TensorRef, start: int, end: int) -> bytes:
@@ -190,15 +192,19 @@ def _readable_span(ref: TensorRef) -> tuple[int, int, np.dtype[Any]]:
     storage = ref.storage
     if ref.dtype not in NUMPY_DTYPES and ref.dtype not in RAW_DTYPES:
         raise InputError(
-            f"{storage.path}: storage '{storage.key}' holds dtype {ref.dtype}, which bnaudit cannot "
-            "decode; convert the tensor to float32 before saving"
+            f"storage '{storage.key}' holds dtype {ref.dtype}, which bnaudit cannot decode",
+            path=storage.path,
+            fix="convert the tensor to float32 before saving",
         )
     start, end = _needed_bytes(ref)
     if end > storage.nbytes:
         raise InputError(
-            f"{storage.path}: storage '{storage.key}' is {storage.nbytes} bytes but a {ref.dtype} tensor of "
-            f"shape {list(ref.shape)} at offset {ref.offset} needs {end}; "
-            "the file is truncated or corrupt — re-save it"
+            (
+                f"storage '{storage.key}' is {storage.nbytes} bytes but a {ref.dtype} tensor of "
+                f"shape {list(ref.shape)} at offset {ref.offset} needs {end}"
+            ),
+            path=storage.path,
+            fix="the file is truncated or corrupt — re-save it",
         )
     return start, end, np.dtype(RAW_DTYPES.get(ref.dtype) or NUMPY_DTYPES[ref.dtype])
 
@@ -208,8 +214,12 @@ def _from_bytes(ref: TensorRef, data: bytes, expected: int, raw_dtype: np.dtype[
     storage = ref.storage
     if len(data) != expected:
         raise InputError(
-            f"{storage.path}: storage '{storage.key}' should hold {storage.nbytes} bytes at offset "
-            f"{storage.file_offset} but the file ends early; the file is truncated — re-save or copy it again"
+            (
+                f"storage '{storage.key}' should hold {storage.nbytes} bytes at offset "
+                f"{storage.file_offset} but the file ends early"
+            ),
+            path=storage.path,
+            fix="the file is truncated — re-save or copy it again",
         )
     flat = np.frombuffer(data, dtype=raw_dtype)
     if ref.is_contiguous():

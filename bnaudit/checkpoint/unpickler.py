@@ -212,8 +212,12 @@ def inert_load(
     if isinstance(data, bytes | bytearray):
         if len(data) > MAX_PICKLE_BYTES:
             raise InputError(
-                f"{display}: {source} is {len(data)} bytes, over the {MAX_PICKLE_BYTES} byte limit for a "
-                "checkpoint pickle; save a state dict instead"
+                (
+                    f"{source} is {len(data)} bytes, over the {MAX_PICKLE_BYTES} byte limit for a "
+                    "checkpoint pickle"
+                ),
+                path=display,
+                fix="save a state dict instead",
             )
         if c_unpickler_safe(bytes(data)):  # bytes() of bytes is the same object, no copy
             unpickler_class = _FastInertUnpickler
@@ -226,7 +230,8 @@ def inert_load(
     except _CORRUPT as exc:
         detail = one_line(f"{type(exc).__name__}: {exc}")
         raise InputError(
-            f"{display}: cannot read {source}: pickle is corrupt or truncated ({detail}); "
-            "re-save the checkpoint"
+            f"cannot read {source}: pickle is corrupt or truncated ({detail})",
+            path=display,
+            fix="re-save the checkpoint",
         ) from None
     return obj, unpickler.globals, unpickler.warnings

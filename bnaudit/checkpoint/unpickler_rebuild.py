@@ -92,8 +92,12 @@ class InertBase:
             return self._placeholder("torch._utils", func, *args)
         if shape is None or strides is None or len(shape) != len(strides) or not ok_offset:
             raise InputError(
-                f"{self.display}: {self.source}: tensor on storage '{storage.key}' has an invalid offset, "
-                f"size or stride ({offset!r}, {size!r}, {stride!r}); the file is corrupt — re-save it"
+                (
+                    f"{self.source}: tensor on storage '{storage.key}' has an invalid offset, "
+                    f"size or stride ({offset!r}, {size!r}, {stride!r})"
+                ),
+                path=self.display,
+                fix="the file is corrupt — re-save it",
             )
         if name is not None and name != storage.dtype:
             storage = replace(storage, dtype=name)
@@ -161,15 +165,17 @@ class InertBase:
         parts = int_tuple(view[1:]) if isinstance(view, tuple) and len(view) == 3 else None
         if parts is None or not isinstance(view[0], str):
             raise InputError(
-                f"{self.display}: storage '{root.key}' has an invalid view {view!r}; "
-                "the file is corrupt — re-save it"
+                f"storage '{root.key}' has an invalid view {view!r}",
+                path=self.display,
+                fix="the file is corrupt — re-save it",
             )
         offset, size = parts
         itemsize = ITEMSIZE[root.dtype]
         if (offset + size) * itemsize > root.nbytes:
             raise InputError(
-                f"{self.display}: storage view '{view[0]}' ends past storage '{root.key}' "
-                f"({root.nbytes} bytes); the file is corrupt — re-save it"
+                f"storage view '{view[0]}' ends past storage '{root.key}' ({root.nbytes} bytes)",
+                path=self.display,
+                fix="the file is corrupt — re-save it",
             )
         return replace(
             root, key=view[0], file_offset=root.file_offset + offset * itemsize, nbytes=size * itemsize

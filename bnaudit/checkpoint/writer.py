@@ -42,21 +42,24 @@ def check_output_path(out: Path, inputs: list[Path], force: bool, companions: tu
     """
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
-        raise OutputError(f"{out}: the folder {folder} does not exist; create it or choose another -o path")
+        raise OutputError(
+            f"the folder {folder} does not exist", path=out, fix="create it or choose another -o path"
+        )
     for target in (out, *companions):
         if target.is_dir():
-            raise OutputError(f"{target}: is a directory; pass a file name to -o")
+            raise OutputError("is a directory", path=target, fix="pass a file name to -o")
         if not target.exists():
             continue
         for src in inputs:
             if src.exists() and os.path.samefile(target, src):
                 raise OutputError(
-                    f"{target}: is one of the inputs ({src}); bnaudit never writes over an input, even "
-                    "with --force — choose another -o path"
+                    f"is one of the inputs ({src})",
+                    path=target,
+                    fix=("bnaudit never writes over an input, even with --force — choose another -o path"),
                 )
         if not force:
             raise OutputError(
-                f"{target}: already exists; pass --force to replace it or choose another -o path"
+                "already exists", path=target, fix="pass --force to replace it or choose another -o path"
             )
 
 

@@ -31,6 +31,7 @@ STORED, DEFLATED = 0, 8
 FLAG_ENCRYPTED, FLAG_DESCRIPTOR, FLAG_UTF8 = 0x1, 0x8, 0x800
 _ZIP64_EXTRA = 0x0001
 _MAX32 = 0xFFFFFFFF
+_MAX_EXTRACT_VERSION = 63  # the newest zip feature level a reader is asked to support, as in zipfile
 _MAX_TAIL = END.size + 0xFFFF  # the end record plus the longest comment
 
 
@@ -142,6 +143,8 @@ def parse_records(raw: bytes, start: int, size: int, base: int) -> tuple[Central
     while pos + CENTRAL.size <= size and raw[pos : pos + 4] == CENTRAL_SIGNATURE:
         f = CENTRAL.unpack_from(raw, pos)
         flags, method, crc, stored, usize = f[3], f[4], f[7], f[8], f[9]
+        if f[2] & 0xFF > _MAX_EXTRACT_VERSION:  # the low byte of "version needed to extract"
+            raise ZipFormatError(f"zip file version {(f[2] & 0xFF) / 10:.1f} at byte {start + pos}")
         name_len, extra_len, comment_len, header_offset = f[10], f[11], f[12], f[16]
         name_at = pos + CENTRAL.size
         if name_at + name_len + extra_len + comment_len > size:
