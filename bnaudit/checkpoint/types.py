@@ -144,11 +144,6 @@ class TensorRef:
         return location if isinstance(location, StorageRef) else location.item
 
     @property
-    def in_storage(self) -> bool:
-        """True when the bytes lie in one storage of a file (every format but chunked or refused DCP)."""
-        return isinstance(self.location, StorageRef)
-
-    @property
     def numel(self) -> int:
         n = 1
         for s in self.shape:

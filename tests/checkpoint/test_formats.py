@@ -112,7 +112,7 @@ def test_a_chunked_location_is_assembled_and_a_refused_one_says_why(tmp_path: Pa
     whole = TensorRef(ChunkedTensor(item, chunks, "w"), "float64", (6,), (1,))
     refused = TensorRef(RefusedTensor(item, "w: stored deflated"), "float64", (6,), (1,))
     plain = chunks[0][1]
-    assert whole.storage is item and not whole.in_storage and plain.in_storage
+    assert whole.storage is item and plain.storage is plain.location
     got = read_tensors([whole, plain])
     np.testing.assert_array_equal(got[0], np.arange(6.0))
     np.testing.assert_array_equal(got[1], [3.0, 4.0, 5.0])
