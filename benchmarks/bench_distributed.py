@@ -149,11 +149,11 @@ def _agreement(folder: Path, outputs: list[str]) -> float:
     no torch in this process)."""
     import numpy as np
 
-    from bnaudit.checkpoint import load_checkpoint
+    from bnaudit.checkpoint import load_checkpoint, read_tensor
 
     def stats(name: str) -> dict[str, np.ndarray]:
         sd = load_checkpoint(folder / name).state_dicts[0]
-        return {k: t.to_numpy().astype(np.float64) for k, t in sd.tensors.items()
+        return {k: read_tensor(t).astype(np.float64) for k, t in sd.tensors.items()
                 if k.endswith(("running_mean", "running_var"))}  # fmt: skip
 
     first, worst = stats(outputs[0]), 0.0

@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     "compare_ranks": "bnaudit.audit.compare",
     "inspect_checkpoint": "bnaudit.audit.compare",
     "load_checkpoint": "bnaudit.checkpoint",
+    "read_tensor": "bnaudit.checkpoint",
     "BnauditError": "bnaudit.errors",
     "FailOn": "bnaudit.report.model",
     "Finding": "bnaudit.report.model",

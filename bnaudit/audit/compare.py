@@ -25,7 +25,7 @@ from bnaudit.bn.layerstats import (
 )
 from bnaudit.bn.pickle_policy import global_uses, pickle_findings
 from bnaudit.bn.stats import DEFAULT_EPS, Divergence, DivergenceAccumulator, MergeMethod, RankMerger
-from bnaudit.checkpoint import load_checkpoint
+from bnaudit.checkpoint import load_checkpoint, read_tensor
 from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.rank_files import RankFile, resolve_rank_files
 from bnaudit.checkpoint.same_layout import LayoutTemplate
@@ -726,7 +726,7 @@ def _compare_other_tensors(
             if norm in bn_keys:
                 continue
             # One tensor of each rank at a time: memory stays at the largest tensor, twice.
-            a, b = ref_t.to_numpy(), by_norm[norm].to_numpy()
+            a, b = read_tensor(ref_t), read_tensor(by_norm[norm])
             if np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"):
                 continue
             diff = _max_abs_diff(a, b)

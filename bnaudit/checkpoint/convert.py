@@ -8,15 +8,20 @@ import json
 import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bnaudit.atomic_output import AtomicOutput
+from bnaudit.checkpoint.formats import FormatFamily
+from bnaudit.checkpoint.load import load_checkpoint
+from bnaudit.checkpoint.patch_plan import ByteRange, TensorPatch, WriteResult, encode_patches
 from bnaudit.checkpoint.safetensors_io import SAFETENSORS_DTYPES
-from bnaudit.checkpoint.tensors import encode_like, read_tensor
-from bnaudit.checkpoint.types import NUMPY_DTYPES, Checkpoint, StateDictRef, TensorRef
-from bnaudit.checkpoint.writer import AtomicOutput, ByteRange, TensorPatch, WriteResult, encode_patches
+from bnaudit.checkpoint.tensor_codec import encode_like
+from bnaudit.checkpoint.tensors import read_tensor
+from bnaudit.checkpoint.types import NUMPY_DTYPES, Checkpoint, ContainerFormat, StateDictRef, TensorRef
 from bnaudit.errors import InputError, InternalError, UnsupportedFormatError, UsageError
 
 _TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
@@ -54,9 +59,13 @@ def tensor_bytes(ref: TensorRef) -> bytes:
     if ref.dtype == "bfloat16":
         return encode_like(values, "bfloat16")  # exact: every bfloat16 value is a float64
     raise UnsupportedFormatError(
-        f"{ref.storage.path}: tensor in '{ref.storage.key}' is a non-contiguous {ref.dtype} tensor, which "
-        "bnaudit "
-        "cannot convert; convert it with torch"
+        (
+            f"tensor in '{ref.storage.key}' is a non-contiguous {ref.dtype} tensor, which "
+            "bnaudit "
+            "cannot convert"
+        ),
+        path=ref.storage.path,
+        fix="convert it with torch",
     )
 
 
@@ -65,9 +74,9 @@ def _only_state_dict(ckpt: Checkpoint, patches: Sequence[TensorPatch]) -> StateD
     if len(names) != 1:
         listed = ", ".join(repr(n) for n in names)
         raise UsageError(
-            f"{ckpt.path}: --to safetensors keeps one state dict, but {len(names)} are merged ({listed}); "
-            "pass "
-            "--key to choose one"
+            f"--to safetensors keeps one state dict, but {len(names)} are merged ({listed})",
+            path=ckpt.path,
+            fix=("pass --key to choose one"),
         )
     return ckpt.state_dict(names[0])
 
@@ -108,8 +117,9 @@ def _safetensors_header(
         st = _TO_SAFETENSORS.get(ref.dtype)
         if st is None:
             raise UnsupportedFormatError(
-                f"{sd.display_name}: tensor '{key}' has dtype {ref.dtype}, which safetensors cannot hold; "
-                "keep the torch format (leave out --to)"
+                f"tensor '{key}' has dtype {ref.dtype}, which safetensors cannot hold",
+                where=sd.display_name,
+                fix="keep the torch format (leave out --to)",
             )
         size = ref.numel * ref.itemsize
         entries[key] = {"dtype": st, "shape": list(ref.shape), "data_offsets": [offset, offset + size]}
@@ -137,8 +147,10 @@ def _to_safetensors(
             for key, ref in order:
                 f.write(new_bytes[key] if key in new_bytes else tensor_bytes(ref))
         _verify_tensors(staged.tmp, "", {k: r for k, r in order}, new_bytes)
-        result = WriteResult(out, "safetensors", ref_sha, _sha256(staged.tmp), _ranges(patches, new_bytes))
-        result.metadata = {"format": "pt", **metadata}
+        ranges, written_meta = _ranges(patches, new_bytes), {"format": "pt", **metadata}
+        result = WriteResult(
+            out, ContainerFormat.SAFETENSORS, ref_sha, _sha256(staged.tmp), ranges, metadata=written_meta
+        )
         for path, text in companions(result) if companions else []:
             staged.add_companion(path, text)
         staged.commit()
@@ -146,7 +158,7 @@ def _to_safetensors(
 
 
 def _ranges(patches: Sequence[TensorPatch], new_bytes: Mapping[str, bytes]) -> list[ByteRange]:
-    return [ByteRange(p.ref.byte_span()[0], new_bytes[p.key], p.label) for p in patches]
+    return [ByteRange(p.ref.byte_span()[0], new_bytes[p.key], p.label, p.ref.storage.key) for p in patches]
 
 
 def _to_torch(
@@ -172,7 +184,9 @@ def _to_torch(
     with AtomicOutput(out) as staged:
         torch.save(tensors, staged.tmp)
         _verify_tensors(staged.tmp, "", dict(sd.tensors), new_bytes)
-        result = WriteResult(out, "torch-zip", ref_sha, _sha256(staged.tmp), _ranges(patches, new_bytes))
+        result = WriteResult(
+            out, ContainerFormat.TORCH_ZIP, ref_sha, _sha256(staged.tmp), _ranges(patches, new_bytes)
+        )
         for path, text in companions(result) if companions else []:
             staged.add_companion(path, text)
         staged.commit()
@@ -182,33 +196,63 @@ def _to_torch(
 def _verify_tensors(
     tmp: Path, sd_name: str, source: Mapping[str, TensorRef], new_bytes: Mapping[str, bytes]
 ) -> None:
-    from bnaudit.checkpoint import load_checkpoint
-
     try:
         written = load_checkpoint(tmp).state_dict(sd_name).tensors
     except (InputError, KeyError) as exc:
         raise InternalError(
-            f"{tmp}: the converted checkpoint cannot be read back ({exc}); this is a bug in bnaudit"
+            f"the converted checkpoint cannot be read back ({exc})", path=tmp, fix="this is a bug in bnaudit"
         ) from None
     if list(written) != list(source):
         raise InternalError(
-            f"{tmp}: the converted checkpoint's keys differ from the source; this is a bug in bnaudit"
+            "the converted checkpoint's keys differ from the source", path=tmp, fix="this is a bug in bnaudit"
         )
     for key, ref in source.items():
         expected = new_bytes[key] if key in new_bytes else tensor_bytes(ref)
         if tensor_bytes(written[key]) != expected or written[key].shape != ref.shape:
-            raise InternalError(f"{tmp}: tensor '{key}' differs after conversion; this is a bug in bnaudit")
+            raise InternalError(
+                f"tensor '{key}' differs after conversion", path=tmp, fix="this is a bug in bnaudit"
+            )
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What ``--to`` asks for: the target family and what to write with it.
+
+    Attributes:
+        to: ``pt`` or ``safetensors`` (a :class:`FormatFamily` or its value).
+        metadata: safetensors header metadata to write.
+        companions: as for :func:`bnaudit.checkpoint.writer.write_patched`.
+        dropped: receives one line per kind of content the conversion loses (before ``companions`` runs).
+    """
+
+    to: FormatFamily | str
+    metadata: Mapping[str, str] | None = None
+    companions: Companions | None = None
+    dropped: list[str] | None = None
+
+
+def _convert_to_safetensors(
+    ckpt: Checkpoint, patches: Sequence[TensorPatch], out: Path, conversion: Conversion
+) -> WriteResult:
+    notes = _dropped_from_torch(ckpt, _only_state_dict(ckpt, patches))
+    companions = _noting(conversion.companions, notes, conversion.dropped)
+    return _to_safetensors(ckpt, patches, out, conversion.metadata or {}, companions)
+
+
+def _convert_to_torch(
+    ckpt: Checkpoint, patches: Sequence[TensorPatch], out: Path, conversion: Conversion
+) -> WriteResult:
+    notes = []
+    if ckpt.metadata:
+        notes.append(f"--to pt dropped the safetensors metadata ({', '.join(sorted(ckpt.metadata))})")
+    return _to_torch(ckpt, patches, out, _noting(conversion.companions, notes, conversion.dropped))
+
+
+_CONVERTERS = {FormatFamily.SAFETENSORS: _convert_to_safetensors, FormatFamily.TORCH: _convert_to_torch}
 
 
 def convert_checkpoint(
-    ckpt: Checkpoint,
-    patches: Sequence[TensorPatch],
-    out: Path,
-    fmt: str,
-    *,
-    metadata: Mapping[str, str] | None = None,
-    companions: Companions | None = None,
-    dropped: list[str] | None = None,
+    ckpt: Checkpoint, patches: Sequence[TensorPatch], out: Path, conversion: Conversion
 ) -> WriteResult:
     """Write ``out`` in another format: the reference's tensors with the patches applied.
 
@@ -220,10 +264,7 @@ def convert_checkpoint(
         ckpt: the reference checkpoint.
         patches: the new values (all in one state dict for ``safetensors``).
         out: the output path.
-        fmt: ``pt`` or ``safetensors``.
-        metadata: safetensors header metadata to write.
-        companions: as for :func:`bnaudit.checkpoint.writer.write_patched`.
-        dropped: receives one line per kind of content the conversion loses.
+        conversion: the target family, header metadata, companion files and the list of dropped content.
 
     Returns:
         The WriteResult (``ranges`` are the patched tensors' offsets in the reference).
@@ -233,16 +274,7 @@ def convert_checkpoint(
         UnsupportedFormatError: a dtype the target format cannot hold.
         OutputError / InternalError: as for ``write_patched``.
     """
-    notes: list[str] = []
-    if fmt == "safetensors":
-        sd = _only_state_dict(ckpt, patches)
-        notes = _dropped_from_torch(ckpt, sd)
-        result = _to_safetensors(ckpt, patches, out, metadata or {}, _noting(companions, notes, dropped))
-    else:
-        if ckpt.metadata:
-            notes.append(f"--to pt dropped the safetensors metadata ({', '.join(sorted(ckpt.metadata))})")
-        result = _to_torch(ckpt, patches, out, _noting(companions, notes, dropped))
-    return result
+    return _CONVERTERS[FormatFamily(conversion.to)](ckpt, patches, out, conversion)
 
 
 def _noting(companions: Companions | None, notes: list[str], dropped: list[str] | None) -> Companions | None:

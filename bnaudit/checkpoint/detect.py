@@ -7,7 +7,9 @@ import struct
 from pathlib import Path
 
 from bnaudit.checkpoint.legacy import LEGACY_MAGIC
+from bnaudit.checkpoint.types import ContainerFormat
 from bnaudit.checkpoint.unpickler import inert_load
+from bnaudit.checkpoint.zipdir import END_SIGNATURE, LOCAL_SIGNATURE
 from bnaudit.errors import BnauditError, InputError
 
 _SNIFF_BYTES = 64 * 1024  # enough to see "weight_map" near the top of a sharded index
@@ -37,14 +39,14 @@ def _looks_like_safetensors(head: bytes, file_size: int) -> bool:
     return not all(b in _TEXT_BYTES for b in head[:8])
 
 
-def detect_format(path: str | Path) -> str:
+def detect_format(path: str | Path) -> ContainerFormat:
     """Tell which container a checkpoint path is, by content.
 
     Args:
         path: a file, or a directory (torch.distributed.checkpoint).
 
     Returns:
-        One of ``torch-zip``, ``torch-legacy``, ``pickle``, ``safetensors``, ``hf-sharded``, ``dcp``.
+        The ContainerFormat.
 
     Raises:
         InputError: the path is missing, unreadable, empty, a directory without ``.metadata``, or not a
@@ -54,43 +56,48 @@ def detect_format(path: str | Path) -> str:
     try:
         if path.is_dir():
             if (path / ".metadata").is_file():
-                return "dcp"
+                return ContainerFormat.DCP
             raise InputError(
-                f"{path}: is a directory without a .metadata file, so not a distributed "
-                f"checkpoint; {_EXPECTED}"
+                "is a directory without a .metadata file, so not a distributed checkpoint",
+                path=path,
+                fix=_EXPECTED,
             )
         file_size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(_SNIFF_BYTES)
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file or directory; check the path") from None
+        raise InputError("no such file or directory", path=path, fix="check the path") from None
     except PermissionError:
-        raise InputError(f"{path}: permission denied; check the file's permissions") from None
+        raise InputError("permission denied", path=path, fix="check the file's permissions") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror}); check the path") from None
+        raise InputError(f"cannot be read ({exc.strerror})", path=path, fix="check the path") from None
     return _format_of(path, head, file_size)
 
 
-def _format_of(path: Path, head: bytes, file_size: int) -> str:
+def _format_of(path: Path, head: bytes, file_size: int) -> ContainerFormat:
     if not head:
-        raise InputError(f"{path}: is empty (0 bytes); the save was interrupted — re-save the checkpoint")
-    if head.startswith(b"PK\x03\x04"):
-        return "torch-zip"
-    if head.startswith(b"PK\x05\x06"):
-        raise InputError(f"{path}: is an empty zip archive, not a checkpoint; {_EXPECTED}")
+        raise InputError(
+            "is empty (0 bytes)", path=path, fix="the save was interrupted — re-save the checkpoint"
+        )
+    if head.startswith(LOCAL_SIGNATURE):
+        return ContainerFormat.TORCH_ZIP
+    if head.startswith(END_SIGNATURE):
+        raise InputError("is an empty zip archive, not a checkpoint", path=path, fix=_EXPECTED)
     if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
-        return "torch-legacy" if _is_legacy_torch(head) else "pickle"
+        return ContainerFormat.TORCH_LEGACY if _is_legacy_torch(head) else ContainerFormat.PICKLE
     if _looks_like_safetensors(head, file_size):
-        return "safetensors"
+        return ContainerFormat.SAFETENSORS
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if text.startswith(b"{"):
         if b'"weight_map"' in head:
-            return "hf-sharded"
+            return ContainerFormat.HF_SHARDED
         raise InputError(
-            f"{path}: is a JSON file without a 'weight_map', so not a sharded checkpoint index; {_EXPECTED}"
+            "is a JSON file without a 'weight_map', so not a sharded checkpoint index",
+            path=path,
+            fix=_EXPECTED,
         )
     kind = "a text file" if _is_text(head) else f"an unknown format (first bytes {head[:8].hex()})"
-    raise InputError(f"{path}: is {kind}, not a checkpoint; {_EXPECTED}")
+    raise InputError(f"is {kind}, not a checkpoint", path=path, fix=_EXPECTED)
 
 
 def _is_text(head: bytes) -> bool:

@@ -135,7 +135,7 @@ def find_state_dicts(root: Any, source: str = "checkpoint") -> list[StateDictRef
         return list(_walk(root, (), 0))
     except RecursionError:
         raise InputError(
-            f"{source}: object graph is nested too deeply to search; re-save a plain state dict"
+            "object graph is nested too deeply to search", path=source, fix="re-save a plain state dict"
         ) from None
 
 
@@ -162,5 +162,7 @@ def select_state_dicts(
             return [sd]
     available = ", ".join(repr(sd.name) for sd in found) or "none"
     raise InputError(
-        f"{source}: no state dict at key {key!r}; state dicts found: {available} — pass one of them to --key"
+        f"no state dict at key {key!r}",
+        path=source,
+        fix=f"state dicts found: {available} — pass one of them to --key",
     )

@@ -7,7 +7,7 @@ from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
-from bnaudit.checkpoint.types import ITEMSIZE, Checkpoint, StorageRef
+from bnaudit.checkpoint.types import ITEMSIZE, Checkpoint, ContainerFormat, StorageRef
 from bnaudit.checkpoint.unpickler import inert_load
 from bnaudit.errors import InputError, UnsupportedFormatError
 
@@ -20,20 +20,26 @@ def _check_preamble(path: Path, f: BufferedReader) -> None:
     magic, _, _ = inert_load(f, display=str(path), source="magic number pickle")
     if magic != LEGACY_MAGIC:
         raise InputError(
-            f"{path}: is a pickle but does not start with the torch magic number; "
-            "it is not a legacy torch.save file — pass a torch.save checkpoint"
+            "is a pickle but does not start with the torch magic number",
+            path=path,
+            fix="it is not a legacy torch.save file — pass a torch.save checkpoint",
         )
     protocol, _, _ = inert_load(f, display=str(path), source="protocol version pickle")
     if protocol != LEGACY_PROTOCOL:
         raise UnsupportedFormatError(
-            f"{path}: legacy torch protocol version {protocol!r} is not supported "
-            f"(expected {LEGACY_PROTOCOL}); load and re-save it with a recent torch"
+            f"legacy torch protocol version {protocol!r} is not supported (expected {LEGACY_PROTOCOL})",
+            path=path,
+            fix="load and re-save it with a recent torch",
         )
     sys_info, _, _ = inert_load(f, display=str(path), source="sys_info pickle")
     if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
         raise UnsupportedFormatError(
-            f"{path}: was saved on a big-endian machine; bnaudit reads little-endian "
-            "checkpoints only — load and re-save it on a little-endian machine"
+            "was saved on a big-endian machine",
+            path=path,
+            fix=(
+                "bnaudit reads little-endian "
+                "checkpoints only — load and re-save it on a little-endian machine"
+            ),
         )
 
 
@@ -54,8 +60,9 @@ def _storage_keys(path: Path, f: BufferedReader) -> list[str]:
     keys, _, _ = inert_load(f, display=str(path), source="storage key list")
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise InputError(
-            f"{path}: the storage key list is not a list of strings (found {type(keys).__name__}); "
-            "the file is corrupt — re-save it"
+            f"the storage key list is not a list of strings (found {type(keys).__name__})",
+            path=path,
+            fix="the file is corrupt — re-save it",
         )
     return keys
 
@@ -70,8 +77,9 @@ def _locate_storages(
     for key in keys:
         if key not in sizes:
             raise InputError(
-                f"{path}: storage '{key}' is listed but no tensor refers to it, so its size is "
-                "unknown; the file is corrupt — re-save it"
+                f"storage '{key}' is listed but no tensor refers to it, so its size is unknown",
+                path=path,
+                fix="the file is corrupt — re-save it",
             )
         f.seek(pos)
         header = f.read(_COUNT.size)
@@ -79,8 +87,9 @@ def _locate_storages(
         nbytes = count * sizes[key]
         if count < 0 or pos + _COUNT.size + nbytes > file_size:
             raise InputError(
-                f"{path}: storage '{key}' at byte {pos} runs past the end of the file ({file_size} bytes); "
-                "the file is truncated — re-save it or copy it again"
+                f"storage '{key}' at byte {pos} runs past the end of the file ({file_size} bytes)",
+                path=path,
+                fix="the file is truncated — re-save it or copy it again",
             )
         located[key] = (pos + _COUNT.size, nbytes)
         pos += _COUNT.size + nbytes
@@ -110,8 +119,9 @@ def read_legacy(path: Path) -> Checkpoint:
         def resolve(key: str, dtype: str, expected_nbytes: int) -> StorageRef:
             if key not in located:
                 raise InputError(
-                    f"{path}: the pickle refers to storage '{key}' which is not in the file's "
-                    "storage list; the file is corrupt — re-save it"
+                    f"the pickle refers to storage '{key}' which is not in the file's storage list",
+                    path=path,
+                    fix="the file is corrupt — re-save it",
                 )
             offset, nbytes = located[key]
             return StorageRef(path, key, offset, nbytes, dtype)
@@ -120,5 +130,10 @@ def read_legacy(path: Path) -> Checkpoint:
         f.seek(main_start)
         root, refs, warnings = inert_load(f, display=str(path), source="main pickle", resolver=resolve)
     return Checkpoint(
-        path=path, format="torch-legacy", root=root, state_dicts=[], globals=refs, warnings=warnings
+        path=path,
+        format=ContainerFormat.TORCH_LEGACY,
+        root=root,
+        state_dicts=[],
+        globals=refs,
+        warnings=warnings,
     )

@@ -49,7 +49,7 @@ def expand_arguments(arguments: list[str]) -> list[str]:
         if _GLOB_CHARS.search(arg) and not os.path.exists(arg):
             matches = sorted(glob.glob(arg))
             if not matches:
-                raise InputError(f"{arg}: the pattern matches no file; check the path and quoting")
+                raise InputError("the pattern matches no file", path=arg, fix="check the path and quoting")
             expanded.extend(matches)
         else:
             expanded.append(arg)

@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from bnaudit.checkpoint.types import ITEMSIZE, Checkpoint, StorageRef, TensorRef
+from bnaudit.checkpoint.types import ITEMSIZE, Checkpoint, ContainerFormat, StorageRef, TensorRef
 from bnaudit.errors import InputError
 
 SAFETENSORS_DTYPES: dict[str, str] = {
@@ -27,26 +27,32 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         raw_len = f.read(_LENGTH.size)
         if len(raw_len) != _LENGTH.size:
             raise InputError(
-                f"{path}: is {file_size} bytes, too short for a safetensors header; "
-                "the file is truncated — re-save it"
+                f"is {file_size} bytes, too short for a safetensors header",
+                path=path,
+                fix="the file is truncated — re-save it",
             )
         (length,) = _LENGTH.unpack(raw_len)
         if length > MAX_HEADER_BYTES or _LENGTH.size + length > file_size:
             raise InputError(
-                f"{path}: safetensors header length is {length} bytes but the file has {file_size} bytes "
-                f"(limit {MAX_HEADER_BYTES}); the header length is corrupt or the file truncated — re-save it"
+                (
+                    f"safetensors header length is {length} bytes but the file has {file_size} bytes "
+                    f"(limit {MAX_HEADER_BYTES})"
+                ),
+                path=path,
+                fix="the header length is corrupt or the file truncated — re-save it",
             )
         text = f.read(length)
     try:
         header = json.loads(text, object_pairs_hook=_no_duplicates)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(
-            f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt — re-save it"
+            f"safetensors header is not valid JSON ({exc})", path=path, fix="the file is corrupt — re-save it"
         ) from None
     if not isinstance(header, dict):
         raise InputError(
-            f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object; "
-            "the file is corrupt — re-save it"
+            f"safetensors header is a JSON {type(header).__name__}, expected an object",
+            path=path,
+            fix="the file is corrupt — re-save it",
         )
     return header, _LENGTH.size + length
 
@@ -66,8 +72,9 @@ def _metadata(path: Path, header: dict[str, Any]) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
     ):
         raise InputError(
-            f"{path}: safetensors '__metadata__' must map strings to strings; the header is corrupt "
-            "— re-save the file"
+            "safetensors '__metadata__' must map strings to strings",
+            path=path,
+            fix=("the header is corrupt — re-save the file"),
         )
     return meta
 
@@ -75,7 +82,7 @@ def _metadata(path: Path, header: dict[str, Any]) -> dict[str, str]:
 def _tensor(path: Path, name: str, info: Any, data_start: int, data_size: int) -> TensorRef:
     def bad(what: str) -> InputError:
         return InputError(
-            f"{path}: safetensors tensor '{name}' {what}; the header is corrupt — re-save the file"
+            f"safetensors tensor '{name}' {what}", path=path, fix="the header is corrupt — re-save the file"
         )
 
     if not isinstance(info, dict):
@@ -118,8 +125,9 @@ def _check_overlaps(path: Path, tensors: dict[str, TensorRef]) -> None:
     for (_, end, name), (begin, _, following) in itertools.pairwise(spans):
         if begin < end:
             raise InputError(
-                f"{path}: safetensors tensors '{name}' and '{following}' overlap; the header is "
-                "corrupt — re-save the file"
+                f"safetensors tensors '{name}' and '{following}' overlap",
+                path=path,
+                fix=("the header is corrupt — re-save the file"),
             )
 
 
@@ -141,4 +149,6 @@ def read_safetensors(path: Path) -> Checkpoint:
     data_size = path.stat().st_size - data_start
     root = {name: _tensor(path, name, info, data_start, data_size) for name, info in header.items()}
     _check_overlaps(path, root)
-    return Checkpoint(path=path, format="safetensors", root=root, state_dicts=[], metadata=metadata)
+    return Checkpoint(
+        path=path, format=ContainerFormat.SAFETENSORS, root=root, state_dicts=[], metadata=metadata
+    )

@@ -32,27 +32,24 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnaudit.checkpoint.types import Checkpoint, TensorRef
+from bnaudit.checkpoint.types import Checkpoint, ContainerFormat, StorageRef, TensorRef
+from bnaudit.checkpoint.zipdir import (
+    CENTRAL,
+    CENTRAL_CRC_AT,
+    LOCAL,
+    LOCAL_CRC_AT,
+    LOCAL_SIGNATURE,
+    STORED,
+    ZipFormatError,
+    directory_bounds,
+    parse_records,
+)
 
-_EOCD = struct.Struct("<4s4xHHIIH")  # signature, (disk numbers), entries here, entries, size, offset, comment
-_EOCD_SIGNATURE = b"PK\x05\x06"
-_ZIP64_LOCATOR = struct.Struct("<4sIQI")  # signature, disk, offset of the ZIP64 end record, disks
-_ZIP64_LOCATOR_SIGNATURE = b"PK\x06\x07"
-_ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")  # signature, size, versions, disks, entries x2, size, offset
-_ZIP64_EOCD_SIGNATURE = b"PK\x06\x06"
-_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # a central directory file header (46 bytes)
-_CENTRAL_SIGNATURE = b"PK\x01\x02"
-_LOCAL_SIZE = 30
-_LOCAL_SIGNATURE = b"PK\x03\x04"
-_CENTRAL_CRC = 16  # offset of the CRC-32 field in a central directory header
-_LOCAL_CRC = 14  # ... and in a local header
-_UTF8_FLAG = 0x800
-_MAX_TAIL_SEARCH = 22 + 0xFFFF  # the end record plus the longest comment
+_LOCAL_SIZE = LOCAL.size
 # Local headers closer than this are read in one pread, of at most _MAX_HEADER_RUN bytes.
 _MAX_HEADER_GAP = 64 << 10
 _MAX_HEADER_RUN = 1 << 20
 _FIXED = ("data.pkl", "byteorder")  # records read whole: their bytes (and CRC-32) must be equal
-_ZIP64_EXTRA = 0x0001
 
 
 @dataclass(frozen=True)
@@ -87,18 +84,16 @@ class LayoutTemplate:
     @classmethod
     def of(cls, checkpoint: Checkpoint) -> LayoutTemplate | None:
         """A template from a checkpoint read in full, or None when it is not a plain torch zip file."""
-        if checkpoint.format != "torch-zip" or checkpoint.warnings:
+        if checkpoint.format is not ContainerFormat.TORCH_ZIP or checkpoint.warnings:
             return None
         try:
             with open(checkpoint.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                start = _directory_start(f.fileno(), size)
-                if start is None:
-                    return None
+                start, directory_size, _ = directory_bounds(f.fileno(), 0, size)
                 directory = os.pread(f.fileno(), size - start, start)
-        except OSError:
+        except (OSError, ZipFormatError):
             return None
-        walked = _walk_directory(directory, size - start)
+        walked = _walk_directory(directory, start, directory_size)
         if walked is None:
             return None
         folder, entries = walked
@@ -151,8 +146,12 @@ class LayoutTemplate:
         names = set()
         folder = self.folder.decode("utf-8", "replace")
         for ref in storages:
-            storage = ref.storage
-            if type(ref) is not TensorRef or storage.compressed or storage.path != self.checkpoint.path:
+            storage = ref.location
+            if (
+                not isinstance(storage, StorageRef)
+                or storage.compressed
+                or storage.path != self.checkpoint.path
+            ):
                 return None
             if not storage.key.startswith(folder) or storage.key[len(folder) :] not in self.entries:
                 return None
@@ -210,90 +209,39 @@ def _local_headers(fd: int, ordered: list[_Entry]) -> bytes:
             header = bytearray(
                 data[entry.header_offset - run_start : entry.header_offset - run_start + _LOCAL_SIZE]
             )
-            if len(header) != _LOCAL_SIZE or header[:4] != _LOCAL_SIGNATURE:
+            if len(header) != _LOCAL_SIZE or header[:4] != LOCAL_SIGNATURE:
                 raise ValueError("no local header where the directory says")
             if entry.masks_crc:
-                header[_LOCAL_CRC : _LOCAL_CRC + 4] = b"\0\0\0\0"
+                header[LOCAL_CRC_AT : LOCAL_CRC_AT + 4] = b"\0\0\0\0"
             out += header
         at = end
     return bytes(out)
 
 
-def _directory_start(fd: int, size: int) -> int | None:
-    """Where the central directory starts (following a ZIP64 end record when the plain one points to it)."""
-    tail_size = min(size, _MAX_TAIL_SEARCH)
-    tail = os.pread(fd, tail_size, size - tail_size)
-    at = tail.rfind(_EOCD_SIGNATURE)
-    if at < 0 or len(tail) - at < _EOCD.size:
-        return None
-    _, _, _, _, offset, _ = _EOCD.unpack_from(tail, at)
-    if offset != 0xFFFFFFFF:
-        return int(offset)
-    locator_at = at - _ZIP64_LOCATOR.size
-    if locator_at < 0:
-        return None
-    signature, _, record_offset, _ = _ZIP64_LOCATOR.unpack_from(tail, locator_at)
-    if signature != _ZIP64_LOCATOR_SIGNATURE:
-        return None
-    record = os.pread(fd, _ZIP64_EOCD.size, record_offset)
-    if len(record) != _ZIP64_EOCD.size or record[:4] != _ZIP64_EOCD_SIGNATURE:
-        return None
-    return int(_ZIP64_EOCD.unpack(record)[9])
-
-
-def _walk_directory(directory: bytes, length: int) -> tuple[bytes, dict[str, _Entry]] | None:
+def _walk_directory(directory: bytes, start: int, size: int) -> tuple[bytes, dict[str, _Entry]] | None:
     """The archive folder and the entries (by name without the folder), or None when the directory is not
     the plain, single-folder directory ``torch.save`` writes."""
+    try:
+        records = parse_records(directory, start, size, 0)
+    except ZipFormatError:
+        return None
     entries: dict[str, _Entry] = {}
     folder: bytes | None = None
-    pos = 0
-    while pos + 4 <= length and directory[pos : pos + 4] == _CENTRAL_SIGNATURE:
-        if pos + _CENTRAL.size > length:
-            return None
-        fields = _CENTRAL.unpack_from(directory, pos)
-        flags, method, name_len, extra_len, comment_len, header_offset = (
-            fields[3], fields[4], fields[10], fields[11], fields[12], fields[16]
-        )  # fmt: skip
-        name_at = pos + _CENTRAL.size
-        raw_name = directory[name_at : name_at + name_len]
-        stored = fields[8]
-        if 0xFFFFFFFF in (fields[9], stored, header_offset):
-            extra = directory[name_at + name_len : name_at + name_len + extra_len]
-            widened = _zip64_values(extra, (fields[9], stored, header_offset))
-            if widened is None:
-                return None
-            _, stored, header_offset = widened
+    for rec in records:
+        name_at = rec.record_offset - start + CENTRAL.size
+        raw_name = directory[name_at : name_at + rec.name_length]
         slash = raw_name.find(b"/")
-        if method != 0 or slash <= 0:
+        if rec.method != STORED or slash <= 0:
             return None  # compressed or folder-less entries
-        if folder is None:
-            folder = raw_name[: slash + 1]
+        folder = raw_name[: slash + 1] if folder is None else folder
         if raw_name[: slash + 1] != folder:
             return None
-        name = raw_name[slash + 1 :].decode("utf-8" if flags & _UTF8_FLAG else "cp437")
-        crc_at = None if name in _FIXED else pos + _CENTRAL_CRC
-        entries[name] = _Entry(header_offset, stored, name_at, crc_at)
-        pos = name_at + name_len + extra_len + comment_len
+        name = rec.name[rec.name.index("/") + 1 :]
+        crc_at = None if name in _FIXED else rec.record_offset - start + CENTRAL_CRC_AT
+        entries[name] = _Entry(rec.header_offset, rec.stored_size, name_at, crc_at)
     if folder is None or "data.pkl" not in entries:
         return None
     return folder, entries
-
-
-def _zip64_values(extra: bytes, values: tuple[int, int, int]) -> tuple[int, int, int] | None:
-    """(size, stored size, local header offset) with each field that overflowed (0xFFFFFFFF) replaced by
-    its 8-byte value from the ZIP64 extra field, which holds them in that order; None when it is missing."""
-    at = 0
-    while at + 4 <= len(extra):
-        tag, length = struct.unpack_from("<HH", extra, at)
-        if tag == _ZIP64_EXTRA:
-            count = sum(v == 0xFFFFFFFF for v in values)
-            if length < 8 * count or at + 4 + 8 * count > len(extra):
-                return None
-            wide = iter(struct.unpack_from(f"<{count}Q", extra, at + 4))
-            size, stored, offset = (next(wide) if v == 0xFFFFFFFF else v for v in values)
-            return int(size), int(stored), int(offset)
-        at += 4 + length
-    return None
 
 
 def _folder_of(directory: bytes, name_at: int, length: int) -> bytes | None:

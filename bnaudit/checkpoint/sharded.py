@@ -8,38 +8,36 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from bnaudit.checkpoint.detect import detect_format
-from bnaudit.checkpoint.legacy import read_legacy
-from bnaudit.checkpoint.safetensors_io import read_safetensors
-from bnaudit.checkpoint.torchzip import read_torch_zip
-from bnaudit.checkpoint.types import Checkpoint, GlobalRef, TensorRef
+from bnaudit.checkpoint.types import Checkpoint, ContainerFormat, GlobalRef, TensorRef
 from bnaudit.errors import InputError
 
 MAX_INDEX_BYTES = 100_000_000
-_SHARD_READERS: dict[str, Callable[[Path], Checkpoint]] = {
-    "safetensors": read_safetensors,
-    "torch-zip": read_torch_zip,
-    "torch-legacy": read_legacy,
-}
+ShardReaders = Mapping[ContainerFormat, Callable[[Path], Checkpoint]]
+"""The readers of the formats a shard may have (the registry's single-file formats)."""
 
 
 def _read_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     """(weight_map, metadata as strings) of an index file."""
     if path.stat().st_size > MAX_INDEX_BYTES:
         raise InputError(
-            f"{path}: index file is over {MAX_INDEX_BYTES} bytes; it is not a sharded checkpoint "
-            "index — pass the *.index.json written by save_pretrained"
+            f"index file is over {MAX_INDEX_BYTES} bytes",
+            path=path,
+            fix=("it is not a sharded checkpoint index — pass the *.index.json written by save_pretrained"),
         )
     try:
         index = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: is not valid JSON ({exc}); re-download or re-save the index") from None
+        raise InputError(
+            f"is not valid JSON ({exc})", path=path, fix="re-download or re-save the index"
+        ) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise InputError(
-            f"{path}: 'weight_map' must map tensor names to shard file names; "
-            "re-download or re-save the index"
+            "'weight_map' must map tensor names to shard file names",
+            path=path,
+            fix="re-download or re-save the index",
         )
     meta = index.get("metadata")
     metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
@@ -51,34 +49,38 @@ def _shard_path(index: Path, shard: str) -> Path:
     pure = PurePosixPath(shard)
     if not shard or pure.is_absolute() or ".." in pure.parts or "\\" in shard:
         raise InputError(
-            f"{index}: shard name {shard!r} is not a file name relative to the index's folder; "
-            "fix the weight_map"
+            f"shard name {shard!r} is not a file name relative to the index's folder",
+            path=index,
+            fix="fix the weight_map",
         )
     return index.parent / pure
 
 
-def _read_shard(index: Path, shard: str) -> Checkpoint:
+def _read_shard(index: Path, shard: str, readers: ShardReaders) -> Checkpoint:
     path = _shard_path(index, shard)
     if not path.is_file():
         raise InputError(
-            f"{index}: shard '{shard}' named in weight_map is missing (looked for {path}); "
-            "download every shard next to the index"
+            f"shard '{shard}' named in weight_map is missing (looked for {path})",
+            path=index,
+            fix="download every shard next to the index",
         )
     fmt = detect_format(path)
-    reader = _SHARD_READERS.get(fmt)
+    reader = readers.get(fmt)
     if reader is None:
         raise InputError(
-            f"{index}: shard '{shard}' is {fmt}, expected safetensors or a torch.save file; "
-            "re-save the shards"
+            f"shard '{shard}' is {fmt}, expected safetensors or a torch.save file",
+            path=index,
+            fix="re-save the shards",
         )
     return reader(path)
 
 
-def read_sharded(path: Path) -> Checkpoint:
+def read_sharded(path: Path, readers: ShardReaders) -> Checkpoint:
     """Read every shard named by a sharded index and expose one flat state dict.
 
     Args:
         path: the ``*.index.json`` file.
+        readers: the reader of each format a shard may have (from :mod:`bnaudit.checkpoint.formats`).
 
     Returns:
         A Checkpoint (format ``hf-sharded``) whose root maps each tensor name (weight_map order) to a
@@ -96,13 +98,13 @@ def read_sharded(path: Path) -> Checkpoint:
     warnings: list[str] = []
     for name, shard in weight_map.items():
         if shard not in shards:
-            shards[shard] = ckpt = _read_shard(path, shard)
+            shards[shard] = ckpt = _read_shard(path, shard, readers)
             refs.extend(ckpt.globals)
             warnings.extend(ckpt.warnings)
         root[name] = _tensor_in(path, shard, shards[shard].root, name)
     return Checkpoint(
         path=path,
-        format="hf-sharded",
+        format=ContainerFormat.HF_SHARDED,
         root=root,
         state_dicts=[],
         globals=refs,
@@ -116,7 +118,8 @@ def _tensor_in(index: Path, shard: str, shard_root: Any, name: str) -> TensorRef
     if not isinstance(value, TensorRef):
         found = "missing" if value is None else f"a {type(value).__name__}"
         raise InputError(
-            f"{index}: tensor '{name}' should be in shard '{shard}' but is {found} there; "
-            "the shards do not match the index — re-download or re-save them"
+            f"tensor '{name}' should be in shard '{shard}' but is {found} there",
+            path=index,
+            fix="the shards do not match the index — re-download or re-save them",
         )
     return value

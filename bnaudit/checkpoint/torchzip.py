@@ -1,59 +1,36 @@
-"""Reader for torch zip checkpoints (``torch.save`` since PyTorch 1.6)."""
+"""Reader for torch zip checkpoints (``torch.save`` since PyTorch 1.6), and for the archives DCP embeds."""
 
 from __future__ import annotations
 
 import os
-import struct
-import zipfile
-import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-from bnaudit.checkpoint.types import Checkpoint, StorageRef
-from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, StorageResolver, inert_load
+from bnaudit.checkpoint.types import Checkpoint, ContainerFormat, StorageRef
+from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, inert_load
+from bnaudit.checkpoint.unpickler_globals import StorageResolver
+from bnaudit.checkpoint.zipdir import ZipFormatError, read_directory
+from bnaudit.checkpoint.zipentries import ZipEntry, locate_entries, read_member
 from bnaudit.errors import InputError, UnsupportedFormatError
 
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version..sizes skipped), name length, extra length
-_LOCAL_SIGNATURE = b"PK\x03\x04"
-# What zipfile raises on a corrupt entry: unsupported "compression methods" or zip versions
-# (NotImplementedError) and the encryption flag (RuntimeError) come from flipped bits, not real archives.
-ZIP_READ_ERRORS = (
-    zipfile.BadZipFile,
-    EOFError,
-    OSError,
-    ValueError,
-    NotImplementedError,
-    RuntimeError,
-    zlib.error,
-)
+_TRUNCATED = "the file is truncated or corrupt — re-save it or copy it again"
 
 
-class ZipEntry(NamedTuple):
-    """Where one zip entry's data lies in the file (a tuple: archives hold thousands of entries)."""
+@dataclass(frozen=True)
+class TorchArchive:
+    """A torch.save zip archive located in a file: its folder, its entries and its pickle's bytes.
 
-    name: str
-    header_offset: int
-    data_offset: int
-    stored_size: int  # bytes in the file (compressed size)
-    size: int  # bytes once decompressed
-    compressed: bool
+    Attributes:
+        prefix: the folder every entry lives in, with its trailing ``/`` (``archive/``).
+        entries: entry name -> ZipEntry (absolute offsets).
+        pickle_name: the ``<prefix>data.pkl`` entry.
+        pickle: its bytes (CRC-32 checked).
+    """
 
-
-def _open_zip(path: Path) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(path)
-    except (
-        zipfile.BadZipFile,
-        zipfile.LargeZipFile,
-        EOFError,
-        ValueError,
-        struct.error,
-        NotImplementedError,
-    ) as exc:
-        raise InputError(
-            f"{path}: is not a complete zip archive ({exc}); the file is truncated or corrupt — "
-            "re-save it or copy it again"
-        ) from None
+    prefix: str
+    entries: dict[str, ZipEntry]
+    pickle_name: str
+    pickle: bytes
 
 
 def _check_torchscript(path: Path, names: list[str]) -> None:
@@ -61,8 +38,9 @@ def _check_torchscript(path: Path, names: list[str]) -> None:
         parts = name.split("/")
         if parts[-1] == "constants.pkl" or (len(parts) > 2 and parts[1] == "code"):
             raise UnsupportedFormatError(
-                f"{path}: is a TorchScript archive (torch.jit.save); bnaudit reads state dicts, not scripted "
-                "modules: save model.state_dict() with torch.save and audit that"
+                "is a TorchScript archive (torch.jit.save); bnaudit reads state dicts, not scripted modules",
+                path=path,
+                fix="save model.state_dict() with torch.save and audit that",
             )
 
 
@@ -85,81 +63,100 @@ def archive_prefix(path: Path, names: list[str]) -> str:
     if len(candidates) != 1:
         found = "none" if not candidates else ", ".join(f"'{c}data.pkl'" for c in candidates)
         raise InputError(
-            f"{path}: is a zip archive but not a torch.save checkpoint: expected one '<name>/data.pkl' "
-            f"entry, found {found}; pass a file written by torch.save"
+            "is a zip archive but not a torch.save checkpoint",
+            path=path,
+            expected="one '<name>/data.pkl' entry",
+            found=found,
+            fix="pass a file written by torch.save",
         )
     return candidates[0]
 
 
-def read_entries(path: Path, zf: zipfile.ZipFile, file_size: int, base: int = 0) -> dict[str, ZipEntry]:
-    """Locate every entry's data in the file and check that no two overlap.
+def _member(path: Path, fd: int, entry: ZipEntry) -> bytes:
+    try:
+        return read_member(fd, entry)
+    except ZipFormatError as exc:
+        raise InputError(
+            f"cannot read zip entry ({exc})",
+            path=path,
+            where=entry.name,
+            fix="the file is corrupt — re-save it",
+        ) from None
+
+
+def read_archive(
+    path: Path, fd: int, window: tuple[int, int] | None = None, max_pickle: int = MAX_PICKLE_BYTES
+) -> TorchArchive:
+    """Locate a torch.save archive's entries and read its pickle (and check its byte order record).
 
     Args:
-        path: the zip file.
-        zf: the open archive.
-        file_size: the file's size in bytes (for an embedded archive: where the archive ends).
-        base: absolute offset of the archive's first byte in ``path`` (non-zero for the archives DCP embeds
-            in its ``.distcp`` files); ZipEntry offsets are absolute.
+        path: the file, for messages.
+        fd: the file, open for reading.
+        window: (start, end) of an archive embedded in a larger file (DCP); the whole file by default.
+        max_pickle: the largest pickle accepted, in bytes.
 
     Returns:
-        Entry name -> ZipEntry.
+        The TorchArchive.
 
     Raises:
-        InputError: a local header is missing or corrupt, or entries overlap or run past the end of the file.
+        UnsupportedFormatError: a TorchScript archive or a big-endian checkpoint.
+        InputError: the archive is truncated or corrupt, or its pickle is over ``max_pickle`` bytes.
     """
-    entries: dict[str, ZipEntry] = {}
-    fd = os.open(path, os.O_RDONLY)
+    base, end = window if window is not None else (0, None)
     try:
-        # One pread of the 30 fixed bytes per header: a buffered file would read 8 KB at every seek.
-        for info in zf.infolist():
-            header = os.pread(fd, _LOCAL_HEADER.size, base + info.header_offset)
-            if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_SIGNATURE:
-                raise InputError(
-                    f"{path}: zip entry '{info.filename}' has no local header at offset "
-                    f"{info.header_offset}; the file is truncated or corrupt — re-save it"
-                )
-            _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-            data_offset = base + info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-            entries[info.filename] = ZipEntry(
-                info.filename,
-                base + info.header_offset,
-                data_offset,
-                info.compress_size,
-                info.file_size,
-                info.compress_type != zipfile.ZIP_STORED,
-            )
-    finally:
-        os.close(fd)
-    _check_layout(path, sorted(entries.values(), key=lambda e: e.header_offset), file_size)
-    return entries
+        directory = read_directory(fd, base, end)
+    except ZipFormatError as exc:
+        raise InputError(f"is not a complete zip archive ({exc})", path=path, fix=_TRUNCATED) from None
+    names = [rec.name for rec in directory.records]
+    prefix = archive_prefix(path, names)
+    try:
+        entries = locate_entries(fd, directory)
+    except ZipFormatError as exc:
+        raise InputError(str(exc), path=path, fix=_TRUNCATED) from None
+    byteorder = entries.get(prefix + "byteorder")
+    if byteorder is not None and _member(path, fd, byteorder).strip() not in (b"", b"little"):
+        raise UnsupportedFormatError(
+            f"was saved on a big-endian machine ('{byteorder.name}' says big); bnaudit reads little-endian "
+            "checkpoints only",
+            path=path,
+            fix="load and re-save it on a little-endian machine",
+        )
+    pkl = entries[prefix + "data.pkl"]
+    if pkl.size > max_pickle:
+        raise InputError(
+            f"is {pkl.size} bytes, over the {max_pickle} byte limit for a checkpoint pickle",
+            path=path,
+            where=pkl.name,
+            fix="save a state dict instead",
+        )
+    return TorchArchive(prefix, entries, pkl.name, _member(path, fd, pkl))
 
 
-def _check_layout(path: Path, ordered: list[ZipEntry], file_size: int) -> None:
-    for entry, following in zip(ordered, [*ordered[1:], None], strict=True):
-        end = entry.data_offset + entry.stored_size
-        if end > file_size:
-            raise InputError(
-                f"{path}: zip entry '{entry.name}' ends at byte {end} but the file has {file_size} bytes; "
-                "the file is truncated — re-save it or copy it again"
-            )
-        if following is not None and following.header_offset < end:
-            raise InputError(
-                f"{path}: zip entries '{entry.name}' and '{following.name}' overlap; the file is corrupt "
-                "or crafted — re-save it"
-            )
+def storage_resolver(path: Path, archive: TorchArchive, label: str = "") -> StorageResolver:
+    """Maps the pickle's storage keys to the archive's ``<prefix>data/<key>`` entries.
 
+    Args:
+        path: the file holding the archive.
+        archive: the archive.
+        label: prefixed to storage keys (``file.distcp@offset/``) for an embedded archive.
 
-def _storage_resolver(path: Path, prefix: str, entries: dict[str, ZipEntry]) -> StorageResolver:
+    Returns:
+        The resolver for :func:`bnaudit.checkpoint.unpickler.inert_load`.
+    """
+
     def resolve(key: str, dtype: str, expected_nbytes: int) -> StorageRef:
-        name = f"{prefix}data/{key}"
-        entry = entries.get(name)
+        name = f"{archive.prefix}data/{key}"
+        entry = archive.entries.get(name)
         if entry is None:
             raise InputError(
-                f"{path}: the pickle refers to storage '{key}' but zip entry '{name}' is missing; "
-                "the file is truncated or corrupt — re-save it"
+                f"the pickle refers to storage '{key}' but zip entry '{name}' is missing",
+                path=path,
+                where=label or None,
+                fix="the file is truncated or corrupt — re-save it",
             )
         # nbytes is what the file really holds; a short entry is reported when a tensor is read.
-        return StorageRef(path, name, entry.data_offset, entry.size, dtype, compressed=entry.compressed)
+        key_name = f"{label}/{name}" if label else name
+        return StorageRef(path, key_name, entry.data_offset, entry.size, dtype, compressed=entry.compressed)
 
     return resolve
 
@@ -178,40 +175,22 @@ def read_torch_zip(path: Path) -> Checkpoint:
         UnsupportedFormatError: the file is a TorchScript archive or a big-endian checkpoint.
         InputError: the archive is truncated or corrupt, or the pickle refers to a missing storage.
     """
-    file_size = path.stat().st_size
-    with _open_zip(path) as zf:
-        names = zf.namelist()
-        prefix = archive_prefix(path, names)
-        entries = read_entries(path, zf, file_size)
-        _check_byteorder(path, zf, prefix, names)
-        pkl = entries[prefix + "data.pkl"]
-        if pkl.size > MAX_PICKLE_BYTES:
-            raise InputError(
-                f"{path}: '{pkl.name}' is {pkl.size} bytes, over the {MAX_PICKLE_BYTES} byte limit "
-                "for a checkpoint pickle; save a state dict instead"
-            )
-        data = _read_entry(path, zf, pkl.name)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        archive = read_archive(path, fd)
+    finally:
+        os.close(fd)
     root, refs, warnings = inert_load(
-        data, display=str(path), source=pkl.name, resolver=_storage_resolver(path, prefix, entries)
+        archive.pickle,
+        display=str(path),
+        source=archive.pickle_name,
+        resolver=storage_resolver(path, archive),
     )
     return Checkpoint(
-        path=path, format="torch-zip", root=root, state_dicts=[], globals=refs, warnings=warnings
+        path=path,
+        format=ContainerFormat.TORCH_ZIP,
+        root=root,
+        state_dicts=[],
+        globals=refs,
+        warnings=warnings,
     )
-
-
-def _read_entry(path: Path, zf: zipfile.ZipFile, name: str) -> bytes:
-    try:
-        return zf.read(name)
-    except ZIP_READ_ERRORS as exc:
-        raise InputError(
-            f"{path}: cannot read zip entry '{name}' ({exc}); the file is corrupt — re-save it"
-        ) from None
-
-
-def _check_byteorder(path: Path, zf: zipfile.ZipFile, prefix: str, names: list[str]) -> None:
-    name = prefix + "byteorder"
-    if name in names and _read_entry(path, zf, name).strip() not in (b"", b"little"):
-        raise UnsupportedFormatError(
-            f"{path}: was saved on a big-endian machine ('{name}' says big); bnaudit reads little-endian "
-            "checkpoints only — load and re-save it on a little-endian machine"
-        )

@@ -1,14 +1,28 @@
-"""Data types shared by the checkpoint readers, the byte-patching writer and the audit code."""
+"""Plain data types shared by the checkpoint readers, the byte-patching writer and the audit code (no I/O)."""
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+
+class ContainerFormat(str, Enum):
+    """A checkpoint container, named as reports and ``inspect`` print it (its registry entry is in
+    :mod:`bnaudit.checkpoint.formats`)."""
+
+    TORCH_ZIP = "torch-zip"
+    TORCH_LEGACY = "torch-legacy"
+    PICKLE = "pickle"
+    SAFETENSORS = "safetensors"
+    HF_SHARDED = "hf-sharded"
+    DCP = "dcp"
+
+    def __str__(self) -> str:
+        return self.value
+
 
 # dtype names follow torch's spelling without the "torch." prefix; bfloat16 and the fp8 types have no NumPy
 # dtype and are decoded by hand.
@@ -77,11 +91,38 @@ class StorageRef:
 
 
 @dataclass(frozen=True)
-class TensorRef:
-    """A lazy reference to a tensor: nothing is read until :meth:`to_numpy` is called.
+class ChunkedTensor:
+    """Where a DCP tensor saved in several chunks (sharded by FSDP / DTensor) lies; assembled when read.
 
     Attributes:
-        storage: where the bytes live.
+        item: names the item (the folder's ``.metadata`` and the key); it holds no bytes itself.
+        chunks: (offsets of the chunk in the whole tensor, the chunk's own lazy tensor), one per chunk.
+        display: the folder and key, for messages.
+    """
+
+    item: StorageRef
+    chunks: tuple[tuple[tuple[int, ...], TensorRef], ...]
+    display: str
+
+
+@dataclass(frozen=True)
+class RefusedTensor:
+    """A tensor whose shape and dtype are known but whose bytes bnaudit will not read, and why."""
+
+    item: StorageRef
+    reason: str
+
+
+TensorLocation = StorageRef | ChunkedTensor | RefusedTensor
+"""Where a tensor's bytes are: a storage in a file, chunks to assemble, or nowhere bnaudit reads."""
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A lazy reference to a tensor: nothing is read until :func:`bnaudit.checkpoint.tensors.read_tensor`.
+
+    Attributes:
+        location: where the bytes live (a storage for every file format; chunks or a refusal for DCP).
         dtype: the tensor's element type (torch spelling).
         shape: the tensor's shape.
         stride: strides in elements (C-contiguous when the tensor was contiguous).
@@ -89,12 +130,18 @@ class TensorRef:
         requires_grad: recorded for completeness; a parameter saved as ``nn.Parameter`` has it True.
     """
 
-    storage: StorageRef
+    location: TensorLocation
     dtype: str
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int = 0
     requires_grad: bool = False
+
+    @property
+    def storage(self) -> StorageRef:
+        """The storage holding the bytes (for an assembled or refused tensor: the item it names)."""
+        location = self.location
+        return location if isinstance(location, StorageRef) else location.item
 
     @property
     def numel(self) -> int:
@@ -129,17 +176,6 @@ class TensorRef:
             self.storage.file_offset + self.offset * self.itemsize,
             self.storage.file_offset + (last + 1) * self.itemsize,
         )
-
-    def to_numpy(self) -> np.ndarray:
-        """Read the tensor as a new NumPy array.
-
-        Floating tensors come back as float64 when ``dtype`` is bfloat16 or an fp8 type (exact widening);
-        every other dtype comes back in its own NumPy dtype. Raises ``InputError`` when the storage is too
-        short for the shape and strides.
-        """
-        from bnaudit.checkpoint.tensors import read_tensor
-
-        return read_tensor(self)
 
 
 @dataclass
@@ -202,7 +238,7 @@ class Checkpoint:
 
     Attributes:
         path: the file (or DCP directory / sharded index) given by the user.
-        format: ``torch-zip``, ``torch-legacy``, ``safetensors``, ``hf-sharded``, ``pickle`` or ``dcp``.
+        format: the container format.
         root: the untouched container as rebuilt by the inert unpickler (dicts, lists, Placeholders,
             TensorRefs); for safetensors a dict of name -> TensorRef.
         state_dicts: every state dict found, in the order they were found.
@@ -212,7 +248,7 @@ class Checkpoint:
     """
 
     path: Path
-    format: str
+    format: ContainerFormat
     root: Any
     state_dicts: list[StateDictRef]
     globals: list[GlobalRef] = field(default_factory=list)
@@ -224,29 +260,6 @@ class Checkpoint:
             if sd.name == name:
                 return sd
         raise KeyError(name)
-
-
-class MappedFile:
-    """A read-only memory map of a file, shared by every tensor read from it (opened lazily)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file = open(path, "rb")  # noqa: SIM115 - lives as long as the map
-        size = self._file.seek(0, 2)
-        self.size = size
-        self._map: mmap.mmap | None = (
-            mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        )
-
-    def view(self, start: int, end: int) -> memoryview:
-        if self._map is None:
-            return memoryview(b"")
-        return memoryview(self._map)[start:end]
-
-    def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-        self._file.close()
 
 
 def iter_tensors(obj: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], TensorRef]]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from bnaudit import atomic_output
 from bnaudit.defaults import DEFAULT_EPS
 from bnaudit.errors import OutputError, UsageError
 from bnaudit.report import SUFFIXES, OutputFormat, render
@@ -281,43 +282,13 @@ plot_option = click.option(
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename.
-
-    Raises:
-        OutputError: the folder is missing or not writable, or the disk is full.
-    """
-    write_bytes_atomically(path, text.encode("utf-8"))
+    """Write ``text`` to ``path`` atomically (:mod:`bnaudit.atomic_output`)."""
+    atomic_output.write_text_atomically(path, text)
 
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
-
-    Raises:
-        OutputError: the folder is missing or not writable, or the disk is full.
-    """
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"{path}: the folder {folder} does not exist; create it or choose another path")
-    import tempfile  # on use: most runs write their report to stdout
-
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write in {folder} ({exc.strerror}); choose another path") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(
-            f"{path}: cannot write the report ({exc.strerror}); check space and permissions"
-        ) from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` atomically (:mod:`bnaudit.atomic_output`)."""
+    atomic_output.write_bytes_atomically(path, data)
 
 
 def _current_plan(output_format: str | Sequence[str], output: Path | Sequence[Path] | None) -> OutputPlan:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bnaudit.checkpoint.tensors import read_tensor
 from bnaudit.checkpoint.types import StateDictRef
 from bnaudit.errors import ModelMismatchError
 
@@ -173,7 +174,7 @@ def load_state_dict_into(
 ) -> LoadResult:
     """Copy a checkpoint state dict into ``model`` in place, without ``torch.load``.
 
-    Each tensor is read through its lazy reference (``TensorRef.to_numpy``: bf16 arrives as float64),
+    Each tensor is read through its lazy reference (``read_tensor``: bf16 arrives as float64),
     converted to the model tensor's dtype and ``copy_``-ed in under ``torch.no_grad()``, onto the model
     tensor's device. Non-persistent buffers are not in ``model.state_dict()`` and are left alone.
 
@@ -200,7 +201,7 @@ def load_state_dict_into(
     with torch.no_grad():
         for key, target in targets.items():
             ref = sd.tensors[match.prefix + key]
-            values = ref.to_numpy()
+            values = read_tensor(ref)
             if not values.flags.writeable:
                 values = values.copy()
             source_tensor = torch.from_numpy(np.ascontiguousarray(values))

@@ -661,8 +661,8 @@ def _write(
     if fmt == current:
         meta = header_entry("average", method.value, ranks, None)
         return write_patched(ref, patches, out, metadata=meta, companions=companions), dropped
-    from bnaudit.checkpoint.convert import convert_checkpoint
+    from bnaudit.checkpoint.convert import Conversion, convert_checkpoint
 
     meta = header_entry("average", method.value, ranks, None)
-    result = convert_checkpoint(ref, patches, out, fmt, metadata=meta, companions=companions, dropped=dropped)
+    result = convert_checkpoint(ref, patches, out, Conversion(fmt, meta, companions, dropped))
     return result, dropped

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnaudit.checkpoint import TensorRef, load_checkpoint
-from bnaudit.checkpoint.unpickler import DtypeMarker, InertOrderedDict, PlaceholderObject
+from bnaudit.checkpoint.unpickler_globals import DtypeMarker, InertOrderedDict, PlaceholderObject
 
 
 class UserConfig:

@@ -20,8 +20,9 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint import tensors as tensors_module
-from bnaudit.checkpoint.dcp import ChunkedTensorRef, unflatten
-from bnaudit.checkpoint.types import StorageRef, TensorRef
+from bnaudit.checkpoint.dcp_metadata import unflatten
+from bnaudit.checkpoint.tensors import read_tensor
+from bnaudit.checkpoint.types import ChunkedTensor, StorageRef, TensorRef
 from bnaudit.errors import InputError
 from tests.conftest import REPO, bn_state, call_main
 
@@ -58,7 +59,7 @@ def test_reads_real_dcp_lazily_with_the_saved_layout(tmp_path: Path, model_sd: O
     sd = ckpt.state_dict("model")
     assert list(sd.tensors) == list(model_sd)
     for key, tensor in model_sd.items():
-        got = sd.tensors[key].to_numpy()
+        got = read_tensor(sd.tensors[key])
         np.testing.assert_array_equal(got, tensor.numpy(), err_msg=key)
         assert got.dtype == tensor.numpy().dtype
     assert any(
@@ -70,7 +71,7 @@ def test_flat_state_dict_and_bfloat16(tmp_path: Path) -> None:
     sd = {"bn.running_mean": torch.tensor([1.5, -2.0], dtype=torch.bfloat16), "bn.running_var": torch.ones(2)}
     ckpt = load_checkpoint(save_dcp(tmp_path / "flat", sd))
     assert [s.name for s in ckpt.state_dicts] == [""]
-    np.testing.assert_array_equal(ckpt.state_dicts[0].tensors["bn.running_mean"].to_numpy(), [1.5, -2.0])
+    np.testing.assert_array_equal(read_tensor(ckpt.state_dicts[0].tensors["bn.running_mean"]), [1.5, -2.0])
 
 
 def test_no_tensor_data_is_read_when_loading(tmp_path: Path, model_sd: OrderedDict, monkeypatch) -> None:
@@ -82,7 +83,7 @@ def test_no_tensor_data_is_read_when_loading(tmp_path: Path, model_sd: OrderedDi
     monkeypatch.setattr(tensors_module, "_read_plain", refuse)
     ckpt = load_checkpoint(folder)
     with pytest.raises(AssertionError):
-        ckpt.state_dict("model").tensors["layer1.bn.running_mean"].to_numpy()
+        read_tensor(ckpt.state_dict("model").tensors["layer1.bn.running_mean"])
 
 
 def test_unflatten_without_planner_data_splits_known_top_keys_only() -> None:
@@ -173,8 +174,8 @@ def _chunked_dcp(tmp_path: Path, chunks: list[tuple[int, int]]) -> Path:
 def test_sharded_tensor_is_assembled_from_raw_chunks(tmp_path: Path) -> None:
     ckpt = load_checkpoint(_chunked_dcp(tmp_path, [(0, 3), (3, 1)]))
     ref = ckpt.state_dict("model").tensors["layer1.bn.running_mean"]
-    assert isinstance(ref, ChunkedTensorRef)
-    np.testing.assert_array_equal(ref.to_numpy(), np.arange(4) + 0.5)
+    assert isinstance(ref.location, ChunkedTensor)
+    np.testing.assert_array_equal(read_tensor(ref), np.arange(4) + 0.5)
 
 
 def test_sharded_tensor_with_a_gap_is_refused(capsys, tmp_path: Path) -> None:
@@ -190,8 +191,9 @@ def test_chunked_ref_places_chunks(tmp_path: Path) -> None:
         ((o,), TensorRef(StorageRef(path, str(o), 8 * o, 8 * n, "float64"), "float64", (n,), (1,)))
         for o, n in ((4, 2), (0, 4))
     )
-    whole = ChunkedTensorRef(StorageRef(path, "w", 0, 0, "float64"), "float64", (6,), (1,), chunks=parts)
-    np.testing.assert_array_equal(whole.to_numpy(), np.arange(6.0))
+    chunked = ChunkedTensor(StorageRef(path, "w", 0, 0, "float64"), parts, "w")
+    whole = TensorRef(chunked, "float64", (6,), (1,))
+    np.testing.assert_array_equal(read_tensor(whole), np.arange(6.0))
 
 
 @pytest.mark.parametrize(
@@ -251,7 +253,7 @@ def test_two_rank_gloo_save_keeps_one_copy_of_replicated_stats(tmp_path: Path) -
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     sd = load_checkpoint(tmp_path / "out").state_dict("model")
-    mean = sd.tensors["bn.running_mean"].to_numpy()
+    mean = read_tensor(sd.tensors["bn.running_mean"])
     # Deduplication: each rank saved its own values, one rank's copy survives.
     assert mean.tolist() in ([1.0] * 3, [2.0] * 3)
-    assert not isinstance(sd.tensors["bn.running_mean"], ChunkedTensorRef)
+    assert not isinstance(sd.tensors["bn.running_mean"].location, ChunkedTensor)

@@ -222,7 +222,7 @@ def _rewrite_as_zip64(src: Path, dst: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_zip64_archives_share_layouts_too(ranks: list[Path], tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import os
 
-    from bnaudit.checkpoint.same_layout import _directory_start
+    from bnaudit.checkpoint.zipdir import directory_bounds
 
     big = [tmp_path / "z64" / f"ckpt_rank{r}.pt" for r in range(2)]
     big[0].parent.mkdir()
@@ -233,7 +233,7 @@ def test_zip64_archives_share_layouts_too(ranks: list[Path], tmp_path: Path, mon
     fd = os.open(big[0], os.O_RDONLY)
     try:
         with zipfile.ZipFile(big[0]) as zf:
-            assert _directory_start(fd, os.fstat(fd).st_size) == zf.start_dir
+            assert directory_bounds(fd, 0, os.fstat(fd).st_size)[0] == zf.start_dir
     finally:
         os.close(fd)
     template, wanted = _template(big[0])

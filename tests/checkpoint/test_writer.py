@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ckpt_helpers import write_zip64_variants
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -102,83 +103,10 @@ def _umask() -> int:
 # ------------------------------------------------------------------------------------ crafted ZIP64 archive
 
 
-def _write_zip64(src: Path, dst: Path) -> None:
-    """Re-pack a torch zip with every layout variant: ZIP64 extras and end records, data descriptors with and
-    without signature, 4- and 8-byte sizes, and one entry with its CRC in the local header."""
-    with zipfile.ZipFile(src) as zf:
-        items = [(i.filename, zf.read(i.filename)) for i in zf.infolist()]
-    out = bytearray()
-    central = bytearray()
-    for index, (name, data) in enumerate(items):
-        raw_name, crc, offset = name.encode(), zlib.crc32(data), len(out)
-        variant = index % 5  # 0-3: descriptor forms; 4: no descriptor
-        flags = 0x08 if variant < 4 else 0
-        z64_local = struct.pack(
-            "<HHQQ", 1, 16, len(data) if variant == 4 else 0, len(data) if variant == 4 else 0
-        )
-        out += struct.pack(
-            "<4sHHHHHLLLHH",
-            b"PK\x03\x04",
-            45,
-            flags,
-            0,
-            0,
-            0,
-            crc if variant == 4 else 0,
-            0xFFFFFFFF,
-            0xFFFFFFFF,
-            len(raw_name),
-            len(z64_local),
-        )
-        out += raw_name + z64_local
-        # torch wants storages 64-byte aligned; pad with an extra field is what torch does, but the reader here
-        # only needs correct offsets, so alignment is not required for this test.
-        out += data
-        if variant == 0:
-            out += struct.pack("<4sLLL", b"PK\x07\x08", crc, len(data), len(data))
-        elif variant == 1:
-            out += struct.pack("<LLL", crc, len(data), len(data))
-        elif variant == 2:
-            out += struct.pack("<4sLQQ", b"PK\x07\x08", crc, len(data), len(data))
-        elif variant == 3:
-            out += struct.pack("<LQQ", crc, len(data), len(data))
-        z64_central = struct.pack("<HHQQQ", 1, 24, len(data), len(data), offset)
-        central += struct.pack(
-            "<4sHHHHHHLLLHHHHHLL",
-            b"PK\x01\x02",
-            45,
-            45,
-            flags,
-            0,
-            0,
-            0,
-            crc,
-            0xFFFFFFFF,
-            0xFFFFFFFF,
-            len(raw_name),
-            len(z64_central),
-            0,
-            0,
-            0,
-            0,
-            0xFFFFFFFF,
-        )
-        central += raw_name + z64_central
-    cd_offset = len(out)
-    out += central
-    z64_eocd = len(out)
-    out += struct.pack(
-        "<4sQHHLLQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, len(items), len(items), len(central), cd_offset
-    )
-    out += struct.pack("<4sLQL", b"PK\x06\x07", 0, z64_eocd, 1)
-    out += struct.pack("<4sHHHHLLH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
-    dst.write_bytes(bytes(out))
-
-
 def test_zip64_archive_with_every_descriptor_form(tmp_path):
     plain, src, out = tmp_path / "plain.pt", tmp_path / "z64.pt", tmp_path / "out.pt"
     torch.save({"model": small_state(), "epoch": 1}, plain)
-    _write_zip64(plain, src)
+    write_zip64_variants(plain, src)
     with zipfile.ZipFile(src) as zf:
         assert zf.testzip() is None
     assert torch.load(src, weights_only=True)["epoch"] == 1
@@ -398,11 +326,12 @@ def test_file_size_limit_is_a_clean_output_error(tmp_path):
         "import resource, signal, sys\n"
         "from pathlib import Path\n"
         "from bnaudit.checkpoint import load_checkpoint\n"
+        "from bnaudit.checkpoint.tensors import read_tensor\n"
         "from bnaudit.checkpoint.writer import TensorPatch, write_patched\n"
         "from bnaudit.errors import OutputError\n"
         f"ckpt = load_checkpoint(Path({str(src)!r}))\n"
         "sd = ckpt.state_dict('model')\n"
-        "patches = [TensorPatch('model', k, t, t.to_numpy() + 1) for k, t in sd.tensors.items() if 'running' in k]\n"
+        "patches = [TensorPatch('model', k, t, read_tensor(t) + 1) for k, t in sd.tensors.items() if 'running' in k]\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({src.stat().st_size // 2}, resource.RLIM_INFINITY))\n"
         "try:\n"
