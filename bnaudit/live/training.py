@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bnaudit.atomic_output import AtomicOutput
 from bnaudit.bn.stats import MergeMethod
 from bnaudit.checkpoint.provenance import rank_stats_metadata
 from bnaudit.errors import InternalError, UsageError
@@ -203,13 +203,9 @@ def save_rank_stats(
     if not tensors:
         raise UsageError("the model has no BatchNorm layers with running statistics", where="save_rank_stats")
     target = rank_stats_path(path, rank)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=rank_stats_metadata(rank, world, samples))
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with AtomicOutput(target) as staged:
+        save_file(tensors, str(staged.tmp), metadata=rank_stats_metadata(rank, world, samples))
+        staged.commit()
     return target
 
 
