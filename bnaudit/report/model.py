@@ -85,10 +85,12 @@ class Finding:
     severity: Severity
     kind: FindingKind
     message: str
+    # Where it is: the file, then the place inside it (a layer, else a tensor).
     file: str | None = None
     state_dict: str | None = None
     layer: str | None = None
     tensor: str | None = None
+    # The rank and channel concerned, when the audit locates one.
     rank: int | None = None
     channel: int | None = None
     baselined: bool = False

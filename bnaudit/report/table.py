@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bnaudit.report.model import Command, FailOn, Finding, Report, Severity
+from bnaudit.report.model import FailOn, Finding, Report, Severity
+from bnaudit.report.sections import Command
 
 MAX_FINDINGS_SHOWN = 20
 
