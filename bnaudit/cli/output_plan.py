@@ -142,7 +142,7 @@ def _check_pairs(pairs: list[Target]) -> None:
     duplicates = sorted({str(p) for p in files if files.count(p) > 1})
     if duplicates:
         raise UsageError(
-            "is given for two formats", where=f"-o {duplicates[0]}", fix="give each report its own file"
+            "is given for two formats", path=duplicates[0], where="-o", fix="give each report its own file"
         )
     for fmt, path in pairs:
         suffix = path.suffix.lower() if path is not None else ""
@@ -150,7 +150,8 @@ def _check_pairs(pairs: list[Target]) -> None:
         if claimed and fmt.value not in claimed:
             raise UsageError(
                 f"is paired with --format {fmt.value}, but its suffix says {' or '.join(sorted(claimed))}",
-                where=f"-o {path}",
+                path=path,
+                where="-o",
                 fix="each -o belongs to the --format before it (or give --format and -o in matching order)",
             )
 

@@ -40,8 +40,8 @@ def test_without_the_order_the_last_format_goes_to_stdout() -> None:
     [
         (["json"], ["a.json", "b.json"], None, "give a --format for each -o"),
         (["json", "sarif"], [], "--format", "give all but one a -o FILE"),
-        (["json", "sarif"], ["r.json", "r.json"], "-o r.json", "give each report its own file"),
-        (["github"], ["r.sarif"], "-o r.sarif", "each -o belongs to the --format before it"),
+        (["json", "sarif"], ["r.json", "r.json"], "-o", "give each report its own file"),
+        (["github"], ["r.sarif"], "-o", "each -o belongs to the --format before it"),
     ],
 )
 def test_usage_errors_name_the_option_and_the_fix(
@@ -50,6 +50,7 @@ def test_usage_errors_name_the_option_and_the_fix(
     with pytest.raises(UsageError) as exc:
         pair_formats(formats, [Path(o) for o in outputs])
     assert exc.value.fields.where == where
+    assert exc.value.fields.path == (outputs[0] if where == "-o" else None)
     assert exc.value.fields.fix is not None and exc.value.fields.fix.startswith(fix)
 
 
