@@ -19,7 +19,6 @@ else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport (a de
 
 PYPROJECT = "pyproject.toml"
 BNAUDIT_TOML = "bnaudit.toml"
-TOOL_TABLE = ("tool", "bnaudit")
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,12 @@ class Config:
         """Where a setting came from, for messages: ``pyproject.toml [tool.bnaudit.compare]``."""
         parts = [p for p in (self.table, command) if p]
         return f"{self.path} [{'.'.join(parts)}]" if parts else str(self.path)
+
+    def where(self, command: str | None = None, key: str | None = None) -> str | None:
+        """The place of a setting inside the file, for errors: ``[tool.bnaudit.compare] error-kl``."""
+        parts = [p for p in (self.table, command) if p]
+        table = f"[{'.'.join(parts)}]" if parts else None
+        return " ".join(p for p in (table, key) if p) or None
 
     def folder(self) -> Path:
         """The folder relative paths in the file are resolved against."""
@@ -84,7 +89,11 @@ def load_config(explicit: Path | None = None, start: Path | None = None) -> Conf
     """
     if explicit is not None:
         if not explicit.is_file():
-            raise ConfigError(f"{explicit}: no such configuration file (given with --config)")
+            raise ConfigError(
+                "no such configuration file (given with --config)",
+                path=explicit,
+                fix="check the path, or pass --no-config",
+            )
         path: Path | None = explicit
     else:
         path = find_config_file(start if start is not None else Path.cwd())
@@ -98,14 +107,16 @@ def load_config(explicit: Path | None = None, start: Path | None = None) -> Conf
 
 def _read_toml(path: Path) -> dict[str, Any]:
     if tomllib is None:  # pragma: no cover - only on Python 3.10 without tomli
-        raise ConfigError(f"{path}: reading TOML on Python 3.10 needs tomli: pip install tomli")
+        raise ConfigError("reading TOML on Python 3.10 needs tomli", path=path, fix="pip install tomli")
     try:
         with path.open("rb") as handle:
             return dict(tomllib.load(handle))
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the configuration file ({exc.strerror})") from exc
+        raise ConfigError(f"cannot read the configuration file ({exc.strerror})", path=path) from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the file or pass --no-config") from exc
+        raise ConfigError(
+            f"not valid TOML ({exc})", path=path, fix="fix the file or pass --no-config"
+        ) from exc
 
 
 def _has_tool_table(path: Path) -> bool:
@@ -116,7 +127,9 @@ def _tool_table(document: dict[str, Any], path: Path) -> dict[str, Any]:
     tool = document.get("tool", {})
     table = tool.get("bnaudit", {}) if isinstance(tool, dict) else {}
     if not isinstance(table, dict):
-        raise ConfigError(f"{path}: 'tool.bnaudit' must be a table ([tool.bnaudit]), not a single value")
+        raise ConfigError(
+            "must be a table ([tool.bnaudit]), not a single value", path=path, where="tool.bnaudit"
+        )
     return table
 
 
@@ -129,5 +142,7 @@ def _split(path: Path, table: str, settings: dict[str, Any]) -> Config:
         nested = next((k for k, v in sub.items() if isinstance(v, dict)), None)
         if nested is not None:
             where = ".".join(p for p in (table, name) if p)
-            raise ConfigError(f"{path} [{where}]: '{nested}' is a table; settings here are single values")
+            raise ConfigError(
+                f"'{nested}' is a table", path=path, where=f"[{where}]", fix="settings here are single values"
+            )
     return Config(path, table, global_settings, command_settings)

@@ -25,6 +25,7 @@ METRIC_TOLERANCE = 0.05
 MEASURED_KINDS = frozenset({FindingKind.DIVERGENCE, FindingKind.DRIFT})
 # Headline metric of reports written before the JSON report named it.
 _DEFAULT_HEADLINES = {"compare": "max_kl"}
+_PASS_A_REPORT = "pass a JSON report of bnaudit"
 
 FindingKey = tuple[str, str, str, int | None]
 
@@ -70,44 +71,71 @@ def _layer_metrics(doc: dict[str, Any], headline: str) -> dict[tuple[str, str], 
 
 
 def _parse_finding(entry: Any, index: int, path: Path) -> tuple[FindingKey, Severity]:
+    where = f"findings[{index}]"
     if not isinstance(entry, dict):
-        raise InputError(f"{path}: findings[{index}] is not an object; pass a JSON report of bnaudit")
+        raise InputError("is not an object", path=path, where=where, fix=_PASS_A_REPORT)
     try:
         kind = FindingKind(entry["kind"]).value
         severity = Severity(entry["severity"])
     except (KeyError, ValueError) as exc:
         raise InputError(
-            f"{path}: findings[{index}] has no valid kind and severity ({exc}); pass a JSON report of bnaudit"
+            f"has no valid kind and severity ({exc})", path=path, where=where, fix=_PASS_A_REPORT
         ) from exc
     rank = entry.get("rank")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool)):
-        raise InputError(f"{path}: findings[{index}].rank must be an integer or null, not {rank!r}")
+        raise InputError(
+            "has the wrong type",
+            path=path,
+            where=f"{where}.rank",
+            expected="an integer or null",
+            found=repr(rank),
+        )
     return finding_key(kind, entry.get("state_dict"), entry.get("layer"), entry.get("tensor"), rank), severity
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    """The JSON report at ``path``, checked to be one bnaudit can read as a baseline."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise InputError(
+            "no such baseline file", path=path, fix=f"write one with --write-baseline {path}"
+        ) from exc
+    except OSError as exc:
+        raise InputError(f"cannot read the baseline ({exc.strerror})", path=path) from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"the baseline is not JSON ({exc})", path=path, fix=_PASS_A_REPORT) from exc
+    if not isinstance(doc, dict) or (doc.get("tool") or {}).get("name") != "bnaudit":
+        raise InputError(
+            "not a bnaudit JSON report (no tool.name 'bnaudit')",
+            path=path,
+            fix="write one with --write-baseline",
+        )
+    if doc.get("schema_version") != 1 or not isinstance(doc.get("findings"), list):
+        raise InputError(
+            "unsupported baseline",
+            path=path,
+            where="schema_version",
+            expected="1 with a findings list",
+            found=repr(doc.get("schema_version")),
+            fix="write a new one with --write-baseline",
+        )
+    return doc
 
 
 def load_baseline(path: Path) -> Baseline:
     """Read a baseline: a JSON report written by ``--format json`` or ``--write-baseline``.
 
+    Args:
+        path: the report file.
+
+    Returns:
+        The findings it accepts, each at its worst recorded severity.
+
     Raises:
         InputError: the file is missing, not JSON, or not a bnaudit report.
     """
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise InputError(f"{path}: no such baseline file; write one with --write-baseline {path}") from exc
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read the baseline ({exc.strerror})") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: the baseline is not JSON ({exc}); pass a JSON report of bnaudit") from exc
-    if not isinstance(doc, dict) or (doc.get("tool") or {}).get("name") != "bnaudit":
-        raise InputError(
-            f"{path}: not a bnaudit JSON report (no tool.name 'bnaudit'); write one with --write-baseline"
-        )
-    if doc.get("schema_version") != 1 or not isinstance(doc.get("findings"), list):
-        raise InputError(
-            f"{path}: unsupported baseline (schema_version {doc.get('schema_version')!r}, expected 1 with a "
-            "findings list); write a new one with --write-baseline"
-        )
+    doc = _read_report(path)
     command = str(doc.get("command", ""))
     headline = str(doc.get("headline") or _DEFAULT_HEADLINES.get(command, ""))
     metrics = _layer_metrics(doc, headline)
@@ -136,7 +164,7 @@ def apply_baseline(report: Report, baseline: Baseline) -> Report:
         A copy of ``report`` whose accepted findings are marked, with ``baseline`` saying which
         file was applied and how many findings it accepted.
     """
-    if baseline.command and baseline.command != report.command:
+    if baseline.command and baseline.command != report.command.value:
         log.warning(
             "%s is a baseline of 'bnaudit %s', applied to 'bnaudit %s': findings match only if they have the "
             "same kind and location",

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,19 +11,10 @@ from bnaudit.cli.options import eps_option, ignore_option, repair_report_options
 from bnaudit.defaults import CONVERSION_FORMATS, MERGE_METHODS
 from bnaudit.errors import UsageError
 from bnaudit.report import OutputFormat, render
-from bnaudit.report.model import FailOn, Report, Severity
-from bnaudit.report.table import simple_table, verdict_line
+from bnaudit.report.model import FailOn
 
 if TYPE_CHECKING:
     from bnaudit.repair.average import AverageResult
-
-_COLUMNS = [
-    ("KL before", "max_kl_before"),
-    ("shift before (std)", "max_shift_before"),
-    ("reference KL", "reference_kl"),
-    ("mean move (std)", "mean_move_std"),
-    ("var change (x)", "var_change_ratio"),
-]
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -41,54 +31,6 @@ def parse_weights(text: str | None) -> list[float] | None:
         raise UsageError(
             f"--rank-weights {text!r}: expected comma-separated sample counts, one per rank (e.g. 3,3,3,2)"
         ) from None
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "inf"
-        return f"{value:.2e}" if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3) else f"{value:.4f}"
-    return str(value)
-
-
-def render_table(report: Report, fail_on: FailOn) -> str:
-    """The terminal view of an average report: per layer, how far the ranks were apart and what moves."""
-    settings = report.settings
-    title = (
-        f"bnaudit average: {settings['ranks']} ranks, {len(report.layers)} BatchNorm layer(s), method "
-        f"{settings['method']}, reference {settings['reference']}"
-    )
-    multi_sd = len({r.state_dict for r in report.layers}) > 1
-    headers = ["layer", *(["state dict"] if multi_sd else []), "worst rank", *(c for c, _ in _COLUMNS)]
-    rows = [
-        [
-            r.name or "<root>",
-            *([r.state_dict or "<root>"] if multi_sd else []),
-            _fmt(r.worst_rank),
-            *(_fmt(r.metrics.get(m)) for _, m in _COLUMNS),
-        ]
-        for r in report.layers
-    ]
-    parts = [title, "", simple_table(rows, headers), ""]
-    shown = [f for f in report.findings if f.severity is not Severity.INFO]
-    if shown:
-        parts.append("Findings:")
-        parts += [f"  {f.severity.value.upper():5} {f.kind.value:18} {f.message}" for f in shown[:20]]
-        parts.append("")
-    parts.append(_outcome(report))
-    parts.append(verdict_line(report, fail_on))
-    return "\n".join(parts) + "\n"
-
-
-def _outcome(report: Report) -> str:
-    info = report.average
-    if info and info.output:
-        return f"Wrote {info.output} (provenance: {info.sidecar})"
-    if info and info.refused:
-        return "Refused: nothing was written"
-    return "Dry run: nothing was written"
 
 
 @click.command("average")
@@ -186,7 +128,7 @@ def average_command(
 def _emit(result: AverageResult, output_format: str, report_file: Path | None, gate: FailOn) -> int:
     report = result.report
     fmt = OutputFormat(output_format)
-    text = render_table(report, gate) if fmt is OutputFormat.TABLE else render(report, fmt, gate)
+    text = render(report, fmt, gate)
     write_report_text(text, report_file)
     if result.refused:
         click.echo(f"bnaudit: refused: {result.refused}", err=True)

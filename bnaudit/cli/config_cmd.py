@@ -59,13 +59,15 @@ def resolve_config(group: click.Group, config: Config) -> ResolvedConfig:
     for name in config.command_settings:
         if name not in commands:
             raise ConfigError(
-                f"{config.label(name)}: unknown command table '{name}'; commands with settings are: "
-                + ", ".join(sorted(commands))
+                f"unknown command table '{name}'",
+                path=config.path,
+                where=config.where(name),
+                fix="commands with settings are: " + ", ".join(sorted(commands)),
             )
     known = {key for cmd in commands.values() for key in configurable_options(cmd)}
     for key in config.global_settings:
         if key not in known:
-            raise ConfigError(f"{config.label()}: {_unknown_key(key, known, group)}")
+            raise _unknown_key(key, known, group, config)
     resolved = ResolvedConfig(config)
     global_errors: dict[str, list[ConfigError]] = {}
     for name, cmd in commands.items():
@@ -86,7 +88,7 @@ def _command_settings(
     table = config.command_settings.get(name, {})
     for key in table:
         if key not in options:
-            raise ConfigError(f"{config.label(name)}: {_unknown_key(key, set(options), cmd, name)}")
+            raise _unknown_key(key, set(options), cmd, config, name)
     out: dict[str, tuple[Any, str]] = {}
     for key, param in options.items():
         assert param.name is not None
@@ -103,17 +105,31 @@ def _command_settings(
     return out
 
 
-def _unknown_key(key: str, known: set[str], where: click.Command, command: str | None = None) -> str:
-    scope = f"'{command}'" if command else "any command"
-    if key.replace("_", "-") in known:
-        return f"unknown key '{key}' (write long option names with dashes: '{key.replace('_', '-')}')"
-    if key in NOT_CONFIGURABLE or key.replace("_", "-") in NOT_CONFIGURABLE or _is_argument(key, where):
-        return f"'{key}' cannot be set in a config file (inputs, outputs and --force go on the command line)"
+def _unknown_key(
+    key: str, known: set[str], owner: click.Command, config: Config, command: str | None = None
+) -> ConfigError:
+    path, where = config.path, config.where(command)
+    dashed = key.replace("_", "-")
+    if dashed in known:
+        return ConfigError(
+            f"unknown key '{key}'",
+            path=path,
+            where=where,
+            fix=f"write long option names with dashes: '{dashed}'",
+        )
+    if key in NOT_CONFIGURABLE or dashed in NOT_CONFIGURABLE or _is_argument(key, owner):
+        return ConfigError(
+            f"'{key}' cannot be set in a config file",
+            path=path,
+            where=where,
+            fix="give inputs, outputs and --force on the command line",
+        )
     import difflib  # on use: only a misspelt setting needs it
 
     close = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(sorted(known))}"
-    return f"unknown key '{key}': not an option of {scope}{hint}"
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(known))}"
+    scope = f"'{command}'" if command else "any command"
+    return ConfigError(f"unknown key '{key}': not an option of {scope}", path=path, where=where, fix=hint)
 
 
 def _is_argument(key: str, where: click.Command) -> bool:
@@ -122,27 +138,34 @@ def _is_argument(key: str, where: click.Command) -> bool:
 
 
 def _convert(param: click.Option, value: Any, key: str, config: Config, command: str | None) -> Any:
-    where = config.label(command)
+    where = config.where(command, key)
     if param.multiple:
         values = value if isinstance(value, list) else [value]
-        return [_convert_one(param, v, key, where, config) for v in values]
+        return [_convert_one(param, v, where, config) for v in values]
     if isinstance(value, list):
-        raise ConfigError(f"{where}: {key}: expected a single value, found a list")
-    return _convert_one(param, value, key, where, config)
+        raise ConfigError(
+            "has the wrong type", path=config.path, where=where, expected="a single value", found="a list"
+        )
+    return _convert_one(param, value, where, config)
 
 
-def _convert_one(param: click.Option, value: Any, key: str, where: str, config: Config) -> Any:
+def _convert_one(param: click.Option, value: Any, where: str | None, config: Config) -> Any:
     expected = _expected_types(param)
     # bool is an int in Python; TOML keeps them apart, and so do we (error-kl = true is a mistake).
     if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
-        names = " or ".join(_TOML_NAMES[t] for t in expected)
-        raise ConfigError(f"{where}: {key}: expected {names}, found {_toml_type(value)} {value!r}")
+        raise ConfigError(
+            "has the wrong type",
+            path=config.path,
+            where=where,
+            expected=" or ".join(_TOML_NAMES[t] for t in expected),
+            found=f"{_toml_type(value)} {value!r}",
+        )
     if param.is_flag:
         return value
     try:
         converted = param.type.convert(value, param, None)
     except click.BadParameter as exc:
-        raise ConfigError(f"{where}: {key}: {exc.message}") from exc
+        raise ConfigError(exc.message, path=config.path, where=where) from exc
     if isinstance(param.type, click.Path) and isinstance(converted, Path) and not converted.is_absolute():
         # Paths in a config file are relative to the file, so that the gate reads the same file from any
         # working directory of the repository.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeAlias
 
 from bnaudit.report.sections import (
     AverageOutcome,
@@ -65,6 +65,12 @@ class FindingKind(str, Enum):
     UNREACHED_LAYER = "unreached-layer"
 
 
+# The parts of a finding's location: a name (file, state dict, layer, tensor) or a number (rank, channel);
+# None where the finding is not about one.
+Place: TypeAlias = str | None
+Index: TypeAlias = int | None
+
+
 @dataclass(frozen=True)
 class Finding:
     """One problem (or note) found by an audit.
@@ -85,12 +91,12 @@ class Finding:
     severity: Severity
     kind: FindingKind
     message: str
-    file: str | None = None
-    state_dict: str | None = None
-    layer: str | None = None
-    tensor: str | None = None
-    rank: int | None = None
-    channel: int | None = None
+    file: Place = None
+    state_dict: Place = None
+    layer: Place = None
+    tensor: Place = None
+    rank: Index = None
+    channel: Index = None
     baselined: bool = False
 
     @property
@@ -186,7 +192,7 @@ class Report:
         headline: the metric that orders layers (``max_kl`` for compare), for renderers.
         next_step: a command line suggestion printed with a failing verdict.
         channel_rows: per-channel detail for ``--layer`` (list of dicts), empty otherwise.
-        columns: the layer table's columns after name and status, declared by the audit.
+        columns: the layer table's columns after the name (and status), declared by the audit.
         globals: ``inspect --security``: every global the pickles reference, classified.
         warnings: what the readers noticed in the inputs (compare, average).
         average: what ``average`` wrote.

@@ -15,12 +15,9 @@ from bnaudit.report.model import LayerRow, Report, Severity
 
 PLOT_SUFFIXES = (".png", ".svg")
 INSTALL_HINT = "pip install 'bnaudit[plot]'"
-_COLOURS = {
-    Severity.ERROR: "#d62728",
-    Severity.WARN: "#ff7f0e",
-    Severity.OK: "#2ca02c",
-    Severity.INFO: "#2ca02c",
-}
+# Bar colours: red and orange for the severities that fail a gate, green for the rest.
+_COLOURS = {Severity.ERROR: "#d62728", Severity.WARN: "#ff7f0e"}
+_PASSING_COLOUR = "#2ca02c"
 
 
 def check_plot_target(path: Path) -> None:
@@ -30,9 +27,18 @@ def check_plot_target(path: Path) -> None:
         UsageError: the suffix is not .png / .svg, or matplotlib is not installed.
     """
     if path.suffix.lower() not in PLOT_SUFFIXES:
-        raise UsageError(f"--plot {path}: the file name must end in .png or .svg (the image format)")
+        raise UsageError(
+            "the file name must end in .png or .svg (the image format)",
+            path=path,
+            where="--plot",
+            found=repr(path.suffix) if path.suffix else "no suffix",
+        )
     if importlib.util.find_spec("matplotlib") is None:
-        raise UsageError(f"--plot needs matplotlib, which is not installed: {INSTALL_HINT}")
+        raise _no_matplotlib()
+
+
+def _no_matplotlib() -> UsageError:
+    return UsageError("needs matplotlib, which is not installed", where="--plot", fix=INSTALL_HINT)
 
 
 def _depth_order(report: Report) -> list[LayerRow]:
@@ -65,7 +71,7 @@ def _draw(report: Report, fmt: str) -> bytes:
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise UsageError(f"--plot needs matplotlib, which is not installed: {INSTALL_HINT}") from exc
+        raise _no_matplotlib() from exc
     rows = _depth_order(report)
     multi_sd = len({r.state_dict for r in rows}) > 1
     labels = [_label(r, multi_sd) for r in rows]
@@ -87,7 +93,7 @@ def _draw(report: Report, fmt: str) -> bytes:
 def _draw_bars(axes: Any, report: Report, rows: list[LayerRow]) -> None:
     headline = report.headline or "max_kl"
     values = [float(r.metrics.get(headline) or 0.0) for r in rows]
-    axes.bar(range(len(rows)), values, color=[_COLOURS[r.severity] for r in rows])
+    axes.bar(range(len(rows)), values, color=[_COLOURS.get(r.severity, _PASSING_COLOUR) for r in rows])
     for name, style in (("warn_kl", "--"), ("error_kl", "-")):
         limit = report.settings.get(name)
         if isinstance(limit, int | float):

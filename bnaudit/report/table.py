@@ -1,14 +1,44 @@
-"""The human-readable report: a table of layers (worst first), the findings, and a one-line verdict."""
+"""The human-readable report: a table of layers (worst first), the findings, and a one-line verdict.
+
+What the table shows follows what the report declares: its columns, and its sections. A report of a
+repair (one with an ``average`` section) is about what the write changes, not about a gate per layer: its
+table has no status column, and its findings list leaves out notes.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from bnaudit.report.model import Command, FailOn, Report, Severity
+from bnaudit.report.model import FailOn, Finding, Report, Severity
+from bnaudit.report.sections import Command
 
 MAX_FINDINGS_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How much of the audit view a report's table shows.
+
+    Attributes:
+        status: a status column after the layer name.
+        detail: findings name their state dict, say when a baseline accepted them, and count the rest.
+        notes_when_alone: notes (info findings) are listed when there are no warnings or errors.
+    """
+
+    status: bool = True
+    detail: bool = True
+    notes_when_alone: bool = True
+
+
+_AUDIT = _Layout()
+_REPAIR = _Layout(status=False, detail=False, notes_when_alone=False)
+
+
+def _layout(report: Report) -> _Layout:
+    return _REPAIR if report.average is not None else _AUDIT
 
 
 def format_value(value: Any) -> str:
@@ -26,20 +56,23 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _layer_table(report: Report) -> str:
-    columns = report.columns
+def _layer_table(report: Report, layout: _Layout) -> str:
     multi_sd = len({r.state_dict for r in report.layers}) > 1
-    headers = ["layer", *(["state dict"] if multi_sd else []), "status", *(c.title for c in columns)]
-    rows = []
-    for r in report.layers:
-        rows.append(
-            [
-                r.name or "<root>",
-                *([r.state_dict or "<root>"] if multi_sd else []),
-                r.severity.value,
-                *(format_value(column.value(r)) for column in columns),
-            ]
-        )
+    headers = [
+        "layer",
+        *(["state dict"] if multi_sd else []),
+        *(["status"] if layout.status else []),
+        *(c.title for c in report.columns),
+    ]
+    rows = [
+        [
+            r.name or "<root>",
+            *([r.state_dict or "<root>"] if multi_sd else []),
+            *([r.severity.value] if layout.status else []),
+            *(format_value(column.value(r)) for column in report.columns),
+        ]
+        for r in report.layers
+    ]
     return simple_table(rows, headers)
 
 
@@ -56,24 +89,38 @@ def _channel_table(rows: Sequence[dict[str, Any]]) -> str:
     return simple_table([[format_value(row[h]) for h in headers] for row in rows], headers)
 
 
-def _findings_block(report: Report) -> list[str]:
-    shown = [f for f in report.findings if f.severity is not Severity.INFO] or list(report.findings)
-    lines = []
-    for f in shown[:MAX_FINDINGS_SHOWN]:
-        where = f"[{f.state_dict}] " if f.state_dict else ""
-        accepted = " (accepted by the baseline)" if f.baselined else ""
-        lines.append(f"  {f.severity.value.upper():5} {f.kind.value:18} {where}{f.message}{accepted}")
-    if len(shown) > MAX_FINDINGS_SHOWN:
+def _finding_line(finding: Finding, layout: _Layout) -> str:
+    head = f"  {finding.severity.value.upper():5} {finding.kind.value:18} "
+    if not layout.detail:
+        return head + finding.message
+    where = f"[{finding.state_dict}] " if finding.state_dict else ""
+    accepted = " (accepted by the baseline)" if finding.baselined else ""
+    return f"{head}{where}{finding.message}{accepted}"
+
+
+def _findings_block(report: Report, layout: _Layout) -> list[str]:
+    shown = [f for f in report.findings if f.severity is not Severity.INFO]
+    if not shown and layout.notes_when_alone:
+        shown = list(report.findings)
+    if not shown:
+        return []
+    lines = ["Findings:", *(_finding_line(f, layout) for f in shown[:MAX_FINDINGS_SHOWN])]
+    if layout.detail and len(shown) > MAX_FINDINGS_SHOWN:
         lines.append(f"  ... and {len(shown) - MAX_FINDINGS_SHOWN} more (use --format json for all)")
-    return lines
+    return [*lines, ""]
 
 
 def _title(report: Report) -> str:
     n_layers = len(report.layers)
+    settings = report.settings
     if report.command is Command.COMPARE:
-        ranks = report.settings.get("ranks", len(report.inputs))
-        reference = report.inputs[0].path
+        ranks, reference = settings.get("ranks", len(report.inputs)), report.inputs[0].path
         return f"bnaudit compare: {ranks} ranks, {n_layers} BatchNorm layer(s), reference {reference}"
+    if report.command is Command.AVERAGE:
+        return (
+            f"bnaudit average: {settings['ranks']} ranks, {n_layers} BatchNorm layer(s), method "
+            f"{settings['method']}, reference {settings['reference']}"
+        )
     sources = ", ".join(i.path for i in report.inputs)
     return f"bnaudit {report.command.value}: {sources} ({n_layers} BatchNorm layer(s))"
 
@@ -96,10 +143,10 @@ def verdict_line(report: Report, fail_on: FailOn) -> str:
 
 
 def _calibration_lines(report: Report) -> list[str]:
-    """recalibrate / drift: the data used, the --eval metrics before and after, and what was written."""
-    if report.command not in (Command.RECALIBRATE, Command.DRIFT):
-        return []
+    """A model-running report: the data used, the --eval metrics before and after, and what was written."""
     data, outcome = report.calibration, report.recalibration
+    if data is None and outcome is None:
+        return []
     batches, samples = (data.batches, data.samples) if data else (None, None)
     lines = [f"Data: {batches} batch(es), {samples} sample(s)"]
     for name, keys in (data.unused_keys if data else {}).items():
@@ -111,26 +158,37 @@ def _calibration_lines(report: Report) -> list[str]:
         where = f"[{name}] " if name else ""
         moved = ", ".join(f"{k} {format_value(v)} -> {format_value(after.get(k))}" for k, v in before.items())
         lines.append(f"Eval {where}before -> after: {moved}")
-    if report.command is Command.RECALIBRATE:
-        output = outcome.output if outcome else None
+    if outcome is not None:
+        output = outcome.output
         lines.append(
             f"Wrote {output} (provenance: {output}.bnaudit.json)" if output else "Nothing was written"
         )
     return [*lines, ""]
 
 
+def _average_lines(report: Report) -> list[str]:
+    """A repair report: what was written, refused, or (a dry run) would have been."""
+    outcome = report.average
+    if outcome is None:
+        return []
+    if outcome.output:
+        return [f"Wrote {outcome.output} (provenance: {outcome.sidecar})"]
+    return ["Refused: nothing was written" if outcome.refused else "Dry run: nothing was written"]
+
+
 def render(report: Report, fail_on: FailOn) -> str:
     """Render the report for a terminal."""
+    layout = _layout(report)
     parts = [_title(report), ""]
     if report.layers:
-        parts += [_layer_table(report), ""]
+        parts += [_layer_table(report, layout), ""]
     if report.channel_rows:
         parts += [_channel_table(report.channel_rows), ""]
     if report.globals:
         listing = [entry.to_json() for entry in report.globals]
         parts += ["Globals referenced by the pickle(s):", _channel_table(listing), ""]
-    if report.findings:
-        parts += ["Findings:", *_findings_block(report), ""]
+    parts += _findings_block(report, layout)
     parts += _calibration_lines(report)
+    parts += _average_lines(report)
     parts.append(verdict_line(report, fail_on))
     return "\n".join(parts) + "\n"

@@ -114,7 +114,7 @@ def test_worse_is_higher_severity_or_metric_beyond_tolerance(folder):
         ('{"tool": {"name": "bnaudit"}, "schema_version": 2, "findings": []}', "unsupported baseline"),
         (
             '{"tool": {"name": "bnaudit"}, "schema_version": 1, "findings": [{"kind": "nope", "severity": "error"}]}',
-            "findings[0] has no valid kind",
+            "has no valid kind",
         ),
     ],
 )
@@ -124,5 +124,25 @@ def test_bad_baseline_exits_2(capsys, folder, rng, content, message):
         (folder / "b.json").write_text(content)
     code, out, err = call_main(capsys, "compare", *paths, "--baseline", "b.json")
     assert code == 2 and out == "" and message in err and "Traceback" not in err
-    with pytest.raises(InputError):
+    with pytest.raises(InputError) as exc:
         load_baseline(folder / "b.json")
+    assert exc.value.fields.path == str(folder / "b.json") and message in exc.value.fields.problem
+
+
+def test_a_bad_baseline_finding_is_named_by_its_index_and_field(tmp_path):
+    path = tmp_path / "b.json"
+    good = {"kind": "drift", "severity": "warn"}
+    path.write_text(
+        json.dumps(
+            {"tool": {"name": "bnaudit"}, "schema_version": 1, "findings": [good, {**good, "rank": "0"}]}
+        )
+    )
+    with pytest.raises(InputError) as exc:
+        load_baseline(path)
+    fields = exc.value.fields
+    assert (fields.path, fields.where, fields.expected, fields.found) == (
+        str(path),
+        "findings[1].rank",
+        "an integer or null",
+        "'0'",
+    )

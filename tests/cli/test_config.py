@@ -127,11 +127,11 @@ def test_paths_are_relative_to_the_config_file(capsys, repo):
     [
         (
             '[tool.bnaudit]\nfail_on = "warn"\n',
-            "[tool.bnaudit]: unknown key 'fail_on' (write long option names with dashes: 'fail-on')",
+            "[tool.bnaudit]: unknown key 'fail_on'; write long option names with dashes: 'fail-on'",
         ),
         (
             "[tool.bnaudit]\nerror-klx = 0.2\n",
-            "[tool.bnaudit]: unknown key 'error-klx': not an option of any command (did you mean 'error-kl'?)",
+            "[tool.bnaudit]: unknown key 'error-klx': not an option of any command; did you mean 'error-kl'?",
         ),
         (
             "[tool.bnaudit.compare]\nsecurity = true\n",
@@ -143,18 +143,21 @@ def test_paths_are_relative_to_the_config_file(capsys, repo):
         ),
         (
             '[tool.bnaudit]\nfail-on = "sometimes"\n',
-            "[tool.bnaudit]: fail-on: 'sometimes' is not one of 'warn', 'error', 'never'.",
+            "[tool.bnaudit] fail-on: 'sometimes' is not one of 'warn', 'error', 'never'.",
         ),
         (
             '[tool.bnaudit]\nerror-kl = "0.2"\n',
-            "[tool.bnaudit]: error-kl: expected an integer or a number, found a string '0.2'",
+            "[tool.bnaudit] error-kl: has the wrong type: expected an integer or a number, found a string '0.2'",
         ),
-        ("[tool.bnaudit]\nerror-kl = -1\n", "[tool.bnaudit]: error-kl: -1.0 is not in the range x>0.0."),
+        ("[tool.bnaudit]\nerror-kl = -1\n", "[tool.bnaudit] error-kl: -1.0 is not in the range x>0.0."),
         (
             '[tool.bnaudit]\ncheck-weights = "yes"\n',
-            "[tool.bnaudit]: check-weights: expected true/false, found a string 'yes'",
+            "[tool.bnaudit] check-weights: has the wrong type: expected true/false, found a string 'yes'",
         ),
-        ('[tool.bnaudit]\nkey = ["a", "b"]\n', "[tool.bnaudit]: key: expected a single value, found a list"),
+        (
+            '[tool.bnaudit]\nkey = ["a", "b"]\n',
+            "[tool.bnaudit] key: has the wrong type: expected a single value, found a list",
+        ),
         ('[tool.bnaudit]\noutput = "r.json"\n', "[tool.bnaudit]: 'output' cannot be set in a config file"),
         ("[tool.bnaudit]\nforce = true\n", "'force' cannot be set in a config file"),
         ("[tool.bnaudit\n", "not valid TOML"),
@@ -195,8 +198,11 @@ def test_config_command_shows_sources(capsys, repo):
 def test_config_error_is_a_config_error(tmp_path):
     path = tmp_path / "bnaudit.toml"
     path.write_text("[compare]\n[compare.deeper]\nx = 1\n")
-    with pytest.raises(ConfigError, match="'deeper' is a table"):
+    with pytest.raises(ConfigError, match="'deeper' is a table") as exc:
         load_config(path)
+    assert exc.value.fields.path == str(path)
+    assert exc.value.fields.where == "[compare]"
+    assert exc.value.fields.fix == "settings here are single values"
 
 
 def test_global_value_applies_where_it_fits(capsys, repo):

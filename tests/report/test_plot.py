@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+from pathlib import Path
 
 import pytest
 
+from bnaudit.errors import UsageError
+from bnaudit.report.plot import check_plot_target
 from tests.conftest import bn_state, call_main, save_ranks
 
 CHANNELS = {"stem": 4, "layer1": 8}
@@ -52,3 +55,13 @@ def test_without_matplotlib_says_how_to_install(capsys, tmp_path, ranks, monkeyp
 def test_plot_needs_png_or_svg(capsys, ranks):
     code, _, err = call_main(capsys, "compare", *ranks, "--plot", "plot.pdf")
     assert code == 2 and "must end in .png or .svg" in err
+
+
+def test_a_bad_plot_target_names_the_file_the_option_and_the_suffix():
+    with pytest.raises(UsageError) as exc:
+        check_plot_target(Path("out.jpg"))
+    assert (exc.value.fields.path, exc.value.fields.where, exc.value.fields.found) == (
+        "out.jpg",
+        "--plot",
+        "'.jpg'",
+    )
