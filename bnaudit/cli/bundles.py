@@ -41,7 +41,8 @@ def option_bundle(bundle: type[Any], keyword: str, options: Sequence[Callable[[F
             decorated = option(decorated)
         added = decorated.__click_params__[before:]
         # A misspelt option name would otherwise reach the command as a stray keyword at run time.
-        stray = [param.name for param in added if param.name not in names]
+        # Options that never reach the command (expose_value=False) need no field.
+        stray = [param.name for param in added if param.expose_value and param.name not in names]
         if stray:
             raise TypeError(f"options {stray} are not fields of {bundle.__name__}")
         return decorated  # type: ignore[no-any-return,unused-ignore]

@@ -33,14 +33,12 @@ class ReportOutputs:
     """``--format`` / ``-o`` / ``--fail-on`` of :data:`~bnaudit.cli.options.report_options`.
 
     ``--baseline`` / ``--write-baseline`` are read by the output step itself (``emit_report``) and never
-    passed to the command: their fields stay None.
+    reach the command.
     """
 
     output_format: tuple[str, ...] = ()
     output: tuple[Path, ...] = ()
     fail_on: str = FailOn.ERROR.value
-    baseline: Path | None = None
-    write_baseline: Path | None = None
 
 
 _GATE_OPTIONS = (

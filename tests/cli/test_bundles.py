@@ -38,3 +38,16 @@ def test_bundle_reaches_the_command_as_one_instance() -> None:
 def test_an_option_that_is_not_a_field_is_refused() -> None:
     with pytest.raises(TypeError, match="not fields of Pair"):
         option_bundle(Pair, "pair", (click.option("--lefty"),))(lambda pair: None)
+
+
+def test_an_option_that_never_reaches_the_command_needs_no_field() -> None:
+    seen: list[object] = []
+    hidden = click.option("--hidden", expose_value=False, default="h")
+
+    @click.command()
+    @option_bundle(Pair, "pair", (*PAIR_OPTIONS, hidden))
+    def command(pair: Pair) -> None:
+        seen.append(pair)
+
+    assert CliRunner().invoke(command, ["--hidden", "x"]).exit_code == 0
+    assert seen == [Pair(left=1, right="x")]
