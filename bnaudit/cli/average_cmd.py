@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
+from bnaudit.cli.bundles import option_bundle
 from bnaudit.cli.options import eps_option, ignore_option, repair_report_options, write_report_text
 from bnaudit.defaults import CONVERSION_FORMATS, MERGE_METHODS
 from bnaudit.errors import UsageError
+from bnaudit.repair import average
+from bnaudit.repair.average import AverageResult
+from bnaudit.repair.average_inputs import AverageOptions
 from bnaudit.report import OutputFormat, render
 from bnaudit.report.model import FailOn, Report, Severity
 from bnaudit.report.table import simple_table, verdict_line
-
-if TYPE_CHECKING:
-    from bnaudit.repair.average import AverageResult
 
 _COLUMNS = [
     ("KL before", "max_kl_before"),
@@ -39,7 +40,9 @@ def parse_weights(text: str | None) -> list[float] | None:
         return [float(part) for part in text.split(",")]
     except ValueError:
         raise UsageError(
-            f"--rank-weights {text!r}: expected comma-separated sample counts, one per rank (e.g. 3,3,3,2)"
+            f"{text!r} is not a list of numbers",
+            where="--rank-weights",
+            expected="comma-separated sample counts, one per rank (e.g. 3,3,3,2)",
         ) from None
 
 
@@ -91,6 +94,48 @@ def _outcome(report: Report) -> str:
     return "Dry run: nothing was written"
 
 
+AVERAGE_OPTIONS = (
+    click.option(
+        "--method",
+        type=click.Choice(list(MERGE_METHODS)),
+        default=MERGE_METHODS[0],
+        show_default=True,
+        help="pooled: law of total variance (the variance of all ranks' data); mean: mean of running_var.",
+    ),
+    click.option(
+        "--rank-weights",
+        metavar="N,N,...",
+        default=None,
+        callback=lambda ctx, param, value: parse_weights(value),
+        help="Per-rank sample counts in rank order (uneven shards), e.g. 3,3,3,2. Default: counts recorded "
+        "by save_rank_stats, else equal.",
+    ),
+    click.option("--key", metavar="PATH", default=None, help="Merge only this state dict of the reference."),
+    click.option(
+        "--reference",
+        type=click.Path(dir_okay=True, path_type=Path),
+        help="The checkpoint to copy and patch (default: the lowest rank), e.g. rank 0's full checkpoint "
+        "when the ranks are save_rank_stats files.",
+    ),
+    click.option(
+        "--to",
+        type=click.Choice(list(CONVERSION_FORMATS)),
+        help="Convert: pt (torch.save of the state dict; needs torch) or safetensors (one state dict's "
+        "tensors).",
+    ),
+    click.option("--force", is_flag=True, help="Replace an existing output (never an input)."),
+    click.option("--dry-run", is_flag=True, help="Show what would change; write nothing."),
+    click.option(
+        "--allow-unsafe-input",
+        is_flag=True,
+        help="Repair even when an input's pickle references dangerous callables (the output carries them "
+        "too).",
+    ),
+    eps_option,
+    ignore_option,
+)
+
+
 @click.command("average")
 @click.argument("checkpoints", nargs=-1, required=True)
 @click.option(
@@ -101,57 +146,12 @@ def _outcome(report: Report) -> str:
     default=None,
     help="The checkpoint to write (required unless --dry-run); never an input; replacing needs --force.",
 )
-@click.option(
-    "--method",
-    type=click.Choice(list(MERGE_METHODS)),
-    default=MERGE_METHODS[0],
-    show_default=True,
-    help="pooled: law of total variance (the variance of all ranks' data); mean: mean of running_var.",
-)
-@click.option(
-    "--rank-weights",
-    metavar="N,N,...",
-    default=None,
-    help="Per-rank sample counts in rank order (uneven shards), e.g. 3,3,3,2. Default: counts recorded by "
-    "save_rank_stats, else equal.",
-)
-@click.option("--key", metavar="PATH", default=None, help="Merge only this state dict of the reference.")
-@click.option(
-    "--reference",
-    type=click.Path(dir_okay=True, path_type=Path),
-    default=None,
-    help="The checkpoint to copy and patch (default: the lowest rank), e.g. rank 0's full checkpoint "
-    "when the ranks are save_rank_stats files.",
-)
-@click.option(
-    "--to",
-    type=click.Choice(list(CONVERSION_FORMATS)),
-    default=None,
-    help="Convert: pt (torch.save of the state dict; needs torch) or safetensors (one state dict's tensors).",
-)
-@click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
-@click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
-@click.option(
-    "--allow-unsafe-input",
-    is_flag=True,
-    help="Repair even when an input's pickle references dangerous callables (the output carries them too).",
-)
-@eps_option
-@ignore_option
+@option_bundle(AverageOptions, "options", AVERAGE_OPTIONS)
 @repair_report_options
 def average_command(
     checkpoints: tuple[str, ...],
     output: Path | None,
-    method: str,
-    rank_weights: str | None,
-    key: str | None,
-    reference: Path | None,
-    to: str | None,
-    force: bool,
-    dry_run: bool,
-    allow_unsafe_input: bool,
-    eps: float,
-    ignore: tuple[str, ...],
+    options: AverageOptions,
     report_file: Path | None,
     output_format: str,
     fail_on: str,
@@ -164,22 +164,7 @@ def average_command(
     an unsafe pickle, unusable statistics, parameters that differ) or a finding at or above --fail-on,
     2 usage or input error, 3 internal error, 130 interrupted.
     """
-    from bnaudit.repair.average import average_checkpoints
-
-    result = average_checkpoints(
-        list(checkpoints),
-        output,
-        method=method,
-        rank_weights=parse_weights(rank_weights),
-        key=key,
-        reference=reference,
-        to=to,
-        force=force,
-        dry_run=dry_run,
-        allow_unsafe_input=allow_unsafe_input,
-        eps=eps,
-        ignore=ignore,
-    )
+    result = average.average_checkpoints(list(checkpoints), output, options)
     return _emit(result, output_format, report_file, FailOn(fail_on))
 
 

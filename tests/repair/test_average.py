@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.zippatch import locate_entries
 from bnaudit.repair.average import average_checkpoints
+from bnaudit.repair.average_inputs import AverageOptions
 from tests.conftest import REPO, bn_state, call_main, run_cli
 from tests.training_helpers.userclass import RunInfo
 
@@ -104,7 +105,9 @@ def test_merged_statistics_match_float64_reference(tmp_path, rng, method, weight
         paths.append(tmp_path / f"ckpt_rank{r}.pt")
         torch.save({"model": sd, "epoch": 4}, paths[-1])
     out = tmp_path / "avg.pt"
-    result = average_checkpoints([str(p) for p in paths], out, method=method, rank_weights=weights)
+    result = average_checkpoints(
+        [str(p) for p in paths], out, AverageOptions(method=method, rank_weights=weights)
+    )
     assert result.output == out and result.refused is None
     loaded = torch.load(out, weights_only=True)
     for layer in LAYERS:
