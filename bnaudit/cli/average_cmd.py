@@ -94,6 +94,11 @@ def _outcome(report: Report) -> str:
     return "Dry run: nothing was written"
 
 
+def _weights_callback(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[float] | None:
+    # --rank-weights reaches AverageOptions parsed, so the command passes the bundle straight through.
+    return parse_weights(value)
+
+
 AVERAGE_OPTIONS = (
     click.option(
         "--method",
@@ -106,7 +111,7 @@ AVERAGE_OPTIONS = (
         "--rank-weights",
         metavar="N,N,...",
         default=None,
-        callback=lambda ctx, param, value: parse_weights(value),
+        callback=_weights_callback,
         help="Per-rank sample counts in rank order (uneven shards), e.g. 3,3,3,2. Default: counts recorded "
         "by save_rank_stats, else equal.",
     ),
