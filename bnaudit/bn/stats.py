@@ -63,6 +63,11 @@ class ChannelStats:
         """Population variance M2 / count (what BatchNorm normalises a batch with)."""
         return self.m2 / self.count
 
+    @property
+    def var_unbiased(self) -> np.ndarray:
+        """Sample variance M2 / (count - 1) (what BatchNorm stores in ``running_var``)."""
+        return self.m2 / (self.count - 1)
+
 
 class RankMerger:
     """Streams ranks' (running_mean, running_var) into weighted pooled and mean merges, one rank at a time.

@@ -61,6 +61,7 @@ def test_chan_merge_equals_statistics_of_concatenated_samples():
     everything = np.concatenate(chunks)
     np.testing.assert_allclose(acc.mean, everything.mean(0), rtol=1e-12)
     np.testing.assert_allclose(acc.var_biased, everything.var(0), rtol=1e-12)
+    np.testing.assert_allclose(acc.var_unbiased, everything.var(0, ddof=1), rtol=1e-12)
     assert acc.count == len(everything)
 
 
