@@ -113,7 +113,9 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOption
     )
 
 
-def inspect_checkpoints(paths: Sequence[str | Path], options: InspectOptions = InspectOptions()) -> Report:
+def inspect_checkpoints(
+    paths: str | Path | Sequence[str | Path], options: InspectOptions = InspectOptions()
+) -> Report:
     """:func:`inspect_checkpoint` of each file (quoted glob patterns expanded), in one Report.
 
     Args:
