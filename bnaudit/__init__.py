@@ -14,7 +14,10 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "compare_ranks": "bnaudit.audit.compare",
-    "inspect_checkpoint": "bnaudit.audit.compare",
+    "CompareOptions": "bnaudit.audit.compare",
+    "inspect_checkpoint": "bnaudit.audit.inspect",
+    "inspect_checkpoints": "bnaudit.audit.inspect",
+    "InspectOptions": "bnaudit.audit.inspect",
     "load_checkpoint": "bnaudit.checkpoint",
     "read_tensor": "bnaudit.checkpoint",
     "BnauditError": "bnaudit.errors",
@@ -28,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "normalize_key": "bnaudit.bn.layers",
     "MergeMethod": "bnaudit.bn.stats",
     "average_checkpoints": "bnaudit.repair.average",
+    "AverageOptions": "bnaudit.repair.average_inputs",
     "AverageResult": "bnaudit.repair.average",
     "sync_bn_stats": "bnaudit.live.training",
     "save_rank_stats": "bnaudit.live.training",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,18 +39,23 @@ class BnLayer:
     """A BatchNorm-like layer found in a state dict: a prefix holding ``running_mean`` and ``running_var``.
 
     Attributes:
-        name: the normalised prefix (``layer1.0.bn1``; ``""`` for a state dict of a lone BatchNorm).
         running_mean, running_var: original keys of the statistics.
         num_batches_tracked, weight, bias: original keys, or None when absent (FrozenBatchNorm2d,
             ``affine=False``, ``track_running_stats`` buffers without a counter).
+        name: the normalised prefix (``layer1.0.bn1``; ``""`` for a state dict of a lone BatchNorm), from
+            ``running_mean``'s key.
     """
 
-    name: str
     running_mean: str
     running_var: str
     num_batches_tracked: str | None = None
     weight: str | None = None
     bias: str | None = None
+
+    @functools.cached_property
+    def name(self) -> str:
+        """The normalised prefix of the layer's keys (computed once: layers are looked up by name)."""
+        return _split(normalize_key(self.running_mean))[0]
 
     @property
     def display_name(self) -> str:
@@ -59,10 +65,6 @@ class BnLayer:
         """Every original key that belongs to this layer."""
         found = (self.running_mean, self.running_var, self.num_batches_tracked, self.weight, self.bias)
         return tuple(k for k in found if k is not None)
-
-    def stat_keys(self) -> tuple[str, ...]:
-        """The keys of the running statistics (what averaging and recalibration rewrite)."""
-        return (self.running_mean, self.running_var)
 
 
 def _split(key: str) -> tuple[str, str]:
@@ -94,7 +96,6 @@ def find_bn_layers(keys: Iterable[str] | Mapping[str, Any]) -> list[BnLayer]:
         if "running_mean" in leaves and "running_var" in leaves:
             layers.append(
                 BnLayer(
-                    name=_split(normalize_key(leaves["running_mean"]))[0],
                     running_mean=leaves["running_mean"],
                     running_var=leaves["running_var"],
                     num_batches_tracked=leaves.get("num_batches_tracked"),

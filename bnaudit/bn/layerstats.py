@@ -1,26 +1,22 @@
-"""Read one BatchNorm layer's tensors as float64 arrays, validate them, and check their health."""
+"""Read BatchNorm layers' tensors as float64 arrays (and the bytes of their statistics), and validate them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import hashlib
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bnaudit.bn.layers import BnLayer
-from bnaudit.bn.stats import segment_sums
 from bnaudit.checkpoint.tensors import read_tensors
 from bnaudit.checkpoint.types import StateDictRef, TensorRef
 from bnaudit.errors import InputError
-from bnaudit.report.model import Finding, FindingKind, Severity
-
-# A variance this far below eps means normalisation divides by ~sqrt(eps) alone: any deviation of the input
-# at eval time is amplified by up to 1/sqrt(eps) (316x for eps=1e-5).
-TINY_VARIANCE_FACTOR = 1e-3
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerStats:
     """A layer's tensors, read and widened to float64 (``num_batches_tracked`` as int)."""
 
@@ -78,9 +74,11 @@ def _layer_refs(layers: Sequence[tuple[StateDictRef, BnLayer]], file: str) -> li
         problem = layer_problem(sd, layer)
         if problem:
             raise InputError(
-                f"{file}: BatchNorm layer '{layer.display_name}': {problem}; the statistics cannot be "
-                "audited — check that the file is a model checkpoint (use `bnaudit inspect` to list its "
-                "problems)"
+                problem,
+                path=file or None,
+                where=f"BatchNorm layer '{layer.display_name}'",
+                fix="the statistics cannot be audited — check that the file is a model checkpoint (use "
+                "`bnaudit inspect` to list its problems)",
             )
         nbt = _ref(sd, layer.num_batches_tracked)
         wanted += [
@@ -116,9 +114,34 @@ def read_layers(
     Raises:
         InputError: a layer's tensors are malformed (see :func:`layer_problem`), or a tensor cannot be read.
     """
+    return _read(layers, file, path, digest=False)[0]
+
+
+def read_layers_with_digest(
+    layers: Sequence[tuple[StateDictRef, BnLayer]], file: str, path: Path | None = None
+) -> tuple[list[LayerStats], str]:
+    """:func:`read_layers`, and the SHA-256 of every layer's running_mean then running_var as stored.
+
+    The stored bytes come from the same reads as the values (a raw view of each statistic's span), so the
+    provenance hash costs no second read. A compressed or strided statistic is hashed by its decoded values.
+
+    Raises:
+        InputError: as :func:`read_layers`.
+    """
+    stats, digest = _read(layers, file, path, digest=True)
+    assert digest is not None
+    return stats, digest
+
+
+def _read(
+    layers: Sequence[tuple[StateDictRef, BnLayer]], file: str, path: Path | None, digest: bool
+) -> tuple[list[LayerStats], str | None]:
     wanted = _layer_refs(layers, file)
-    arrays = iter(read_tensors([ref for ref in wanted if ref is not None], path=path))
+    raw = [_raw_view(ref) for ref in _stat_refs(wanted)] if digest else []
+    plain = [ref for ref in (*wanted, *raw) if ref is not None]
+    arrays = iter(read_tensors(plain, path=path))
     values = [None if ref is None else next(arrays) for ref in wanted]
+    raw_values = [None if ref is None else next(arrays) for ref in raw]
     out = []
     for i in range(0, len(values), _LAYER_TENSORS):
         mean, var, weight, bias, nbt_value = values[i : i + _LAYER_TENSORS]
@@ -132,151 +155,40 @@ def read_layers(
                 num_batches_tracked=None if nbt_value is None else int(nbt_value.reshape(-1)[0]),
             )
         )
-    return out
+    if not digest:
+        return out, None
+    stat_values = [v for i, v in enumerate(values) if i % _LAYER_TENSORS < 2]
+    hasher = hashlib.sha256()
+    for ref, value, stored in zip(_stat_refs(wanted), stat_values, raw_values, strict=True):
+        hasher.update(_stored_bytes(ref, value, stored, path))
+    return out, hasher.hexdigest()
 
 
-@dataclass(frozen=True)
-class _Place:
-    """Where findings about one layer point: file, state dict, layer and (compare) rank."""
-
-    file: str
-    state_dict: str
-    layer: str
-    rank: int | None
-
-    @property
-    def label(self) -> str:
-        rank = f" of rank {self.rank}" if self.rank is not None else ""
-        return f"layer '{self.layer or '<root>'}'{rank}"
-
-    def finding(
-        self, severity: Severity, kind: FindingKind, message: str, channel: int | None = None
-    ) -> Finding:
-        return Finding(
-            severity,
-            kind,
-            f"{self.label}: {message}",
-            file=self.file,
-            state_dict=self.state_dict,
-            layer=self.layer,
-            rank=self.rank,
-            channel=channel,
-        )
+def _stat_refs(wanted: list[TensorRef | None]) -> list[TensorRef]:
+    """The running_mean and running_var references of :func:`_layer_refs`' list, in order."""
+    return [ref for i, ref in enumerate(wanted) if i % _LAYER_TENSORS < 2 and ref is not None]
 
 
-def health_findings(
-    stats: LayerStats,
-    eps: float,
-    *,
-    file: str,
-    state_dict: str,
-    layer: str,
-    rank: int | None = None,
-) -> list[Finding]:
-    """Problems of one layer's statistics that make eval-mode normalisation wrong or unsafe.
-
-    Returns:
-        Findings of kinds ``nonfinite``, ``negative-variance`` (errors), ``tiny-variance``,
-        ``never-updated`` (warnings) and, for a zero ``num_batches_tracked`` beside trained statistics,
-        ``never-updated`` (info).
-    """
-    place = _Place(file, state_dict, layer, rank)
-    out: list[Finding] = []
-    bad = ~np.isfinite(stats.mean) | ~np.isfinite(stats.var)
-    if bad.any():
-        ch = int(np.argmax(bad))
-        out.append(
-            place.finding(
-                Severity.ERROR,
-                FindingKind.NONFINITE,
-                f"{int(bad.sum())} channel(s) hold NaN or Inf statistics (first: channel {ch}); "
-                "recalibrate the layer with `bnaudit recalibrate`",
-                ch,
-            )
-        )
-    negative = np.isfinite(stats.var) & (stats.var < 0)
-    if negative.any():
-        ch = int(np.argmax(negative))
-        out.append(
-            place.finding(
-                Severity.ERROR,
-                FindingKind.NEGATIVE_VARIANCE,
-                f"{int(negative.sum())} channel(s) have a negative running_var (first: channel "
-                f"{ch}, {stats.var[ch]:.3g}); recalibrate the layer",
-                ch,
-            )
-        )
-    limit = eps * TINY_VARIANCE_FACTOR
-    tiny = np.isfinite(stats.var) & (stats.var >= 0) & (stats.var < limit)
-    if tiny.any():
-        ch = int(np.argmax(tiny))
-        out.append(
-            place.finding(
-                Severity.WARN,
-                FindingKind.TINY_VARIANCE,
-                f"{int(tiny.sum())} channel(s) have running_var below {limit:.0e} (first: "
-                f"channel {ch}); eval output there is amplified up to 1/sqrt(eps) — harmless for "
-                "dead channels, wrong for live ones",
-                ch,
-            )
-        )
-    out.extend(_never_updated(stats, place))
-    return out
+def _raw_view(ref: TensorRef) -> TensorRef | None:
+    """The bytes a plain, contiguous, uncompressed tensor spans, as a uint8 tensor; None for others."""
+    if type(ref) is not TensorRef or ref.storage.compressed or not ref.is_contiguous():
+        return None
+    start, end = ref.byte_span()
+    return TensorRef(ref.storage, "uint8", (end - start,), (1,), ref.offset * ref.itemsize)
 
 
-def differing_affine(reference: LayerStats, stats: LayerStats) -> Iterator[tuple[str, float]]:
-    """(``weight`` or ``bias``, max |difference|) for each affine parameter that differs from the reference.
-
-    DDP keeps parameters identical across ranks, so any difference means the files are not ranks of one step.
-    """
-    for attr in ("weight", "bias"):
-        ref_value, value = getattr(reference, attr), getattr(stats, attr)
-        if ref_value is None or value is None or np.array_equal(ref_value, value, equal_nan=True):
-            continue
-        yield attr, float(np.nanmax(np.abs(ref_value - value)))
-
-
-def layers_to_check(stats: Sequence[LayerStats], eps: float) -> list[int]:
-    """The layers for which :func:`health_findings` may find something; for the others it returns [].
-
-    One vectorised pass over every layer's channels at once: a model's layers are nearly always healthy,
-    and checking them one by one costs a dozen NumPy calls per layer.
-    """
-    if not stats:
-        return []
-    means = np.concatenate([s.mean for s in stats])
-    variances = np.concatenate([s.var for s in stats])
-    with np.errstate(invalid="ignore"):
-        # Non-finite, negative and tiny variances all sit below the tiny-variance limit or are not finite.
-        odd = ~np.isfinite(means) | ~np.isfinite(variances) | (variances < eps * TINY_VARIANCE_FACTOR)
-    moved = (means != 0) | (variances != 1)  # a channel away from the initial statistics
-    sizes = [s.channels for s in stats]
-    odd_counts, moved_counts = segment_sums(odd, sizes), segment_sums(moved, sizes)
-    return [
-        i
-        for i, s in enumerate(stats)
-        if odd_counts[i] or (s.channels and not moved_counts[i]) or s.num_batches_tracked == 0
-    ]
-
-
-def _never_updated(stats: LayerStats, place: _Place) -> list[Finding]:
-    at_reset = stats.channels > 0 and bool(np.all(stats.mean == 0) and np.all(stats.var == 1))
-    if at_reset:
-        return [
-            place.finding(
-                Severity.WARN,
-                FindingKind.NEVER_UPDATED,
-                "statistics are still at their initial values (mean 0, var 1): the layer never ran "
-                "in train mode; recalibrate it on data with `bnaudit recalibrate`",
-            )
-        ]
-    if stats.num_batches_tracked == 0:
-        return [
-            place.finding(
-                Severity.INFO,
-                FindingKind.NEVER_UPDATED,
-                "num_batches_tracked is 0 but the statistics are set (typical of converted "
-                "pretrained weights); nothing to do unless training should have updated them",
-            )
-        ]
-    return []
+def _stored_bytes(
+    ref: TensorRef, value: np.ndarray | None, stored: np.ndarray | None, path: Path | None
+) -> bytes:
+    if stored is not None:
+        return stored.tobytes()
+    if ref.storage.compressed or not ref.is_contiguous():
+        assert value is not None
+        return np.ascontiguousarray(value).tobytes()
+    # A tensor assembled by its container's reader (DCP chunks): its span, read directly.
+    start, end = ref.byte_span()
+    fd = os.open(path or ref.storage.path, os.O_RDONLY)
+    try:
+        return os.pread(fd, end - start, start)
+    finally:
+        os.close(fd)

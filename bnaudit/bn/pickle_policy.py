@@ -153,6 +153,31 @@ def global_uses(refs: Iterable[GlobalRef]) -> list[GlobalUse]:
     return sorted(uses, key=lambda u: (order[u.safety], u.qualname))
 
 
+# What a global of each judgement makes of a file: the finding's severity, kind and message.
+_PICKLE_FINDINGS = {
+    Safety.DANGEROUS: (
+        Severity.ERROR,
+        FindingKind.UNSAFE_PICKLE,
+        "the pickle references '{name}', which torch.load(weights_only=False) would call: loading this file "
+        "runs code. bnaudit read it inertly; do not torch.load it, and re-save the weights from a trusted "
+        "source",
+    ),
+    Safety.UNKNOWN: (
+        Severity.WARN,
+        FindingKind.SUSPICIOUS_PICKLE,
+        "the pickle references '{name}': torch.load(weights_only=True) refuses the file and "
+        "weights_only=False would import and run that module; save plain data (state dicts, dicts of "
+        "numbers) to make it loadable safely",
+    ),
+    Safety.BENIGN: (
+        Severity.INFO,
+        FindingKind.SUSPICIOUS_PICKLE,
+        "the pickle references '{name}', a known data class (no code of the file runs, but "
+        "torch.load(weights_only=True) may refuse it)",
+    ),
+}
+
+
 def pickle_findings(refs: Iterable[GlobalRef], file: str) -> list[Finding]:
     """Findings for the globals a file's pickles reference (safe machinery produces none).
 
@@ -161,39 +186,10 @@ def pickle_findings(refs: Iterable[GlobalRef], file: str) -> list[Finding]:
     """
     out = []
     for use in global_uses(refs):
-        if use.safety is Safety.DANGEROUS:
+        judged = _PICKLE_FINDINGS.get(use.safety)
+        if judged is not None:
+            severity, kind, message = judged
             out.append(
-                Finding(
-                    Severity.ERROR,
-                    FindingKind.UNSAFE_PICKLE,
-                    f"the pickle references '{use.qualname}', which torch.load(weights_only=False) "
-                    "would call: loading this file runs code. bnaudit read it inertly; do not "
-                    "torch.load it, and re-save the weights from a trusted source",
-                    file=file,
-                    tensor=use.qualname,
-                )
-            )
-        elif use.safety is Safety.UNKNOWN:
-            out.append(
-                Finding(
-                    Severity.WARN,
-                    FindingKind.SUSPICIOUS_PICKLE,
-                    f"the pickle references '{use.qualname}': torch.load(weights_only=True) refuses "
-                    "the file and weights_only=False would import and run that module; save plain "
-                    "data (state dicts, dicts of numbers) to make it loadable safely",
-                    file=file,
-                    tensor=use.qualname,
-                )
-            )
-        elif use.safety is Safety.BENIGN:
-            out.append(
-                Finding(
-                    Severity.INFO,
-                    FindingKind.SUSPICIOUS_PICKLE,
-                    f"the pickle references '{use.qualname}', a known data class (no code of the "
-                    "file runs, but torch.load(weights_only=True) may refuse it)",
-                    file=file,
-                    tensor=use.qualname,
-                )
+                Finding(severity, kind, message.format(name=use.qualname), file=file, tensor=use.qualname)
             )
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
@@ -69,26 +69,6 @@ class ChannelStats:
         return self.m2 / (self.count - 1)
 
 
-def merge_ranks(
-    means: list[np.ndarray], variances: list[np.ndarray], weights: list[float] | None, method: MergeMethod
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-rank running statistics into one mean and variance (non-streaming reference form).
-
-    Args:
-        means: each rank's ``running_mean``.
-        variances: each rank's ``running_var`` (whatever variance the ranks stored; unbiased for BatchNorm).
-        weights: per-rank sample counts w_r, or None for equal weights.
-        method: ``pooled`` or ``mean`` (see :class:`MergeMethod`).
-
-    Returns:
-        (mean, var) in float64: mean = sum w_r m_r / W, and var as the method says.
-    """
-    acc = RankMerger(len(means[0]))
-    for i, (m, v) in enumerate(zip(means, variances, strict=True)):
-        acc.add(m, v, 1.0 if weights is None else weights[i])
-    return acc.result(method)
-
-
 class RankMerger:
     """Streams ranks' (running_mean, running_var) into weighted pooled and mean merges, one rank at a time.
 
@@ -109,10 +89,6 @@ class RankMerger:
         self.pooled = self.pooled.merge(ChannelStats.from_moments(weight, mean, var64))
         self.weighted_var_sum += weight * var64
 
-    @property
-    def total_weight(self) -> float:
-        return self.pooled.count
-
     def result(self, method: MergeMethod) -> tuple[np.ndarray, np.ndarray]:
         """The merged (mean, var) for ``method``."""
         if self.pooled.count == 0:
@@ -129,10 +105,11 @@ def kl_normal(mean_p: np.ndarray, var_p: np.ndarray, mean_q: np.ndarray, var_q: 
     statistics is for data that follows p. Variances must already include BatchNorm's eps.
     """
     ratio = var_p / var_q
-    return 0.5 * (ratio - 1.0 - np.log(ratio) + (mean_p - mean_q) ** 2 / var_q)
+    kl: np.ndarray = 0.5 * (ratio - 1.0 - np.log(ratio) + (mean_p - mean_q) ** 2 / var_q)
+    return kl
 
 
-@dataclass
+@dataclass(frozen=True)
 class Divergence:
     """Per-channel worst divergence of the ranks from the pooled statistics of one layer.
 
@@ -145,8 +122,8 @@ class Divergence:
     shift: np.ndarray
     var_ratio: np.ndarray
     kl_rank: np.ndarray
-    per_rank_max_kl: list[float] = field(default_factory=list)
-    per_rank_max_shift: list[float] = field(default_factory=list)
+    per_rank_max_kl: tuple[float, ...] = ()
+    per_rank_max_shift: tuple[float, ...] = ()
 
 
 def segment_sums(flags: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
@@ -221,8 +198,8 @@ class DivergenceAccumulator:
             shift=self.shift[part],
             var_ratio=self.var_ratio[part],
             kl_rank=self.kl_rank[part],
-            per_rank_max_kl=[float(m[index]) for m in self._rank_layer_max_kl],
-            per_rank_max_shift=[float(m[index]) for m in self._rank_layer_max_shift],
+            per_rank_max_kl=tuple(float(m[index]) for m in self._rank_layer_max_kl),
+            per_rank_max_shift=tuple(float(m[index]) for m in self._rank_layer_max_shift),
         )
 
     @property

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
+from bnaudit.audit import compare
+from bnaudit.audit.compare import CompareOptions
+from bnaudit.cli.bundles import option_bundle
 from bnaudit.cli.options import (
     emit_report,
     eps_option,
@@ -17,53 +22,49 @@ from bnaudit.cli.options import (
 )
 from bnaudit.defaults import DEFAULT_ERROR_KL, DEFAULT_WARN_KL
 
+F = TypeVar("F", bound=Callable[..., Any])
 _positive = click.FloatRange(min=0.0, min_open=True)
+
+
+def _kl_option(name: str, default: float, level: str) -> Callable[[F], F]:
+    return click.option(
+        name,
+        type=_positive,
+        default=default,
+        show_default=True,
+        help=f"A layer whose max KL(pooled || rank) reaches this is {level} (nats).",
+    )
+
+
+COMPARE_OPTIONS: tuple[Callable[[F], F], ...] = (
+    key_option,
+    eps_option,
+    _kl_option("--warn-kl", DEFAULT_WARN_KL, "a warning"),
+    _kl_option("--error-kl", DEFAULT_ERROR_KL, "an error"),
+    ignore_option,
+    click.option("--check-weights", is_flag=True, help="Also compare every other tensor across ranks."),
+    click.option(
+        "--allow-empty", is_flag=True, help="Pass, instead of failing, when the model has no BatchNorm."
+    ),
+    click.option(
+        "--jobs",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Read up to this many rank files ahead in threads (helps on network or object storage).",
+    ),
+    layer_option,
+)
 
 
 @click.command("compare")
 @click.argument("checkpoints", nargs=-1, required=True)
-@key_option
-@eps_option
-@click.option(
-    "--warn-kl",
-    type=_positive,
-    default=DEFAULT_WARN_KL,
-    show_default=True,
-    help="A layer whose max KL(pooled || rank) reaches this is a warning (nats).",
-)
-@click.option(
-    "--error-kl",
-    type=_positive,
-    default=DEFAULT_ERROR_KL,
-    show_default=True,
-    help="A layer whose max KL(pooled || rank) reaches this is an error (nats).",
-)
-@ignore_option
-@click.option("--check-weights", is_flag=True, help="Also compare every other tensor across ranks.")
-@click.option(
-    "--allow-empty", is_flag=True, help="Pass, instead of failing, when the model has no BatchNorm."
-)
-@click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Read up to this many rank files ahead in threads (helps on network or object storage).",
-)
-@layer_option
+@option_bundle(CompareOptions, "options", COMPARE_OPTIONS)
 @report_options
 @plot_option
 def compare_command(
     checkpoints: tuple[str, ...],
-    key: str | None,
-    eps: float,
-    warn_kl: float,
-    error_kl: float,
-    ignore: tuple[str, ...],
-    check_weights: bool,
-    allow_empty: bool,
-    jobs: int,
-    layer: str | None,
+    options: CompareOptions,
     output_format: tuple[str, ...],
     output: tuple[Path, ...],
     fail_on: str,
@@ -75,18 +76,4 @@ def compare_command(
     ranks are pooled, and the headline number is KL(N(pooled) || N(rank)) — how wrong a rank's statistics
     are for the data of all ranks — max over ranks and channels.
     """
-    from bnaudit.audit.compare import compare_ranks
-
-    report = compare_ranks(
-        list(checkpoints),
-        key=key,
-        eps=eps,
-        warn_kl=warn_kl,
-        error_kl=error_kl,
-        ignore=ignore,
-        check_weights=check_weights,
-        layer=layer,
-        allow_empty=allow_empty,
-        jobs=jobs,
-    )
-    return emit_report(report, output_format, output, fail_on)
+    return emit_report(compare.compare_ranks(list(checkpoints), options), output_format, output, fail_on)

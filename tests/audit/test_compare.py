@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnaudit.audit.compare import compare_ranks
+from bnaudit.audit.compare import CompareOptions, compare_ranks
 from bnaudit.errors import InputError, ModelMismatchError, NoBatchNormError, UsageError
 from bnaudit.report.model import FailOn, FindingKind, Severity
 from tests.conftest import bn_state, save_ranks
@@ -37,7 +37,7 @@ def test_metrics_match_float64_reference(tmp_path, rng):
     states = [bn_state(CHANNELS, rng, shift=0.3 * r) for r in range(3)]
     paths = save_ranks(tmp_path, states)
     eps = 1e-3
-    report = compare_ranks(paths, eps=eps, warn_kl=1e-9, error_kl=1e9)
+    report = compare_ranks(paths, CompareOptions(eps=eps, warn_kl=1e-9, error_kl=1e9))
     rows = {r.name: r for r in report.layers}
     for layer in CHANNELS:
         mean, var, kl, shift, ratio = _reference_layer(*_stats(states, layer), eps)
@@ -73,7 +73,7 @@ def test_identical_ranks_pass_and_divergent_rank_fails(tmp_path, rng):
 
 def test_ignore_leaves_layers_out(tmp_path, rng):
     paths = save_ranks(tmp_path, [bn_state(CHANNELS, rng, shift=3 * r) for r in range(2)])
-    report = compare_ranks(paths, ignore=["layer*"])
+    report = compare_ranks(paths, CompareOptions(ignore=("layer*",)))
     assert [r.name for r in report.layers] == ["stem.bn"]
 
 
@@ -106,7 +106,7 @@ def test_weights_differ_and_check_weights(tmp_path, rng):
     report = compare_ranks(paths)
     differ = [f for f in report.findings if f.kind is FindingKind.WEIGHTS_DIFFER]
     assert [f.tensor for f in differ] == ["stem.bn.weight"]
-    report = compare_ranks(paths, check_weights=True)
+    report = compare_ranks(paths, CompareOptions(check_weights=True))
     differ = {f.tensor for f in report.findings if f.kind is FindingKind.WEIGHTS_DIFFER}
     assert differ == {"stem.bn.weight", "layer1.conv.weight"}
     assert report.verdict(FailOn.ERROR) == "fail"
@@ -140,24 +140,24 @@ def test_every_state_dict_is_compared_and_key_selects(tmp_path, rng):
         paths.append(path)
     report = compare_ranks(paths)
     assert {r.state_dict for r in report.layers} == {"state_dict", "state_dict_ema"}
-    report = compare_ranks(paths, key="state_dict_ema")
+    report = compare_ranks(paths, CompareOptions(key="state_dict_ema"))
     assert {r.state_dict for r in report.layers} == {"state_dict_ema"}
     with pytest.raises(InputError, match="nope"):
-        compare_ranks(paths, key="nope")
+        compare_ranks(paths, CompareOptions(key="nope"))
 
 
 def test_no_batchnorm(tmp_path):
     paths = save_ranks(tmp_path, [{"fc.weight": torch.ones(2, 2)}] * 2)
     with pytest.raises(NoBatchNormError):
         compare_ranks(paths)
-    report = compare_ranks(paths, allow_empty=True)
+    report = compare_ranks(paths, CompareOptions(allow_empty=True))
     assert report.verdict(FailOn.WARN) == "pass"
 
 
 def test_threshold_order_is_checked(tmp_path, rng):
     paths = save_ranks(tmp_path, [bn_state(CHANNELS, rng)] * 2)
     with pytest.raises(UsageError):
-        compare_ranks(paths, warn_kl=1.0, error_kl=0.5)
+        compare_ranks(paths, CompareOptions(warn_kl=1.0, error_kl=0.5))
 
 
 def test_nan_rank_is_nonfinite_error(tmp_path, rng):
@@ -171,10 +171,10 @@ def test_nan_rank_is_nonfinite_error(tmp_path, rng):
 
 def test_layer_detail(tmp_path, rng):
     states = [bn_state(CHANNELS, rng, shift=r) for r in range(2)]
-    report = compare_ranks(save_ranks(tmp_path, states), layer="layer2.bn")
+    report = compare_ranks(save_ranks(tmp_path, states), CompareOptions(layer="layer2.bn"))
     assert len(report.channel_rows) == 6 and {"pooled_mean", "max_kl"} <= set(report.channel_rows[0])
     with pytest.raises(InputError, match="no BatchNorm layer named"):
-        compare_ranks(save_ranks(tmp_path, states), layer="missing")
+        compare_ranks(save_ranks(tmp_path, states), CompareOptions(layer="missing"))
 
 
 @pytest.mark.parametrize("jobs", [1, 3])
@@ -184,8 +184,8 @@ def test_jobs_and_rereading_give_identical_reports(tmp_path, rng, monkeypatch, j
     states = [bn_state(CHANNELS, rng, shift=0.2 * r) for r in range(7)]
     paths = save_ranks(tmp_path, states)
     expected = compare_ranks(paths)
-    monkeypatch.setattr("bnaudit.audit.compare.CACHE_BUDGET_BYTES", budget)
-    got = compare_ranks(paths, jobs=jobs)
+    monkeypatch.setattr("bnaudit.audit.scan.CACHE_BUDGET_BYTES", budget)
+    got = compare_ranks(paths, CompareOptions(jobs=jobs))
     assert [r.to_dict() for r in got.layers] == [r.to_dict() for r in expected.layers]
     assert [f.to_dict() for f in got.findings] == [f.to_dict() for f in expected.findings]
     assert [i.rank for i in got.inputs] == list(range(7))

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from bnaudit.audit.compare import DEFAULT_ERROR_KL, DEFAULT_WARN_KL, compare_ranks
+from bnaudit.audit.compare import compare_ranks
+from bnaudit.defaults import DEFAULT_ERROR_KL, DEFAULT_WARN_KL
 from bnaudit.report.model import FailOn, FindingKind
 from tests.conftest import FIXTURES, REPO, run_cli
 

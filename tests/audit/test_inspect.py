@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from bnaudit.audit.compare import inspect_checkpoint
-from bnaudit.bn.layerstats import LayerStats, health_findings, layers_to_check
+from bnaudit.audit.inspect import InspectOptions, inspect_checkpoint, inspect_checkpoints
+from bnaudit.bn.health import health_findings, layers_to_check
+from bnaudit.bn.layerstats import LayerStats
 from bnaudit.errors import InputError
 from bnaudit.report.model import FailOn, FindingKind, Severity
 from tests.conftest import bn_state
@@ -60,13 +61,15 @@ def test_non_floating_statistics_are_malformed(tmp_path, rng):
 def test_healthy_checkpoint_passes_and_layer_detail(tmp_path, rng):
     sd = bn_state({"a": 3}, rng)
     torch.save(sd, tmp_path / "ok.pt")
-    report = inspect_checkpoint(tmp_path / "ok.pt", layer="a.bn")
+    report = inspect_checkpoint(tmp_path / "ok.pt", InspectOptions(layer="a.bn"))
     assert report.verdict(FailOn.WARN) == "pass"
     np.testing.assert_allclose(
         [r["running_var"] for r in report.channel_rows], sd["a.bn.running_var"].double().numpy()
     )
-    with pytest.raises(InputError, match="no BatchNorm layer named 'zz'"):
-        inspect_checkpoint(tmp_path / "ok.pt", layer="zz")
+    with pytest.raises(InputError, match="no BatchNorm layer named 'zz'") as exc:
+        inspect_checkpoint(tmp_path / "ok.pt", InspectOptions(layer="zz"))
+    assert exc.value.fields.path == str(tmp_path / "ok.pt") and exc.value.fields.where == "--layer"
+    assert exc.value.fields.fix == "layers are: a.bn"
 
 
 def test_no_batchnorm_is_a_warning(tmp_path):
@@ -113,3 +116,18 @@ def test_vectorised_pre_check_picks_exactly_the_layers_with_health_findings(rng)
             if health_findings(s, 1e-5, file="f", state_dict="", layer=f"l{i}")
         ]
         assert layers_to_check(layers, 1e-5) == with_findings
+
+
+def test_several_checkpoints_make_one_report(tmp_path, rng):
+    good, bad = bn_state({"a": 3}, rng), bn_state({"a": 3}, rng)
+    bad["a.bn.running_var"][1] = -1.0
+    torch.save(good, tmp_path / "m_0.pt")
+    torch.save(bad, tmp_path / "m_1.pt")
+    report = inspect_checkpoints(str(tmp_path / "m_*.pt"), InspectOptions(security=True))
+    assert [i.path for i in report.inputs] == [str(tmp_path / "m_0.pt"), str(tmp_path / "m_1.pt")]
+    assert len(report.layers) == 2 and report.layers[0].severity is Severity.ERROR
+    (f,) = [f for f in report.findings if f.severity is Severity.ERROR]
+    assert f.kind is FindingKind.NEGATIVE_VARIANCE and f.file == str(tmp_path / "m_1.pt")
+    assert report.globals is not None
+    single = inspect_checkpoints([tmp_path / "m_0.pt"])
+    assert single == inspect_checkpoint(tmp_path / "m_0.pt")

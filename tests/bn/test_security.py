@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from bnaudit.audit.compare import compare_ranks, inspect_checkpoint
+from bnaudit.audit.compare import compare_ranks
+from bnaudit.audit.inspect import InspectOptions, inspect_checkpoint
 from bnaudit.bn.pickle_policy import Safety, classify_global
 from bnaudit.report.model import FailOn, FindingKind, Severity
 from tests.conftest import ShellPayload, bn_state, run_cli, save_ranks
@@ -73,7 +74,7 @@ def test_malicious_rank_fails_compare_and_cli_exit_1(tmp_path, rng):
 def test_benign_and_unknown_globals(tmp_path, rng):
     path = tmp_path / "timm.pt"
     torch.save({"state_dict": bn_state({"a": 3}, rng), "args": argparse.Namespace(lr=0.1)}, path)
-    report = inspect_checkpoint(path, security=True)
+    report = inspect_checkpoint(path, InspectOptions(security=True))
     notes = [f for f in report.findings if f.kind is FindingKind.SUSPICIOUS_PICKLE]
     assert [(f.severity, f.tensor) for f in notes] == [(Severity.INFO, "argparse.Namespace")]
     listing = {g.name: g.safety for g in report.globals or ()}

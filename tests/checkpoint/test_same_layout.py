@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from bnaudit.audit import compare as audit
+from bnaudit.audit import rank_stream
 from bnaudit.bn.layers import find_bn_layers
 from bnaudit.bn.layerstats import layer_tensor_refs, read_layers
 from bnaudit.checkpoint import load_checkpoint
@@ -177,7 +178,7 @@ def _render(files: list[str]) -> str:
 def test_compare_reports_the_same_with_and_without_templates(folder: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     files = sorted(glob.glob(str(ROOT / "fixtures" / folder / "ckpt_rank*.pt")))
     fast = _render(files)
-    monkeypatch.setattr(audit, "MAX_LAYOUT_TEMPLATES", 0)
+    monkeypatch.setattr(rank_stream, "MAX_LAYOUT_TEMPLATES", 0)
     assert _render(files) == fast
 
 
@@ -199,7 +200,7 @@ def test_compare_across_layout_groups(tmp_path: Path, monkeypatch) -> None:  # t
     monkeypatch.setattr(LayoutTemplate, "same_layout", counting)
     fast = _render(files)
     assert seen == {"same": 10, "other": 1}  # r1-r9 and r11 through a template; r10 read in full
-    monkeypatch.setattr(audit, "MAX_LAYOUT_TEMPLATES", 0)
+    monkeypatch.setattr(rank_stream, "MAX_LAYOUT_TEMPLATES", 0)
     assert _render(files) == fast
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.zippatch import locate_entries
 from bnaudit.repair.average import average_checkpoints
+from bnaudit.repair.average_inputs import AverageOptions
 from tests.conftest import REPO, bn_state, call_main, run_cli
 from tests.training_helpers.userclass import RunInfo
 
@@ -104,7 +105,9 @@ def test_merged_statistics_match_float64_reference(tmp_path, rng, method, weight
         paths.append(tmp_path / f"ckpt_rank{r}.pt")
         torch.save({"model": sd, "epoch": 4}, paths[-1])
     out = tmp_path / "avg.pt"
-    result = average_checkpoints([str(p) for p in paths], out, method=method, rank_weights=weights)
+    result = average_checkpoints(
+        [str(p) for p in paths], out, AverageOptions(method=method, rank_weights=weights)
+    )
     assert result.output == out and result.refused is None
     loaded = torch.load(out, weights_only=True)
     for layer in LAYERS:
@@ -479,3 +482,23 @@ def test_average_never_imports_torch(tmp_path, rng):
         "average", str(tmp_path / "s_rank*.safetensors"), "-o", str(tmp_path / "c.pt"), "--to", "pt", env=env
     )
     assert result.returncode == 2 and "needs torch" in result.stderr
+
+
+def test_option_errors_name_the_option_and_the_fix(tmp_path, rng):
+    from bnaudit.errors import UsageError
+
+    paths = []
+    for r, sd in enumerate(rank_states(rng, n=2)):
+        paths.append(tmp_path / f"c_rank{r}.pt")
+        torch.save({"model": sd}, paths[-1])
+    with pytest.raises(UsageError) as exc:
+        average_checkpoints(paths, None, AverageOptions(rank_weights=(1.0, 2.0, 3.0), dry_run=True))
+    fields = exc.value.fields
+    assert (fields.where, fields.expected, fields.found) == ("--rank-weights", "2 values", "3")
+    assert "one sample count per rank" in (fields.fix or "")
+    with pytest.raises(UsageError) as exc:
+        average_checkpoints(paths, None, AverageOptions(method="median", dry_run=True))
+    assert exc.value.fields.where == "--method"
+    with pytest.raises(UsageError) as exc:
+        average_checkpoints(paths, None)
+    assert exc.value.fields.where == "-o" and "--dry-run" in (exc.value.fields.fix or "")

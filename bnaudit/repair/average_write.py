@@ -1,0 +1,97 @@
+"""Where and how ``average`` writes: the output path and format, the patched copy and its provenance."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bnaudit.checkpoint.convert import Conversion, convert_checkpoint
+from bnaudit.checkpoint.formats import format_spec
+from bnaudit.checkpoint.provenance import header_entry, sidecar_path, sidecar_text
+from bnaudit.checkpoint.types import Checkpoint
+from bnaudit.checkpoint.writer import TensorPatch, WriteResult, check_output_path, write_patched
+from bnaudit.defaults import CONVERSION_FORMATS
+from bnaudit.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def output_format(reference: Checkpoint, to: str | None, display: str) -> str:
+    """The format written: ``to``, else the reference's own family (``pt`` or ``safetensors``).
+
+    Raises:
+        UsageError: ``to`` is not a conversion format, or the reference is a container bnaudit cannot write.
+    """
+    if to is not None and to not in CONVERSION_FORMATS:
+        raise UsageError(f"{to!r} is not one of: {', '.join(CONVERSION_FORMATS)}", where="--to")
+    spec = format_spec(reference.format)
+    if not spec.patchable:
+        raise UsageError(
+            f"is a {reference.format} checkpoint, which bnaudit cannot write",
+            path=display,
+            fix="pass --reference with a single torch.save or .safetensors file that holds the model",
+        )
+    return to or spec.family.value
+
+
+def checked_output(out: str | Path | None, dry_run: bool, inputs: Sequence[Path], force: bool) -> Path | None:
+    """The output path, checked against the inputs and an existing file (not for a dry run).
+
+    Raises:
+        UsageError: no output without ``dry_run``. OutputError: see :func:`check_output_path`.
+    """
+    if out is None:
+        if dry_run:
+            return None
+        raise UsageError(
+            "average needs -o OUT, the checkpoint to write",
+            where="-o",
+            fix="or pass --dry-run to write nothing",
+        )
+    out_path = Path(out)
+    if dry_run:
+        return out_path  # nothing is written, so an existing file is no obstacle
+    check_output_path(out_path, list(inputs), force, (sidecar_path(out_path),))
+    return out_path
+
+
+def write_average(
+    reference: Checkpoint, patches: Sequence[TensorPatch], out: Path, fmt: str, record: dict[str, Any]
+) -> tuple[WriteResult, list[str]]:
+    """Write the patched copy (or, with another format, a converted one) and its provenance sidecar.
+
+    Args:
+        reference: the checkpoint whose bytes are copied.
+        patches: the new statistics.
+        out: the checkpoint to write; the sidecar goes next to it.
+        fmt: ``pt`` or ``safetensors``.
+        record: the sidecar's record of the merge (its ``method`` and ``inputs`` also go into the header).
+
+    Returns:
+        (what was written, notes about what a conversion dropped).
+    """
+    dropped: list[str] = []
+
+    def companions(result: WriteResult) -> list[tuple[Path, str]]:
+        doc = {
+            **record,
+            "reference": {**record["reference"], "sha256": result.reference_sha256},
+            "output": {"path": str(out), "format": fmt, "sha256": result.output_sha256},
+            "patched_bytes": sum(len(r.data) for r in result.ranges),
+            "crc_recomputed": result.crc_entries,
+            "header_metadata": result.metadata,
+            "dropped": dropped,
+        }
+        return [(sidecar_path(out), sidecar_text(doc))]
+
+    meta = header_entry("average", record["method"], len(record["inputs"]), None)
+    if fmt == format_spec(reference.format).family.value:
+        return write_patched(reference, list(patches), out, metadata=meta, companions=companions), dropped
+    result = convert_checkpoint(
+        reference, list(patches), out, Conversion(fmt, metadata=meta, companions=companions, dropped=dropped)
+    )
+    for note in dropped:
+        log.warning(note)
+    return result, dropped
