@@ -12,22 +12,21 @@ if TYPE_CHECKING:
     from bnaudit.live.passes import StateDictPass
     from bnaudit.live.results import LayerRecalibration
 
+
 # The layer table's columns after name and status. recalibrate shows how far each layer moved, old -> new,
 # in the same units as drift.
-DRIFT_COLUMNS = (
-    Column("max KL", "max_kl"),
-    Column("max shift (std)", "max_shift"),
-    Column("max std ratio", "max_std_ratio"),
-    Column("channel", attribute="worst_channel"),
-    Column("values/channel", "samples"),
-)
-RECALIBRATE_COLUMNS = (
-    Column("KL old->new", "max_kl"),
-    Column("mean move (std)", "max_shift"),
-    Column("std change (x)", "max_std_ratio"),
-    Column("channel", attribute="worst_channel"),
-    Column("values/channel", "samples"),
-)
+def _measured_columns(kl: str, shift: str, std_ratio: str) -> tuple[Column, ...]:
+    return (
+        Column(kl, "max_kl"),
+        Column(shift, "max_shift"),
+        Column(std_ratio, "max_std_ratio"),
+        Column("channel", attribute="worst_channel"),
+        Column("values/channel", "samples"),
+    )
+
+
+DRIFT_COLUMNS = _measured_columns("max KL", "max shift (std)", "max std ratio")
+RECALIBRATE_COLUMNS = _measured_columns("KL old->new", "mean move (std)", "std change (x)")
 
 
 def calibration_data(passes: Sequence[StateDictPass]) -> CalibrationData:

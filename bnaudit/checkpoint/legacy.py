@@ -129,11 +129,4 @@ def read_legacy(path: Path) -> Checkpoint:
         # Second pass: the storages' offsets are known only after the main pickle, so it is read again.
         f.seek(main_start)
         root, refs, warnings = inert_load(f, display=str(path), source="main pickle", resolver=resolve)
-    return Checkpoint(
-        path=path,
-        format=ContainerFormat.TORCH_LEGACY,
-        root=root,
-        state_dicts=[],
-        globals=refs,
-        warnings=warnings,
-    )
+    return Checkpoint(path, ContainerFormat.TORCH_LEGACY, root, globals=refs, warnings=warnings)

@@ -103,13 +103,7 @@ def read_sharded(path: Path, readers: ShardReaders) -> Checkpoint:
             warnings.extend(ckpt.warnings)
         root[name] = _tensor_in(path, shard, shards[shard].root, name)
     return Checkpoint(
-        path=path,
-        format=ContainerFormat.HF_SHARDED,
-        root=root,
-        state_dicts=[],
-        globals=refs,
-        metadata=metadata,
-        warnings=warnings,
+        path, ContainerFormat.HF_SHARDED, root, globals=refs, metadata=metadata, warnings=warnings
     )
 
 

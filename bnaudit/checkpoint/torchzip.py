@@ -186,11 +186,4 @@ def read_torch_zip(path: Path) -> Checkpoint:
         source=archive.pickle_name,
         resolver=storage_resolver(path, archive),
     )
-    return Checkpoint(
-        path=path,
-        format=ContainerFormat.TORCH_ZIP,
-        root=root,
-        state_dicts=[],
-        globals=refs,
-        warnings=warnings,
-    )
+    return Checkpoint(path, ContainerFormat.TORCH_ZIP, root, globals=refs, warnings=warnings)

@@ -241,7 +241,8 @@ class Checkpoint:
         format: the container format.
         root: the untouched container as rebuilt by the inert unpickler (dicts, lists, Placeholders,
             TensorRefs); for safetensors a dict of name -> TensorRef.
-        state_dicts: every state dict found, in the order they were found.
+        state_dicts: every state dict found, in the order they were found (filled by ``load_checkpoint``
+            after the reader returns).
         globals: every global referenced by the file's pickles (for the security audit).
         metadata: safetensors header metadata (empty for other formats).
         warnings: non-fatal oddities met while reading (unknown rebuild functions, skipped objects).
@@ -250,7 +251,7 @@ class Checkpoint:
     path: Path
     format: ContainerFormat
     root: Any
-    state_dicts: list[StateDictRef]
+    state_dicts: list[StateDictRef] = field(default_factory=list)
     globals: list[GlobalRef] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)

@@ -36,6 +36,13 @@ from bnaudit.errors import BnauditError, InputError
 MAX_PICKLE_BYTES = 1 << 30
 
 
+# Globals whose stand-in is the unpickler's method of the same name: torch's tensor rebuild functions.
+_REBUILDS: dict[str, tuple[str, ...]] = {
+    "torch._utils": ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter"),
+    "torch._tensor": ("_rebuild_from_type_v2", "_rebuild_from_type"),
+}
+
+
 class _InertBehaviour(InertBase):
     """What makes an unpickler inert; mixed into both the pure-Python and the C unpickler below.
 
@@ -70,21 +77,20 @@ class _InertBehaviour(InertBase):
         return self.placeholder_class(module, name)
 
     def _special_globals(self) -> dict[tuple[str, str], Any]:
-        return {
+        # The tensor rebuild functions are the methods of the same name.
+        table: dict[tuple[str, str], Any] = {
+            (module, name): getattr(self, name) for module, names in _REBUILDS.items() for name in names
+        }
+        table.update({
             ("collections", "OrderedDict"): InertOrderedDict,
             ("_codecs", "encode"): self._codecs_encode,
             ("copyreg", "_reconstructor"): self._reconstructor,
             ("copyreg", "__newobj__"): self._newobj,
             ("copyreg", "__newobj_ex__"): self._newobj_ex,
             ("torch", "Size"): self._torch_size,
-            ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
-            ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
-            ("torch._utils", "_rebuild_tensor_v3"): self._rebuild_tensor_v3,
-            ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
             ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter,
-            ("torch._tensor", "_rebuild_from_type_v2"): self._rebuild_from_type_v2,
-            ("torch._tensor", "_rebuild_from_type"): self._rebuild_from_type,
-        }
+        })  # fmt: skip
+        return table
 
     # ----- safe stand-ins for the few functions a state dict pickle needs -------------------------------
     def _data_builtin(self, name: str) -> Callable[..., Any]:
