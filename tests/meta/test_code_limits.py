@@ -125,6 +125,29 @@ def test_no_import_cycle() -> None:
     assert _find_cycle(_import_graph()) is None
 
 
+# ARCHITECTURE.md's layers, lowest first: a module imports only from its own layer and those below it.
+LAYERS = ("base", "checkpoint", "report", "bn", "live", "audit", "repair", "cli")
+
+
+def _layer(module: str) -> int:
+    name = module.split(".")[1] if "." in module else ""
+    return LAYERS.index(name) if name in LAYERS else 0  # errors, defaults, config, ...: the base
+
+
+def test_layer_of_a_module() -> None:
+    assert [_layer(m) for m in ("bnaudit.errors", "bnaudit.checkpoint", "bnaudit.cli.options")] == [0, 1, 7]
+
+
+def test_imports_flow_downward_only() -> None:
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in _import_graph().items()
+        for target in targets
+        if module not in ("bnaudit", "bnaudit.__main__") and _layer(target) > _layer(module)
+    )
+    assert upward == []
+
+
 def test_cycle_finder_finds_a_cycle() -> None:
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
