@@ -168,8 +168,9 @@ def _to_torch(
         import torch  # conversion to a torch file is the one write path that needs torch
     except ImportError:
         raise UsageError(
-            "--to pt needs torch, which is not installed; install it (pip install 'bnaudit[torch]') or leave "
-            "out --to to keep the safetensors format"
+            "needs torch, which is not installed",
+            where="--to pt",
+            fix="install it (pip install 'bnaudit[torch]') or leave out --to to keep the safetensors format",
         ) from None
 
     sd = ckpt.state_dicts[0]

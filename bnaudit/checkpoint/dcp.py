@@ -169,9 +169,8 @@ class _DcpReader:
     def _refused(
         self, path: Path, where: StoredItem, dtype: str, shape: tuple[int, ...], why: str
     ) -> TensorRef:
-        reason = f"{self.folder}: {why}, which bnaudit does not read; {CONVERT}"
-        self.warnings.append(reason)
-        location = RefusedTensor(StorageRef(path, where.label, 0, 0, dtype), reason)
+        location = RefusedTensor(StorageRef(path, where.label, 0, 0, dtype), str(self.folder), why, CONVERT)
+        self.warnings.append(f"{self.folder}: {why}, which bnaudit does not read; {CONVERT}")
         return TensorRef(location, dtype, shape, contiguous_strides(shape))
 
     def _check_chunk(

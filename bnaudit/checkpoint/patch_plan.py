@@ -121,8 +121,13 @@ def _encode(ckpt: Checkpoint, patch: TensorPatch) -> bytes:
     try:
         return encode_like(np.asarray(patch.values, dtype=np.float64), ref.dtype)
     except DtypeOverflowError as exc:
+        fields = exc.fields
         raise DtypeOverflowError(
-            f"tensor '{patch.label}': {exc}", path=ckpt.path, fix="nothing was written"
+            fields.problem,
+            path=ckpt.path,
+            where=f"tensor '{patch.label}'",
+            found=fields.found,
+            fix=f"{fields.fix}; nothing was written" if fields.fix else "nothing was written",
         ) from None
     except ValueError as exc:
         raise UnsupportedFormatError(f"tensor '{patch.label}': {exc}", path=ckpt.path) from None

@@ -92,8 +92,9 @@ def resolve_rank_files(arguments: list[str], minimum: int = 2) -> tuple[list[Ran
         ranks[f.rank] = f.display
     if len(files) < minimum:
         raise UsageError(
-            f"need at least {minimum} different checkpoint files (one per rank), got {len(files)}; "
-            'pass each rank\'s file or a quoted pattern such as "ckpt_rank*.pt"'
+            f"needs at least {minimum} different checkpoint files (one per rank)",
+            found=str(len(files)),
+            fix='pass each rank\'s file or a quoted pattern such as "ckpt_rank*.pt"',
         )
     files.sort(key=lambda f: f.rank)
     return files, warnings

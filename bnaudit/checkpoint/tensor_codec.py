@@ -61,8 +61,9 @@ def _check_overflow(values: np.ndarray, encoded: np.ndarray, dtype: str) -> None
     if bad.any():
         first = float(values[bad].flat[0])
         raise DtypeOverflowError(
-            f"value {first!r} does not fit {dtype} (it would become infinity); "
-            "the statistics are out of range for this dtype — check the inputs or save in float32"
+            f"does not fit {dtype} (it would become infinity)",
+            found=repr(first),
+            fix="the statistics are out of range for this dtype — check the inputs or save in float32",
         )
 
 
@@ -110,10 +111,10 @@ def encode_like(values: np.ndarray, dtype: str) -> bytes:
         info = np.iinfo(np.dtype(NUMPY_DTYPES[dtype]))
         if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
             raise DtypeOverflowError(
-                f"{dtype} needs integral values; got non-integer values — round them first"
+                f"{dtype} needs integral values", found="non-integers", fix="round them first"
             )
         if values.size and (values.min() < info.min or values.max() > info.max):
-            raise DtypeOverflowError(f"values {values.min()}..{values.max()} do not fit {dtype}")
+            raise DtypeOverflowError(f"does not fit {dtype}", found=f"values {values.min()}..{values.max()}")
         return values.astype(NUMPY_DTYPES[dtype]).tobytes()
     raise ValueError(
         f"encode_like cannot write dtype {dtype}; supported: float16, bfloat16, float32, float64, ints"

@@ -111,7 +111,9 @@ def read_tensor(ref: TensorRef) -> np.ndarray:
     if isinstance(location, ChunkedTensor):
         return _assemble(ref, location)
     if isinstance(location, RefusedTensor):
-        raise InputError(location.reason)
+        raise InputError(
+            f"{location.why}, which bnaudit does not read", path=location.folder, fix=location.fix
+        )
     start, end, raw_dtype = _readable_span(ref)
     if ref.numel == 0:
         return decode(np.zeros(ref.shape, dtype=raw_dtype), ref.dtype)

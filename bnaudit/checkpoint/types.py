@@ -107,10 +107,19 @@ class ChunkedTensor:
 
 @dataclass(frozen=True)
 class RefusedTensor:
-    """A tensor whose shape and dtype are known but whose bytes bnaudit will not read, and why."""
+    """A tensor whose shape and dtype are known but whose bytes bnaudit will not read, and why.
+
+    Attributes:
+        item: where the tensor is stored.
+        folder: the checkpoint (folder) that holds it, for the error a read raises.
+        why: what makes it unreadable ("stored deflated").
+        fix: what the user can do instead.
+    """
 
     item: StorageRef
-    reason: str
+    folder: str
+    why: str
+    fix: str
 
 
 TensorLocation = StorageRef | ChunkedTensor | RefusedTensor

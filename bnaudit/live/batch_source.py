@@ -136,7 +136,11 @@ def build_batches(
     kwargs = dict(kwargs or {})
     if spec.lower().endswith(TENSOR_FILE_SUFFIXES) and ":" not in Path(spec).name:
         if kwargs:
-            raise UsageError(f"--data-arg given but --data '{spec}' is a tensor file, not a callable")
+            raise UsageError(
+                "is a tensor file, not a callable: it takes no --data-arg",
+                where=f"--data '{spec}'",
+                fix="drop --data-arg",
+            )
         if batch_size is None or batch_size <= 0:
             raise UsageError(
                 "is a tensor file", where=f"--data '{spec}'", fix="give --batch-size N (a positive integer)"

@@ -152,7 +152,8 @@ def _iterate(batches: Iterable[Any], opts: PassSettings) -> Iterator[tuple[int, 
             raise
         except Exception as exc:
             raise InputError(
-                f"loading batch {opts.batch_number(index)} raised {type(exc).__name__}: {_one_line(exc)}"
+                f"raised {type(exc).__name__}: {_one_line(exc)}",
+                where=f"loading batch {opts.batch_number(index)}",
             ) from None
         yield index, batch
         index += 1
@@ -201,7 +202,9 @@ def run_pass(
             raise
         except Exception as exc:
             number = opts.batch_number(index)
-            raise InputError(f"batch {number} raised {type(exc).__name__}: {_one_line(exc)}") from None
+            raise InputError(
+                f"raised {type(exc).__name__}: {_one_line(exc)}", where=f"batch {number}"
+            ) from None
         state.end_batch()
         used += 1
         samples += size or 0

@@ -113,11 +113,11 @@ def _read_failure(folder: str, nproc: int, exit_codes: Mapping[int, int | None])
         path = _error_file(folder, rank)
         if path.is_file():
             code_text, _, line = path.read_text(encoding="utf-8").partition("\n")
-            err = BnauditError(line.strip())
+            err = BnauditError(line.strip())  # a worker's message, already formatted by its own fields
             err.exit_code = int(code_text)
             return err
     rank, code = min((r, c) for r, c in exit_codes.items() if c != 0)
-    return InternalError(f"worker rank {rank} died (exit code {code}) without reporting an error")
+    return InternalError(f"died (exit code {code}) without reporting an error", where=f"worker rank {rank}")
 
 
 @contextlib.contextmanager

@@ -110,7 +110,7 @@ def test_a_chunked_location_is_assembled_and_a_refused_one_says_why(tmp_path: Pa
     )
     item = StorageRef(path, "w", 0, 0, "float64")
     whole = TensorRef(ChunkedTensor(item, chunks, "w"), "float64", (6,), (1,))
-    refused = TensorRef(RefusedTensor(item, "w: stored deflated"), "float64", (6,), (1,))
+    refused = TensorRef(RefusedTensor(item, "w", "stored deflated", "convert it"), "float64", (6,), (1,))
     plain = chunks[0][1]
     assert whole.storage is item and plain.storage is plain.location
     got = read_tensors([whole, plain])

@@ -78,7 +78,7 @@ def test_torchrun_failing_rank_stops_every_rank_with_the_same_error(tmp_path: Pa
     # Both ranks write to one stderr: count the error lines by their prefix, not by newlines.
     lines = ["bnaudit: error:" + part.split("\n", 1)[0] for part in proc.stderr.split("bnaudit: error:")[1:]]
     assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-3000:]
-    assert lines[0].startswith("bnaudit: error: rank 1 failed: batch 3 raised RuntimeError: Given groups=1")
+    assert lines[0].startswith("bnaudit: error: rank 1 failed: batch 3: raised RuntimeError: Given groups=1")
     assert time.monotonic() - start < 60
 
 
@@ -87,7 +87,7 @@ def test_launch_local_keeps_exit_code_and_line() -> None:
     with pytest.raises(BnauditError) as info:
         launch_local(2, dist_worker.failing_entry, (2,))
     assert info.value.exit_code == 2
-    assert str(info.value).startswith("rank 0 failed: batch 2 raised RuntimeError: Given groups=1")
+    assert str(info.value).startswith("rank 0 failed: batch 2: raised RuntimeError: Given groups=1")
     assert launch_local(2, dist_worker.ok_entry) == {0: 10, 1: 10}
 
 
@@ -134,7 +134,7 @@ def test_forked_launcher_reports_errors_and_silent_deaths() -> None:
         "error": [2, "rank 1 gave up on purpose"]
     }
     assert _probe("rank1_dies", None)["results"] == {
-        "error": [3, "worker rank 1 died (exit code 7) without reporting an error"]
+        "error": [3, "worker rank 1: died (exit code 7) without reporting an error"]
     }
 
 
@@ -159,5 +159,7 @@ def test_launcher_stops_a_hanging_rank_after_another_failed(monkeypatch: pytest.
 
 @pytest.mark.slow
 def test_launcher_reports_a_rank_that_died_silently() -> None:
-    with pytest.raises(InternalError, match=r"worker rank 1 died \(exit code 7\) without reporting an error"):
+    with pytest.raises(
+        InternalError, match=r"worker rank 1: died \(exit code 7\) without reporting an error"
+    ):
         launch_local(2, launch_entries.rank1_dies)

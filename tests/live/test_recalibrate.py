@@ -228,7 +228,7 @@ def test_failure_in_a_batch_restores_state() -> None:
     model.train()
     model.bn.running_mean.fill_(0.5)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(InputError, match=r"^batch 2 raised RuntimeError: shape mismatch second line$"):
+    with pytest.raises(InputError, match=r"^batch 2: raised RuntimeError: shape mismatch second line$"):
         recalibrate(model, [torch.randn(4, 2) for _ in range(5)])
     assert model.training and model.drop.training and model.bn.momentum == 0.3
     assert "forward" not in vars(model.bn)
@@ -242,7 +242,7 @@ def test_loader_failure_is_named() -> None:
         yield torch.randn(3, 2)
         raise OSError("disk gone")
 
-    with pytest.raises(InputError, match="loading batch 1 raised OSError: disk gone"):
+    with pytest.raises(InputError, match="loading batch 1: raised OSError: disk gone"):
         recalibrate(nn.BatchNorm1d(2), gen())
 
 

@@ -100,8 +100,9 @@ def test_tensor_file_errors(tmp_path: Path) -> None:
         build_batches(str(path), None, batch_size=2)
     with pytest.raises(InputError, match="does not exist"):
         build_batches(str(tmp_path / "none.npy"), None, batch_size=2)
-    with pytest.raises(UsageError, match="--data-arg given"):
+    with pytest.raises(UsageError, match="takes no --data-arg") as info:
         build_batches(str(path), {"a": 1}, batch_size=2)
+    assert info.value.fields.where == f"--data '{path}'" and info.value.fields.fix == "drop --data-arg"
 
 
 def test_batch_input() -> None:
