@@ -16,11 +16,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass
 class Run:
-    """One whole-process run: wall seconds, peak resident memory (MiB) and exit code."""
+    """One whole-process run: wall seconds, peak resident memory (MiB), exit code and CPU seconds.
+
+    CPU seconds (user + system) move less than wall time on a shared host: they do not count waits.
+    """
 
     seconds: float
     peak_mib: float
     returncode: int
+    cpu_seconds: float = 0.0
 
 
 def run_process(argv: Sequence[str], env: dict[str, str] | None = None) -> Run:
@@ -35,7 +39,7 @@ def run_process(argv: Sequence[str], env: dict[str, str] | None = None) -> Run:
         proc.stderr.close()
         if proc.returncode not in (0, 1):
             print(err, file=sys.stderr)
-    return Run(seconds, usage.ru_maxrss / 1024, proc.returncode)
+    return Run(seconds, usage.ru_maxrss / 1024, proc.returncode, usage.ru_utime + usage.ru_stime)
 
 
 def alternate(

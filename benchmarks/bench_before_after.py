@@ -3,7 +3,9 @@
 A restructuring must not make anything slower. This runs the same commands with ``PYTHONPATH`` set to an
 earlier tree (e.g. a ``git worktree`` of an older commit) and to this one, alternating round by round on
 the same per-rank checkpoints (those of ``bench_compare.py``: 120 conv+BN layers of 512 channels, ~460 MB
-per rank), and prints medians, peak memory and the per-round ratio after / before.
+per rank), and prints medians, peak memory and the per-round ratio after / before. ``average`` is timed
+twice: writing (a kernel copy, two SHA-256 digests and an fsync of 460 MB, dominated by the disk) and
+``--dry-run`` (the rank scan alone).
 
 Usage:
     git worktree add /tmp/before <commit>
@@ -32,13 +34,14 @@ def _sides(files: list[str], out_dir: Path, trees: dict[str, Path]) -> dict[str,
         sides[f"compare ({label})"] = [*bnaudit, "compare", *files, "--format", "json", "--fail-on", "never"]
         # --force: every round replaces the previous round's output of the same side.
         out = str(out_dir / f"averaged_{label}.pt")
-        sides[f"average ({label})"] = [
+        write = ["-o", out, "--force"]
+        sides[f"average ({label})"] = [*bnaudit, "average", *files, *write, "--fail-on", "never"]
+        # The scan alone: what the shared rank scan changed, without the write's copy and fsync.
+        sides[f"average --dry-run ({label})"] = [
             *bnaudit,
             "average",
             *files,
-            "-o",
-            out,
-            "--force",
+            "--dry-run",
             "--fail-on",
             "never",
         ]
@@ -46,14 +49,16 @@ def _sides(files: list[str], out_dir: Path, trees: dict[str, Path]) -> dict[str,
 
 
 def _report(runs: dict[str, list[Run]], rounds: int) -> None:
-    print(f"{'run':28} {'median s':>9} {'min s':>8} {'peak MiB':>9}   ({rounds} rounds)")
+    print(f"{'run':36} {'median s':>9} {'min s':>8} {'CPU s':>7} {'peak MiB':>9}   ({rounds} rounds)")
     for name, side_runs in runs.items():
-        mid = median_run(side_runs)
-        print(f"{name:28} {mid.seconds:9.3f} {min(r.seconds for r in side_runs):8.3f} {mid.peak_mib:9.1f}")
-    for command in ("compare", "average"):
+        mid, cpu = median_run(side_runs), statistics.median(r.cpu_seconds for r in side_runs)
+        low = min(r.seconds for r in side_runs)
+        print(f"{name:36} {mid.seconds:9.3f} {low:8.3f} {cpu:7.3f} {mid.peak_mib:9.1f}")
+    for command in ("compare", "average", "average --dry-run"):
         before, after = runs[f"{command} (before)"], runs[f"{command} (after)"]
-        paired = statistics.median(a.seconds / b.seconds for a, b in zip(after, before, strict=True))
-        print(f"per-round ratio {command} after / before: median {paired:.3f}")
+        wall = statistics.median(a.seconds / b.seconds for a, b in zip(after, before, strict=True))
+        cpu = statistics.median(a.cpu_seconds / b.cpu_seconds for a, b in zip(after, before, strict=True))
+        print(f"per-round ratio {command} after / before: median {wall:.3f} (CPU time {cpu:.3f})")
 
 
 def main() -> None:

@@ -65,10 +65,11 @@ class LayoutCache:
         """The cache after ``read``: a rank read in full becomes the template, within the limit."""
         if read.wanted is None or self.built >= MAX_LAYOUT_TEMPLATES:
             return self
-        layout = LayoutTemplate.of(read.ckpt)
+        refs = tuple(layer_tensor_refs(read.wanted))
+        layout = LayoutTemplate.of(read.ckpt, refs)
         if layout is None:
             return LayoutCache(self.current, self.built + 1)
-        template = RankTemplate(layout, read.sds, read.wanted, tuple(layer_tensor_refs(read.wanted)))
+        template = RankTemplate(layout, read.sds, read.wanted, refs)
         return LayoutCache(template, self.built + 1)
 
 

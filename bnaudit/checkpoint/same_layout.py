@@ -67,9 +67,13 @@ class _Entry:
         return self.crc_at is not None
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayoutTemplate:
-    """A parsed torch zip checkpoint, and the bytes another file must share to be read through it."""
+    """A parsed torch zip checkpoint, and the bytes another file must share to be read through it.
+
+    Immutable once built (ranks are checked against it from prefetch threads): it is made for the storages
+    a caller will read, and only those can be read through it.
+    """
 
     checkpoint: Checkpoint
     size: int
@@ -77,13 +81,15 @@ class LayoutTemplate:
     directory: bytes  # from the central directory's start to the end of the file, masked CRC-32s zeroed
     folder: bytes  # the archive folder, with its trailing "/" (b"ckpt_rank0/")
     entries: dict[str, _Entry]  # by entry name without the folder
-    # Filled on first use: the entries a caller reads (sorted by offset) and the template's local headers.
-    local_headers: dict[frozenset[str], tuple[list[_Entry], bytes]]
     fixed: dict[str, tuple[int, bytes]]  # pickle and byte order: where their data starts, and the data
+    read_names: frozenset[str]  # the entries read through the template: the storages and the fixed records
+    read_entries: tuple[_Entry, ...]  # those entries by offset
+    local_headers: bytes  # their local headers in the template, CRC-32s masked
 
     @classmethod
-    def of(cls, checkpoint: Checkpoint) -> LayoutTemplate | None:
-        """A template from a checkpoint read in full, or None when it is not a plain torch zip file."""
+    def of(cls, checkpoint: Checkpoint, storages: Iterable[TensorRef]) -> LayoutTemplate | None:
+        """A template from a checkpoint read in full, for reading ``storages`` (tensor references of it)
+        from files laid out alike; None when it is not a plain torch zip file or they are not its storages."""
         if checkpoint.format is not ContainerFormat.TORCH_ZIP or checkpoint.warnings:
             return None
         try:
@@ -97,14 +103,18 @@ class LayoutTemplate:
         if walked is None:
             return None
         folder, entries = walked
-        template = cls(checkpoint, size, start, _masked(directory, entries), folder, entries, {}, {})
+        names = _storage_entries(storages, checkpoint.path, folder, entries)
+        if names is None:
+            return None
         try:
-            for name in _FIXED:
-                if name in entries:
-                    template.fixed[name] = template._fixed_data(name)
+            fixed = {name: _fixed_data(checkpoint.path, entries[name]) for name in _FIXED if name in entries}
+            read = tuple(sorted((entries[n] for n in names | set(fixed)), key=lambda e: e.header_offset))
+            with open(checkpoint.path, "rb") as f:
+                headers = _local_headers(f.fileno(), list(read))
         except (OSError, ValueError):
             return None
-        return template
+        masked = _masked(directory, entries)
+        return cls(checkpoint, size, start, masked, folder, entries, fixed, frozenset(names), read, headers)
 
     def same_layout(self, path: Path, storages: Iterable[TensorRef]) -> bool:
         """True when ``path`` is laid out exactly as the template (see the module docstring), so that
@@ -135,56 +145,45 @@ class LayoutTemplate:
             expected[entry.name_at : entry.name_at + len(folder)] = folder
         if expected != _masked(directory, self.entries):
             return False
-        names = self._storage_entries(storages)
-        if names is None:
-            return False
-        return self._same_local_headers(fd, frozenset(names | set(self.fixed))) and self._same_fixed_data(fd)
-
-    def _storage_entries(self, storages: Iterable[TensorRef]) -> set[str] | None:
-        """The entries holding ``storages`` (names without the folder), or None when one of them is not a
-        plain, uncompressed storage of the template's file."""
-        names = set()
-        folder = self.folder.decode("utf-8", "replace")
-        for ref in storages:
-            storage = ref.location
-            if (
-                not isinstance(storage, StorageRef)
-                or storage.compressed
-                or storage.path != self.checkpoint.path
-            ):
-                return None
-            if not storage.key.startswith(folder) or storage.key[len(folder) :] not in self.entries:
-                return None
-            names.add(storage.key[len(folder) :])
-        return names
-
-    def _same_local_headers(self, fd: int, names: frozenset[str]) -> bool:
-        cached = self.local_headers.get(names)
-        if cached is None:
-            ordered = sorted((self.entries[name] for name in names), key=lambda e: e.header_offset)
-            with open(self.checkpoint.path, "rb") as f:
-                cached = self.local_headers[names] = (ordered, _local_headers(f.fileno(), ordered))
-        ordered, expected = cached
-        return _local_headers(fd, ordered) == expected
-
-    def _fixed_data(self, name: str) -> tuple[int, bytes]:
-        """Where a record read whole starts, and its bytes in the template."""
-        with open(self.checkpoint.path, "rb") as f:
-            header = _local_headers(f.fileno(), [self.entries[name]])
-        method = struct.unpack_from("<H", header, 8)[0]
-        name_len, extra_len = struct.unpack_from("<HH", header, 26)
-        stored = self.entries[name].stored
-        if method != 0:
-            raise ValueError(f"'{name}' is compressed")
-        start = self.entries[name].header_offset + _LOCAL_SIZE + name_len + extra_len
-        with open(self.checkpoint.path, "rb") as f:
-            data = os.pread(f.fileno(), stored, start)
-        if len(data) != stored:
-            raise ValueError(f"'{name}' ends past the end of the file")
-        return start, data
+        names = _storage_entries(storages, self.checkpoint.path, self.folder, self.entries)
+        if names is None or not names <= self.read_names:
+            return False  # storages the template was not made for: read the file in full
+        return _local_headers(fd, list(self.read_entries)) == self.local_headers and self._same_fixed_data(fd)
 
     def _same_fixed_data(self, fd: int) -> bool:
         return all(os.pread(fd, len(data), start) == data for start, data in self.fixed.values())
+
+
+def _storage_entries(
+    storages: Iterable[TensorRef], path: Path, folder: bytes, entries: dict[str, _Entry]
+) -> set[str] | None:
+    """The entries holding ``storages`` (names without the folder), or None when one of them is not a
+    plain, uncompressed storage of the file at ``path``."""
+    names = set()
+    prefix = folder.decode("utf-8", "replace")
+    for ref in storages:
+        storage = ref.location
+        if not isinstance(storage, StorageRef) or storage.compressed or storage.path != path:
+            return None
+        if not storage.key.startswith(prefix) or storage.key[len(prefix) :] not in entries:
+            return None
+        names.add(storage.key[len(prefix) :])
+    return names
+
+
+def _fixed_data(path: Path, entry: _Entry) -> tuple[int, bytes]:
+    """Where a record read whole starts, and its bytes in the template."""
+    with open(path, "rb") as f:
+        header = _local_headers(f.fileno(), [entry])
+        method = struct.unpack_from("<H", header, 8)[0]
+        name_len, extra_len = struct.unpack_from("<HH", header, 26)
+        if method != 0:
+            raise ValueError("a record read whole is compressed")
+        start = entry.header_offset + _LOCAL_SIZE + name_len + extra_len
+        data = os.pread(f.fileno(), entry.stored, start)
+    if len(data) != entry.stored:
+        raise ValueError("a record read whole ends past the end of the file")
+    return start, data
 
 
 def _local_headers(fd: int, ordered: list[_Entry]) -> bytes:

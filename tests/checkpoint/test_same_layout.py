@@ -6,6 +6,7 @@ mutation is made to bytes located here with the standard library's zipfile, inde
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import shutil
 import struct
@@ -55,7 +56,7 @@ def _template(path: Path) -> tuple[LayoutTemplate, list]:
     ckpt = load_checkpoint(path)
     sd = ckpt.state_dicts[0]
     wanted = [(sd, bn) for bn in find_bn_layers(sd.tensors)]
-    template = LayoutTemplate.of(ckpt)
+    template = LayoutTemplate.of(ckpt, layer_tensor_refs(wanted))
     assert template is not None
     return template, wanted
 
@@ -167,7 +168,7 @@ def test_only_plain_torch_zip_files_make_templates(tmp_path: Path) -> None:
 
     path = tmp_path / "model.safetensors"
     save_file({"bn.running_mean": torch.zeros(4), "bn.running_var": torch.ones(4)}, path)
-    assert LayoutTemplate.of(load_checkpoint(path)) is None
+    assert LayoutTemplate.of(load_checkpoint(path), []) is None
 
 
 def _render(files: list[str]) -> str:
@@ -241,3 +242,13 @@ def test_zip64_archives_share_layouts_too(ranks: list[Path], tmp_path: Path, mon
     assert template.same_layout(big[1], layer_tensor_refs(wanted))
     stats = read_layers(wanted, "rank1", path=big[1])
     np.testing.assert_array_equal(stats[-1].var, _expected(ranks[1])[wanted[-1][1].running_var])
+
+
+def test_a_template_serves_only_the_storages_it_was_made_for(ranks: list[Path]) -> None:
+    template, wanted = _template(ranks[0])
+    refs = layer_tensor_refs(wanted)
+    assert template.same_layout(ranks[1], refs[:2])  # a subset is fine
+    whole = load_checkpoint(ranks[0]).state_dicts[0].tensors
+    assert not template.same_layout(ranks[1], [whole["0.weight"]])  # a conv weight: not a planned read
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        template.size = 0  # type: ignore[misc]
