@@ -14,10 +14,10 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "compare_ranks": "bnaudit.audit.compare",
-    "CompareOptions": "bnaudit.audit.compare",
+    "CompareOptions": "bnaudit.audit.options",
     "inspect_checkpoint": "bnaudit.audit.inspect",
     "inspect_checkpoints": "bnaudit.audit.inspect",
-    "InspectOptions": "bnaudit.audit.inspect",
+    "InspectOptions": "bnaudit.audit.options",
     "load_checkpoint": "bnaudit.checkpoint",
     "read_tensor": "bnaudit.checkpoint",
     "BnauditError": "bnaudit.errors",
@@ -29,9 +29,9 @@ _EXPORTS: dict[str, str] = {
     "BnLayer": "bnaudit.bn.layers",
     "find_bn_layers": "bnaudit.bn.layers",
     "normalize_key": "bnaudit.bn.layers",
-    "MergeMethod": "bnaudit.bn.stats",
+    "MergeMethod": "bnaudit.bn.merge_method",
     "average_checkpoints": "bnaudit.repair.average",
-    "AverageOptions": "bnaudit.repair.average_inputs",
+    "AverageOptions": "bnaudit.repair.options",
     "AverageResult": "bnaudit.repair.average",
     "sync_bn_stats": "bnaudit.live.training",
     "save_rank_stats": "bnaudit.live.training",
@@ -39,14 +39,14 @@ _EXPORTS: dict[str, str] = {
     "RecalibrationResult": "bnaudit.live.results",
     "LayerRecalibration": "bnaudit.live.results",
     "RecalibrationOptions": "bnaudit.live.options",
-    "RecalibrationMethod": "bnaudit.live.estimators",
-    "CalibrationSpec": "bnaudit.live.passes",
+    "RecalibrationMethod": "bnaudit.live.methods",
+    "CalibrationSpec": "bnaudit.live.options",
     "recalibrate_checkpoint": "bnaudit.repair.recalibrate",
     "CheckpointRecalibrationResult": "bnaudit.repair.recalibrate",
-    "WriteOptions": "bnaudit.repair.recalibrate",
+    "WriteOptions": "bnaudit.repair.options",
     "drift_checkpoint": "bnaudit.audit.drift",
     "DriftResult": "bnaudit.audit.drift",
-    "DriftThresholds": "bnaudit.audit.drift",
+    "DriftThresholds": "bnaudit.audit.options",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bnaudit.audit.compare_rows import COMPARE_COLUMNS, divergence_rows
+from bnaudit.audit.options import CompareOptions
 from bnaudit.audit.rank_reader import OpenedRank, UnsafeUnreadableRank, model_signature, open_rank
 from bnaudit.audit.scan import measure_ranks, pool_ranks
 from bnaudit.audit.scan_plan import ScanPlan, ScanTexts, no_batchnorm_error, scan_layers
@@ -17,7 +17,6 @@ from bnaudit.bn.layers import find_bn_layers, is_ignored
 from bnaudit.bn.layerstats import layer_problem
 from bnaudit.checkpoint.formats import ContainerFormat, format_spec
 from bnaudit.checkpoint.rank_files import RankFile, resolve_rank_files
-from bnaudit.defaults import DEFAULT_EPS, DEFAULT_ERROR_KL, DEFAULT_WARN_KL
 from bnaudit.errors import InputError, UsageError
 from bnaudit.report.model import Finding, FindingKind, InputInfo, Report, Severity, sort_findings
 from bnaudit.report.sections import Command
@@ -36,35 +35,6 @@ COMPARE_TEXTS = ScanTexts(
     counter_advice="DDP ranks take the same number of steps, so these files may come from different steps "
     "or runs",
 )
-
-
-@dataclass(frozen=True)
-class CompareOptions:
-    """What ``compare`` reads and how it judges it.
-
-    Attributes:
-        key: restrict to one state dict.
-        eps: BatchNorm's eps, added to every variance before the divergence metrics.
-        warn_kl, error_kl: thresholds on the layer's max KL(N(pooled) || N(rank)) in nats.
-        ignore: glob patterns of layer names to leave out.
-        check_weights: also compare every non-BatchNorm tensor across ranks.
-        allow_empty: a model without BatchNorm layers passes instead of being an input error.
-        jobs: read up to this many rank files ahead in threads (for high-latency storage).
-        layer: a layer name whose per-channel detail goes to ``Report.channel_rows``.
-    """
-
-    key: str | None = None
-    eps: float = DEFAULT_EPS
-    warn_kl: float = DEFAULT_WARN_KL
-    error_kl: float = DEFAULT_ERROR_KL
-    ignore: tuple[str, ...] = ()
-    check_weights: bool = False
-    allow_empty: bool = False
-    jobs: int = 1
-    layer: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ignore", tuple(self.ignore))
 
 
 def compare_ranks(

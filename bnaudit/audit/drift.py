@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnaudit.audit.measured import DRIFT_COLUMNS, calibration_data, pass_layer_row, unreached_finding
+from bnaudit.audit.options import DriftThresholds
 from bnaudit.bn.layers import is_ignored
 from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.checkpoint.types import Checkpoint
-from bnaudit.defaults import DEFAULT_DRIFT_ERROR_KL, DEFAULT_DRIFT_WARN_KL
-from bnaudit.errors import UsageError
-from bnaudit.live.options import ProgressCallback
-from bnaudit.live.passes import CalibrationSpec, StateDictPass, run_passes
+from bnaudit.live.options import CalibrationSpec, ProgressCallback
+from bnaudit.live.passes import StateDictPass, run_passes
 from bnaudit.report.model import (
     Finding,
     FindingKind,
@@ -29,32 +28,6 @@ from bnaudit.report.sections import Command
 if TYPE_CHECKING:
     from bnaudit.live.results import LayerRecalibration
     from bnaudit.report.model import LayerRow
-
-
-@dataclass(frozen=True)
-class DriftThresholds:
-    """The gate of ``drift``: KL(N(data) || N(stored)) in nats, max over channels, per layer.
-
-    Attributes:
-        warn_kl: a layer at or above this is a warning.
-        error_kl: a layer at or above this is an error (not below ``warn_kl``).
-        ignore: glob patterns of layers left out of the report.
-
-    Raises:
-        UsageError: a threshold that is not positive, or ``warn_kl`` above ``error_kl``.
-    """
-
-    warn_kl: float = DEFAULT_DRIFT_WARN_KL
-    error_kl: float = DEFAULT_DRIFT_ERROR_KL
-    ignore: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not 0 < self.warn_kl <= self.error_kl:
-            raise UsageError(
-                "must be positive and not above --error-kl",
-                where="--warn-kl",
-                found=f"--warn-kl {self.warn_kl}, --error-kl {self.error_kl}",
-            )
 
 
 @dataclass(frozen=True)

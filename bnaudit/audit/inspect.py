@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bnaudit.audit.layer_rows import finite_max, finite_min, no_layer_named
+from bnaudit.audit.options import InspectOptions
 from bnaudit.audit.rank_reader import load_logged
 from bnaudit.bn.health import health_findings
 from bnaudit.bn.layers import BnLayer, find_bn_layers, is_ignored
@@ -19,7 +20,6 @@ from bnaudit.bn.pickle_policy import global_uses, pickle_findings
 from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.rank_files import expand_arguments
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
-from bnaudit.defaults import DEFAULT_EPS
 from bnaudit.report.model import Finding, FindingKind, InputInfo, LayerRow, Report, Severity, sort_findings
 from bnaudit.report.sections import Column, Command, GlobalEntry
 
@@ -38,28 +38,6 @@ INSPECT_COLUMNS = (
 )
 _RECALIBRATE = {FindingKind.NONFINITE, FindingKind.NEGATIVE_VARIANCE, FindingKind.NEVER_UPDATED,
                 FindingKind.TINY_VARIANCE}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class InspectOptions:
-    """What ``inspect`` audits and shows.
-
-    Attributes:
-        key: restrict to one state dict (``/``-separated path), e.g. ``state_dict_ema``.
-        eps: BatchNorm's eps (not stored in state dicts), used by the tiny-variance check.
-        ignore: glob patterns of layer names to leave out.
-        layer: a layer name whose per-channel statistics are returned in ``Report.channel_rows``.
-        security: list every global the file's pickles reference in ``Report.globals``.
-    """
-
-    key: str | None = None
-    eps: float = DEFAULT_EPS
-    ignore: tuple[str, ...] = ()
-    layer: str | None = None
-    security: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ignore", tuple(self.ignore))
 
 
 def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOptions()) -> Report:

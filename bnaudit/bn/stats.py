@@ -4,24 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 
+from bnaudit.bn.merge_method import MergeMethod as MergeMethod  # re-exported: the merges take it
 from bnaudit.defaults import DEFAULT_EPS as DEFAULT_EPS  # re-exported: callers import it from here
-
-
-class MergeMethod(str, Enum):
-    """How per-rank variances are combined.
-
-    ``pooled``: the law of total variance, var = sum w_r (v_r + (m_r - mean)^2) / W — the variance of the
-    union of the ranks' data when each rank's statistics describe its own shard.
-    ``mean``: the weighted arithmetic mean of the variances, sum w_r v_r / W — what an all-reduce average of
-    ``running_var`` inside a training loop computes; it misses the spread between the rank means.
-    """
-
-    POOLED = "pooled"
-    MEAN = "mean"
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -10,11 +11,12 @@ from bnaudit.cli.bundles import option_bundle
 from bnaudit.cli.options import eps_option, ignore_option, repair_report_options, write_report_text
 from bnaudit.defaults import CONVERSION_FORMATS, MERGE_METHODS
 from bnaudit.errors import UsageError
-from bnaudit.repair import average
-from bnaudit.repair.average import AverageResult
-from bnaudit.repair.average_inputs import AverageOptions
+from bnaudit.repair.options import AverageOptions
 from bnaudit.report import OutputFormat, render
 from bnaudit.report.model import FailOn
+
+if TYPE_CHECKING:
+    from bnaudit.repair.average import AverageResult
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -110,6 +112,9 @@ def average_command(
     an unsafe pickle, unusable statistics, parameters that differ) or a finding at or above --fail-on,
     2 usage or input error, 3 internal error, 130 interrupted.
     """
+    # The library is imported on use: --help and the other commands start without NumPy.
+    from bnaudit.repair import average
+
     result = average.average_checkpoints(list(checkpoints), output, options)
     return _emit(result, output_format, report_file, FailOn(fail_on))
 

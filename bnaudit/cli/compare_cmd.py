@@ -8,8 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from bnaudit.audit import compare
-from bnaudit.audit.compare import CompareOptions
+from bnaudit.audit.options import CompareOptions
 from bnaudit.cli.bundles import option_bundle
 from bnaudit.cli.options import (
     emit_report,
@@ -76,4 +75,7 @@ def compare_command(
     ranks are pooled, and the headline number is KL(N(pooled) || N(rank)) — how wrong a rank's statistics
     are for the data of all ranks — max over ranks and channels.
     """
+    # The library is imported on use: --help and the other commands start without NumPy.
+    from bnaudit.audit import compare
+
     return emit_report(compare.compare_ranks(list(checkpoints), options), output_format, output, fail_on)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bnaudit.audit.drift import DriftThresholds, drift_checkpoint
+from bnaudit.audit.options import DriftThresholds
 from bnaudit.cli.bundles import option_bundle
 from bnaudit.cli.calibration_run import launch_if_asked
 from bnaudit.cli.model_options import ModelOptions, model_options, progress_printer
@@ -86,6 +86,8 @@ def drift_command(
     thresholds = DriftThresholds(gate.warn_kl, gate.error_kl, gate.ignore)
     with joined_process_group(model.device):
         progress = progress_printer(not model.quiet and is_rank_zero())
+        from bnaudit.audit.drift import drift_checkpoint  # on use, like every command's library
+
         report = drift_checkpoint(checkpoint, spec, thresholds, progress=progress).report
     if not is_rank_zero():
         return 1 if report.verdict(FailOn(outputs.fail_on)) == "fail" else 0

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from bnaudit.audit import inspect
-from bnaudit.audit.inspect import InspectOptions
+from bnaudit.audit.options import InspectOptions
 from bnaudit.cli.bundles import option_bundle
 from bnaudit.cli.options import (
     emit_report,
@@ -47,5 +46,8 @@ def inspect_command(
     CHECKPOINT is a torch file (.pt/.pth/.ckpt/.bin), a .safetensors file or a sharded index (*.index.json);
     quoted glob patterns are expanded.
     """
+    # The library is imported on use: --help and the other commands start without NumPy.
+    from bnaudit.audit import inspect
+
     report = inspect.inspect_checkpoints(list(checkpoints), options)
     return emit_report(report, output_format, output, fail_on)

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import click
 
 from bnaudit.cli.bundles import option_bundle
-from bnaudit.live.estimators import RecalibrationMethod, choices
-from bnaudit.live.options import RecalibrationOptions
-from bnaudit.live.passes import CalibrationSpec
+from bnaudit.live.methods import RecalibrationMethod, choices
+from bnaudit.live.options import CalibrationSpec, RecalibrationOptions
 from bnaudit.live.specs import parse_kv
 
 

@@ -7,15 +7,13 @@ from pathlib import Path
 
 import click
 
-from bnaudit.checkpoint.provenance import sidecar_path
-from bnaudit.checkpoint.writer import check_output_path
 from bnaudit.cli.bundles import option_bundle
 from bnaudit.cli.calibration_run import launch_if_asked
 from bnaudit.cli.model_options import ModelOptions, model_options, progress_printer
 from bnaudit.cli.options import key_option, repair_report_options, write_report_text
 from bnaudit.live.launch import is_rank_zero
-from bnaudit.live.passes import CalibrationSpec
-from bnaudit.repair.recalibrate import WriteOptions, recalibrate_checkpoint
+from bnaudit.live.options import CalibrationSpec
+from bnaudit.repair.options import WriteOptions
 from bnaudit.report import OutputFormat, render
 from bnaudit.report.model import FailOn, Report
 
@@ -114,7 +112,10 @@ def recalibrate_command(
     if target.out is None and not target.dry_run:
         raise click.UsageError("give -o OUT (the recalibrated checkpoint to write) or --dry-run")
     if target.out is not None and not target.dry_run:
-        # Checked before the workers start, so a bad -o costs nothing.
+        # Checked before the workers start, so a bad -o costs nothing (imported here: NumPy comes with it).
+        from bnaudit.checkpoint.provenance import sidecar_path
+        from bnaudit.checkpoint.writer import check_output_path
+
         check_output_path(
             target.out, [Path(checkpoint)], target.force, companions=(sidecar_path(target.out),)
         )
@@ -139,6 +140,8 @@ def _recalibrate_here(
     )
     with joined_process_group(model.device):
         progress = progress_printer(not model.quiet and is_rank_zero())
+        from bnaudit.repair.recalibrate import recalibrate_checkpoint  # on use, like every command's library
+
         result = recalibrate_checkpoint(checkpoint, spec, target.out, write=write, progress=progress)
     if not is_rank_zero():
         return 1 if result.refused else exit_code(result.report, report.fail_on)

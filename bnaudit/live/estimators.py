@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
 from types import MappingProxyType
 from typing import Protocol
 
 import numpy as np
 
 from bnaudit.bn.stats import ChannelStats
-from bnaudit.errors import UsageError
+from bnaudit.live.methods import RecalibrationMethod
 
 
 @dataclass
@@ -97,40 +96,9 @@ class BatchMeanEstimator:
         return sums.sum_means / sums.calls, sums.sum_vars / sums.calls
 
 
-class RecalibrationMethod(str, Enum):
-    """How the statistics written are made from the pass (``--method``); see :data:`ESTIMATORS`."""
-
-    POPULATION = "population"
-    BATCH_MEAN = "batch-mean"
-
-    @classmethod
-    def parse(cls, value: RecalibrationMethod | str) -> RecalibrationMethod:
-        """The method named ``value``.
-
-        Raises:
-            UsageError: ``value`` names no method (the message lists the choices).
-        """
-        try:
-            return cls(value)
-        except ValueError:
-            raise UsageError(
-                f"must be one of {', '.join(choices())}", where="--method", found=repr(str(value))
-            ) from None
-
-    @property
-    def estimator(self) -> Estimator:
-        """The estimator object of this method."""
-        return ESTIMATORS[self]
-
-
 ESTIMATORS: Mapping[RecalibrationMethod, Estimator] = MappingProxyType(
     {
         RecalibrationMethod.POPULATION: PopulationEstimator(),
         RecalibrationMethod.BATCH_MEAN: BatchMeanEstimator(),
     }
 )
-
-
-def choices() -> tuple[str, ...]:
-    """Every method's name, the default first (for ``--method`` and error messages)."""
-    return tuple(method.value for method in RecalibrationMethod)

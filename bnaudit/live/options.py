@@ -1,13 +1,14 @@
-"""The options of a recalibration pass, as one frozen dataclass (importable without torch)."""
+"""The options of a recalibration pass and of a checkpoint-level pass, as frozen dataclasses (light to import:
+no torch, no NumPy)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bnaudit.errors import UsageError
-from bnaudit.live.estimators import Estimator, RecalibrationMethod
+from bnaudit.live.methods import RecalibrationMethod
 
 if TYPE_CHECKING:
     import torch
@@ -79,7 +80,34 @@ class RecalibrationOptions:
         """``method`` as the enum (it always is one once built)."""
         return RecalibrationMethod.parse(self.method)
 
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """What a checkpoint-level pass runs: the model and data (specs are trusted user code) and the pass.
+
+    Attributes:
+        model, data: the ``--model`` / ``--data`` specs; model_kwargs, data_kwargs: their keyword arguments.
+        batch_size: rows per batch of a tensor file (also given to a data callable that takes it).
+        forward: a ``--forward`` spec (imported by :func:`run_passes` into ``options.forward``).
+        prefix: the key prefix the checkpoint adds to the model's keys (None: found automatically).
+        key: the one state dict to use (None: every state dict that fits the model).
+        eval: an ``--eval`` spec, a callable(model) -> dict of metrics run before and after the pass.
+        options: the pass itself (method, limits, device, ...); ``forward``, ``write`` and ``sharded`` are
+            set per pass.
+    """
+
+    model: str
+    data: str
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    data_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int | None = None
+    forward: str | None = None
+    prefix: str | None = None
+    key: str | None = None
+    eval: str | None = None
+    options: RecalibrationOptions = field(default_factory=RecalibrationOptions)
+
     @property
-    def estimator(self) -> Estimator:
-        """The estimator of the chosen method."""
-        return self.chosen_method.estimator
+    def method(self) -> str:
+        """The name of the recalibration method (``population`` / ``batch-mean``)."""
+        return self.options.chosen_method.value

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,44 +12,12 @@ from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
 from bnaudit.errors import InputError, ModelMismatchError
-from bnaudit.live.options import ProgressCallback, RecalibrationOptions
+from bnaudit.live.options import CalibrationSpec, ProgressCallback
 
 if TYPE_CHECKING:
     from bnaudit.live.results import RecalibrationResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CalibrationSpec:
-    """What a checkpoint-level pass runs: the model and data (specs are trusted user code) and the pass.
-
-    Attributes:
-        model, data: the ``--model`` / ``--data`` specs; model_kwargs, data_kwargs: their keyword arguments.
-        batch_size: rows per batch of a tensor file (also given to a data callable that takes it).
-        forward: a ``--forward`` spec (imported by :func:`run_passes` into ``options.forward``).
-        prefix: the key prefix the checkpoint adds to the model's keys (None: found automatically).
-        key: the one state dict to use (None: every state dict that fits the model).
-        eval: an ``--eval`` spec, a callable(model) -> dict of metrics run before and after the pass.
-        options: the pass itself (method, limits, device, ...); ``forward``, ``write`` and ``sharded`` are
-            set per pass.
-    """
-
-    model: str
-    data: str
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    data_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    batch_size: int | None = None
-    forward: str | None = None
-    prefix: str | None = None
-    key: str | None = None
-    eval: str | None = None
-    options: RecalibrationOptions = field(default_factory=RecalibrationOptions)
-
-    @property
-    def method(self) -> str:
-        """The name of the recalibration method (``population`` / ``batch-mean``)."""
-        return self.options.chosen_method.value
 
 
 @dataclass

@@ -22,7 +22,7 @@ from bnaudit.live.distributed import (
     local_max_batches,
     shard_batches,
 )
-from bnaudit.live.estimators import LayerSums
+from bnaudit.live.estimators import ESTIMATORS, LayerSums
 from bnaudit.live.measure import PassState, prepare_model
 from bnaudit.live.options import ProgressCallback, RecalibrationOptions
 from bnaudit.live.results import LayerRecalibration, RecalibrationResult, finalise
@@ -101,7 +101,7 @@ def recalibrate(
         raise InputError(
             "the calibration data yielded no batches", fix="check --data (and --max-batches/--max-samples)"
         )
-    layers = finalise(accs, merged, options.estimator)
+    layers = finalise(accs, merged, ESTIMATORS[options.chosen_method])
     _apply(accs, layers, options.write)
     world, method = ctx.world_size if ctx is not None else 1, options.chosen_method.value
     seconds = time.perf_counter() - start

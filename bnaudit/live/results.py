@@ -9,7 +9,8 @@ import torch
 
 from bnaudit.bn.stats import kl_normal
 from bnaudit.live.accumulate import LayerAccumulator, buffer_of
-from bnaudit.live.estimators import ESTIMATORS, Estimator, LayerSums, RecalibrationMethod
+from bnaudit.live.estimators import ESTIMATORS, Estimator, LayerSums
+from bnaudit.live.methods import RecalibrationMethod
 
 
 @dataclass(frozen=True)

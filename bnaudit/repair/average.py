@@ -14,7 +14,7 @@ from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.bn.stats import MergeMethod
 from bnaudit.checkpoint.provenance import input_records, sidecar_path
 from bnaudit.checkpoint.writer import TensorPatch, WriteResult
-from bnaudit.repair.average_inputs import AverageOptions, prepare_average
+from bnaudit.repair.average_inputs import prepare_average
 from bnaudit.repair.average_plan import AveragePlan, Sources
 from bnaudit.repair.average_rows import (
     AVERAGE_COLUMNS,
@@ -25,6 +25,7 @@ from bnaudit.repair.average_rows import (
     refusal,
 )
 from bnaudit.repair.average_write import write_average
+from bnaudit.repair.options import AverageOptions
 from bnaudit.report.model import Finding, LayerRow, Report, sort_findings
 from bnaudit.report.sections import AverageOutcome, Command
 

@@ -13,47 +13,12 @@ from bnaudit.audit.rank_reader import load_logged
 from bnaudit.audit.scan_plan import RankWeights
 from bnaudit.bn.stats import MergeMethod
 from bnaudit.checkpoint.rank_files import RankFile, resolve_rank_files
-from bnaudit.defaults import DEFAULT_EPS
 from bnaudit.errors import UsageError
 from bnaudit.repair.average_plan import AveragePlan, Sources, plan_average
 from bnaudit.repair.average_write import checked_output, output_format
+from bnaudit.repair.options import AverageOptions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AverageOptions:
-    """How ``average`` merges and what it writes.
-
-    Attributes:
-        method: ``pooled`` (law of total variance, the default) or ``mean`` (mean of the variances).
-        rank_weights: per-rank sample counts in rank order; default: the counts recorded by
-            ``save_rank_stats`` when every rank has one, else equal weights.
-        key: merge only this state dict of the reference.
-        reference: the file whose bytes are copied (default: the lowest rank).
-        to: ``pt`` or ``safetensors`` to convert; default: the reference's format.
-        force: replace an existing output (never an input).
-        dry_run: compute and report, write nothing.
-        allow_unsafe_input: write even when an input's pickle references dangerous callables.
-        eps: BatchNorm eps for the divergence metrics.
-        ignore: glob patterns of layers to leave unchanged.
-    """
-
-    method: MergeMethod | str = MergeMethod.POOLED
-    rank_weights: tuple[float, ...] | None = None
-    key: str | None = None
-    reference: str | Path | None = None
-    to: str | None = None
-    force: bool = False
-    dry_run: bool = False
-    allow_unsafe_input: bool = False
-    eps: float = DEFAULT_EPS
-    ignore: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ignore", tuple(self.ignore))
-        if self.rank_weights is not None:
-            object.__setattr__(self, "rank_weights", tuple(self.rank_weights))
 
 
 @dataclass(frozen=True)

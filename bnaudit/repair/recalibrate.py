@@ -17,25 +17,11 @@ from bnaudit.checkpoint.types import Checkpoint
 from bnaudit.checkpoint.writer import TensorPatch, WriteResult, check_output_path, write_patched
 from bnaudit.errors import UsageError
 from bnaudit.live.launch import is_rank_zero
-from bnaudit.live.options import ProgressCallback
-from bnaudit.live.passes import CalibrationSpec, StateDictPass, run_passes
+from bnaudit.live.options import CalibrationSpec, ProgressCallback
+from bnaudit.live.passes import StateDictPass, run_passes
+from bnaudit.repair.options import WriteOptions
 from bnaudit.report.model import Finding, FindingKind, InputInfo, LayerRow, Report, Severity, sort_findings
 from bnaudit.report.sections import Command, RecalibrationOutcome
-
-
-@dataclass(frozen=True)
-class WriteOptions:
-    """How :func:`recalibrate_checkpoint` treats its output.
-
-    Attributes:
-        force: replace an existing output (never an input).
-        dry_run: run the pass and report, write nothing.
-        allow_unsafe_input: write even when the pickle references dangerous callables (the output keeps them).
-    """
-
-    force: bool = False
-    dry_run: bool = False
-    allow_unsafe_input: bool = False
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ def test_every_consumer_sees_the_same_entries(saved: Path) -> None:
         os.close(fd)
     assert _summary(archive.entries) == expected
     assert _summary(patch_entries(saved)) == expected
-    template = LayoutTemplate.of(load_checkpoint(saved))
+    template = LayoutTemplate.of(load_checkpoint(saved), [])
     assert template is not None
     folder = template.folder.decode()
     assert {folder + n: e.header_offset for n, e in template.entries.items()} == {

@@ -9,14 +9,8 @@ import pytest
 
 from bnaudit.bn.stats import ChannelStats
 from bnaudit.errors import UsageError
-from bnaudit.live.estimators import (
-    ESTIMATORS,
-    BatchMeanEstimator,
-    LayerSums,
-    PopulationEstimator,
-    RecalibrationMethod,
-    choices,
-)
+from bnaudit.live.estimators import ESTIMATORS, BatchMeanEstimator, LayerSums, PopulationEstimator
+from bnaudit.live.methods import RecalibrationMethod, choices
 from bnaudit.live.options import RecalibrationOptions
 
 
@@ -38,11 +32,11 @@ def chunks() -> list[np.ndarray]:
 def test_every_method_string_maps_to_an_estimator() -> None:
     assert choices() == ("population", "batch-mean")
     assert set(ESTIMATORS) == set(RecalibrationMethod)
-    assert isinstance(RecalibrationMethod.parse("population").estimator, PopulationEstimator)
-    assert isinstance(RecalibrationMethod.parse("batch-mean").estimator, BatchMeanEstimator)
+    assert isinstance(ESTIMATORS[RecalibrationMethod.parse("population")], PopulationEstimator)
+    assert isinstance(ESTIMATORS[RecalibrationMethod.parse("batch-mean")], BatchMeanEstimator)
     for name in choices():
         method = RecalibrationMethod.parse(name)
-        assert method.value == name and RecalibrationOptions(method=name).estimator is ESTIMATORS[method]
+        assert method.value == name and RecalibrationOptions(method=name).chosen_method is method
 
 
 def test_an_unknown_method_is_a_usage_error_naming_the_choices() -> None:

@@ -1,0 +1,91 @@
+"""The options of the audits (inspect, compare, drift): frozen dataclasses, light to import (no NumPy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bnaudit.defaults import (
+    DEFAULT_DRIFT_ERROR_KL,
+    DEFAULT_DRIFT_WARN_KL,
+    DEFAULT_EPS,
+    DEFAULT_ERROR_KL,
+    DEFAULT_WARN_KL,
+)
+from bnaudit.errors import UsageError
+
+
+@dataclass(frozen=True)
+class InspectOptions:
+    """What ``inspect`` audits and shows.
+
+    Attributes:
+        key: restrict to one state dict (``/``-separated path), e.g. ``state_dict_ema``.
+        eps: BatchNorm's eps (not stored in state dicts), used by the tiny-variance check.
+        ignore: glob patterns of layer names to leave out.
+        layer: a layer name whose per-channel statistics are returned in ``Report.channel_rows``.
+        security: list every global the file's pickles reference in ``Report.globals``.
+    """
+
+    key: str | None = None
+    eps: float = DEFAULT_EPS
+    ignore: tuple[str, ...] = ()
+    layer: str | None = None
+    security: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """What ``compare`` reads and how it judges it.
+
+    Attributes:
+        key: restrict to one state dict.
+        eps: BatchNorm's eps, added to every variance before the divergence metrics.
+        warn_kl, error_kl: thresholds on the layer's max KL(N(pooled) || N(rank)) in nats.
+        ignore: glob patterns of layer names to leave out.
+        check_weights: also compare every non-BatchNorm tensor across ranks.
+        allow_empty: a model without BatchNorm layers passes instead of being an input error.
+        jobs: read up to this many rank files ahead in threads (for high-latency storage).
+        layer: a layer name whose per-channel detail goes to ``Report.channel_rows``.
+    """
+
+    key: str | None = None
+    eps: float = DEFAULT_EPS
+    warn_kl: float = DEFAULT_WARN_KL
+    error_kl: float = DEFAULT_ERROR_KL
+    ignore: tuple[str, ...] = ()
+    check_weights: bool = False
+    allow_empty: bool = False
+    jobs: int = 1
+    layer: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+
+
+@dataclass(frozen=True)
+class DriftThresholds:
+    """The gate of ``drift``: KL(N(data) || N(stored)) in nats, max over channels, per layer.
+
+    Attributes:
+        warn_kl: a layer at or above this is a warning.
+        error_kl: a layer at or above this is an error (not below ``warn_kl``).
+        ignore: glob patterns of layers left out of the report.
+
+    Raises:
+        UsageError: a threshold that is not positive, or ``warn_kl`` above ``error_kl``.
+    """
+
+    warn_kl: float = DEFAULT_DRIFT_WARN_KL
+    error_kl: float = DEFAULT_DRIFT_ERROR_KL
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.warn_kl <= self.error_kl:
+            raise UsageError(
+                "must be positive and not above --error-kl",
+                where="--warn-kl",
+                found=f"--warn-kl {self.warn_kl}, --error-kl {self.error_kl}",
+            )

@@ -1,0 +1,37 @@
+"""The recalibration methods by name (``--method``), light to import; their estimators live in
+:mod:`bnaudit.live.estimators`."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from bnaudit.errors import UsageError
+
+
+class RecalibrationMethod(str, Enum):
+    """How the statistics written are made from the pass (``--method``).
+
+    Each maps to an estimator in :data:`bnaudit.live.estimators.ESTIMATORS`.
+    """
+
+    POPULATION = "population"
+    BATCH_MEAN = "batch-mean"
+
+    @classmethod
+    def parse(cls, value: RecalibrationMethod | str) -> RecalibrationMethod:
+        """The method named ``value``.
+
+        Raises:
+            UsageError: ``value`` names no method (the message lists the choices).
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            raise UsageError(
+                f"must be one of {', '.join(choices())}", where="--method", found=repr(str(value))
+            ) from None
+
+
+def choices() -> tuple[str, ...]:
+    """Every method's name, the default first (for ``--method`` and error messages)."""
+    return tuple(method.value for method in RecalibrationMethod)

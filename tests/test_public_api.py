@@ -1,0 +1,22 @@
+"""The public names of ``bnaudit`` all resolve, lazily: ``import bnaudit`` alone loads none of them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import bnaudit
+from tests.conftest import REPO
+
+
+def test_every_public_name_resolves() -> None:
+    missing = [name for name in bnaudit.__all__ if getattr(bnaudit, name, None) is None]
+    assert missing == []
+
+
+def test_import_bnaudit_loads_nothing_heavy() -> None:
+    probe = (
+        "import sys, bnaudit; print(sorted(m for m in sys.modules if m.startswith(('bnaudit.', 'numpy'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
