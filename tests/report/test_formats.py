@@ -147,12 +147,18 @@ def test_exit_code_is_the_same_for_every_format(capsys, runs, fmt):
     assert call_main(capsys, "--no-config", "compare", *bad, "--format", fmt, "--fail-on", "never")[0] == 0
 
 
+def _compare_document(capsys, runs, which: str, fmt: str, schema: dict) -> tuple[int, dict, list]:
+    """compare's ``fmt`` report on the passing or failing ranks, parsed and checked against ``schema``."""
+    paths = runs[0] if which == "pass" else runs[1]
+    code, out, _ = call_main(capsys, "compare", *paths, "--format", fmt)
+    doc = json.loads(out)
+    jsonschema.validate(doc, schema)
+    return code, doc, paths
+
+
 @pytest.mark.parametrize("which", ["pass", "fail"])
 def test_json_follows_its_schema(capsys, runs, which):
-    paths = runs[0] if which == "pass" else runs[1]
-    code, out, _ = call_main(capsys, "compare", *paths, "--format", "json")
-    doc = json.loads(out)
-    jsonschema.validate(doc, REPORT_SCHEMA)
+    code, doc, paths = _compare_document(capsys, runs, which, "json", REPORT_SCHEMA)
     assert doc["verdict"] == which and code == (which == "fail")
     assert doc["headline"] == "max_kl" and doc["summary"]["baselined"] == 0
     assert all(len(row["per_rank_max_shift"]) == len(paths) for row in doc["layers"])
@@ -160,10 +166,7 @@ def test_json_follows_its_schema(capsys, runs, which):
 
 @pytest.mark.parametrize("which", ["pass", "fail"])
 def test_sarif_is_a_valid_log_with_a_rule_per_kind(capsys, runs, which):
-    paths = runs[0] if which == "pass" else runs[1]
-    code, out, _ = call_main(capsys, "compare", *paths, "--format", "sarif")
-    log = json.loads(out)
-    jsonschema.validate(log, SARIF_SUBSET)
+    code, log, _ = _compare_document(capsys, runs, which, "sarif", SARIF_SUBSET)
     run = log["runs"][0]
     rules = run["tool"]["driver"]["rules"]
     assert [r["id"] for r in rules] == [k.value for k in FindingKind]
