@@ -11,7 +11,7 @@ The overhead is (time with 2 processes) / (time with 1 process x 2 threads) - 1.
 the same statistics (to float32 rounding: the batches are the same, the reduction order differs).
 
 The cross-rank traffic is read from ``bnaudit --debug``'s ``all_gather`` log line (one all-gather of every
-layer's packed sufficient statistics, ``LayerSums.packed_size(C) = 2 + 4C`` float64 values per layer plus 2)
+layer's packed sufficient statistics, ``LayerSums.packed_size(C) = 2 + 6C`` float64 values per layer plus 2)
 for two runs of very different data size and batch count, and checked against the formula.
 
 Usage:
@@ -206,7 +206,7 @@ def _report(
           f"values per rank, {big[1]} bytes gathered per rank")  # fmt: skip
     print(f"all-gather, {2 * small_batch} samples in 2 batches of {small_batch}: {little[0]} float64 values "
           f"per rank, {little[1]} bytes gathered per rank")  # fmt: skip
-    print(f"expected from LayerSums.packed_size: 2 + sum(2 + 4C) = {expected['values']} values per rank; "
+    print(f"expected from LayerSums.packed_size: 2 + sum(2 + 6C) = {expected['values']} values per rank; "
           f"volume independent of data: {big == little and big[0] == expected['values']}")  # fmt: skip
 
 

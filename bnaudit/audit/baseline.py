@@ -21,7 +21,8 @@ from bnaudit.report.sections import BaselineUse
 log = logging.getLogger(__name__)
 
 METRIC_TOLERANCE = 0.05
-# The kinds whose size is the layer's headline metric (max KL): more of it is worse, not just "still there".
+# The kinds whose size is the layer's headline metric (compare: gate_kl, drift: excess_kl): more of it is
+# worse, not just "still there".
 MEASURED_KINDS = frozenset({FindingKind.DIVERGENCE, FindingKind.DRIFT})
 # Headline metric of reports written before the JSON report named it.
 _DEFAULT_HEADLINES = {"compare": "max_kl"}
@@ -52,11 +53,13 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The findings a baseline accepts, by :func:`finding_key`."""
+    """The findings a baseline accepts, by :func:`finding_key`, and the metric their sizes were recorded in
+    (a baseline written before a command's headline changed is compared in its own metric)."""
 
     path: Path
     command: str
     accepted: dict[FindingKey, Accepted]
+    headline: str = ""
 
 
 def _layer_metrics(doc: dict[str, Any], headline: str) -> dict[tuple[str, str], float]:
@@ -146,7 +149,7 @@ def load_baseline(path: Path) -> Baseline:
         previous = accepted.get(key)
         if previous is None or severity.rank > previous.severity.rank:
             accepted[key] = Accepted(severity, metric)
-    return Baseline(path, command, accepted)
+    return Baseline(path, command, accepted, headline)
 
 
 def _is_worse(finding: Finding, known: Accepted, metric: float | None) -> bool:
@@ -172,7 +175,7 @@ def apply_baseline(report: Report, baseline: Baseline) -> Report:
             baseline.command,
             report.command.value,
         )
-    headline = report.headline
+    headline = baseline.headline or report.headline
     metrics = {(row.state_dict, row.name): row.metrics.get(headline) for row in report.layers if headline}
     marked = []
     for f in report.findings:

@@ -8,18 +8,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bnaudit.audit.compare_rows import COMPARE_COLUMNS, divergence_rows
+from bnaudit.audit.causes import RankEvidence, compare_cause
+from bnaudit.audit.compare_rows import COMPARE_COLUMNS, GateLevels, divergence_rows
 from bnaudit.audit.options import CompareOptions
 from bnaudit.audit.rank_reader import OpenedRank, UnsafeUnreadableRank, model_signature, open_rank
-from bnaudit.audit.scan import measure_ranks, pool_ranks
+from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks
 from bnaudit.audit.scan_plan import ScanPlan, ScanTexts, no_batchnorm_error, scan_layers
+from bnaudit.audit.stored_config import stored_training
 from bnaudit.bn.layers import find_bn_layers, is_ignored
 from bnaudit.bn.layerstats import layer_problem
 from bnaudit.checkpoint.formats import ContainerFormat, format_spec
 from bnaudit.checkpoint.rank_files import RankFile, resolve_rank_files
 from bnaudit.errors import InputError, UsageError
 from bnaudit.report.model import Finding, FindingKind, InputInfo, Report, Severity, sort_findings
-from bnaudit.report.sections import Command
+from bnaudit.report.sections import Cause, Command
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,9 @@ def compare_ranks(
     if not plan.layers:
         findings.append(_no_batchnorm(plan, options))
     measured = measure_ranks(plan, pooled)
-    thresholds = (options.warn_kl, options.error_kl)
+    limits = GateLevels(options.warn_kl, options.error_kl, options.flat_factor)
     pool = (pooled.equal.mean, pooled.equal.pooled_var)
-    rows = divergence_rows(plan.layers, measured.layers, pool, files, thresholds, options.layer)
+    rows = divergence_rows(plan.layers, measured.layers, pool, files, limits, options.layer)
     ordered = sort_findings(_divergence_first([*findings, *rows.findings, *pooled.counter_findings]))
     return Report(
         command=Command.COMPARE,
@@ -83,15 +85,27 @@ def compare_ranks(
         settings=_settings(options, len(files)),
         layers=rows.rows,
         findings=ordered,
-        headline="max_kl",
+        headline="gate_kl",
         next_step=_compare_next_step(files, ordered),
         channel_rows=rows.channel_rows,
         columns=COMPARE_COLUMNS,
         warnings=tuple(warnings),
+        cause=_cause(plan, measured, pooled, first, limits),
     )
 
 
+def _cause(
+    plan: ScanPlan, measured: MeasureResult, pooled: PoolResult, first: OpenedRank, limits: GateLevels
+) -> Cause | None:
+    counter = next(iter(pooled.counter_findings), None)
+    ranks = [rf.rank for rf in plan.files]
+    stored = stored_training(first.ckpt.root)
+    return compare_cause(RankEvidence(plan.layers, measured.layers, ranks, limits, counter, stored))
+
+
 def _check_thresholds(options: CompareOptions) -> None:
+    if not options.flat_factor >= 1:
+        raise UsageError("must be at least 1", where="--flat-factor", found=str(options.flat_factor))
     if not 0 < options.warn_kl <= options.error_kl:
         raise UsageError(
             "must be positive and not above --error-kl",
@@ -106,6 +120,7 @@ def _settings(options: CompareOptions, ranks: int) -> dict[str, Any]:
         "eps": options.eps,
         "warn_kl": options.warn_kl,
         "error_kl": options.error_kl,
+        "flat_factor": options.flat_factor,
         "key": options.key,
         "ignore": list(options.ignore),
         "check_weights": options.check_weights,
@@ -179,7 +194,7 @@ def _unsafe_report(exc: UnsafeUnreadableRank, files: list[RankFile]) -> Report:
         settings={"ranks": len(files)},
         layers=(),
         findings=sort_findings(exc.findings),
-        headline="max_kl",
+        headline="gate_kl",
         columns=COMPARE_COLUMNS,
         next_step=f"{rf.display} was not compared ({exc.error}); replace it with a file from a trusted "
         "source",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bnaudit.audit.causes import drift_cause
 from bnaudit.audit.measured import DRIFT_COLUMNS, calibration_data, pass_layer_row, unreached_finding
 from bnaudit.audit.options import DriftThresholds
+from bnaudit.audit.stored_config import stored_training
 from bnaudit.bn.layers import is_ignored
 from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.checkpoint.types import Checkpoint
@@ -77,12 +80,17 @@ def drift_checkpoint(
     return DriftResult(_drift_report(str(path), ckpt, passes, thresholds, settings), tuple(passes))
 
 
-def _severity(value: float | None, warn: float, error: float) -> Severity:
-    if value is None:
+def _severity(metrics: dict[str, Any], thresholds: DriftThresholds) -> Severity:
+    """Error when the layer's KL is real (``noise_ratio`` times its noise or more) and ``error_kl`` above
+    the noise; a warning when real and ``warn_kl`` above; a non-finite KL is a warning of its own."""
+    excess, ratio = metrics.get("excess_kl"), metrics.get("noise_ratio")
+    if excess is None or not math.isfinite(excess):
         return Severity.WARN
-    if value >= error:
+    if ratio is not None and ratio < thresholds.noise_ratio:
+        return Severity.OK
+    if excess >= thresholds.error_kl:
         return Severity.ERROR
-    return Severity.WARN if value >= warn else Severity.OK
+    return Severity.WARN if excess >= thresholds.warn_kl else Severity.OK
 
 
 def _drift_report(
@@ -103,28 +111,63 @@ def _drift_report(
                 findings.append(unreached_finding(display, p.state_dict.name, layer.name, changed=False))
                 rows.append(pass_layer_row(p.state_dict.name, layer, Severity.WARN))
                 continue
-            metrics = layer.metrics()
-            severity = _severity(metrics["max_kl"], warn_kl, error_kl)
-            rows.append(pass_layer_row(p.state_dict.name, layer, severity))
+            metrics = drift_metrics(layer)
+            severity = _severity(metrics, thresholds)
+            rows.append(pass_layer_row(p.state_dict.name, layer, severity, metrics))
             if severity is not Severity.OK:
                 limit = error_kl if severity is Severity.ERROR else warn_kl
                 findings.append(_drift_finding(display, p, layer, metrics, (severity, limit)))
-    rows.sort(key=lambda r: (-r.severity.rank, -float(r.metrics.get("max_kl") or 0.0)))
-    sort_by_layer_metric(findings, rows, FindingKind.DRIFT)
+    rows.sort(key=lambda r: (-r.severity.rank, -float(r.metrics.get("excess_kl") or 0.0)))
+    sort_by_layer_metric(findings, rows, FindingKind.DRIFT, "excess_kl")
     return Report(
         command=Command.DRIFT,
         inputs=(InputInfo(display, ckpt.format, None, tuple(p.state_dict.name for p in passes)),),
-        settings={"warn_kl": warn_kl, "error_kl": error_kl, "ignore": list(ignore), **(settings or {})},
+        settings={
+            "warn_kl": warn_kl,
+            "error_kl": error_kl,
+            "noise_ratio": thresholds.noise_ratio,
+            "ignore": list(ignore),
+            **(settings or {}),
+        },
         layers=tuple(rows),
-        findings=sort_findings(findings),
-        headline="max_kl",
+        findings=sort_findings([*findings, *_one_batch_note(display, passes)]),
+        headline="excess_kl",
         next_step=(
             f"bnaudit recalibrate {display} --model {(settings or {}).get('model', 'SPEC')} --data "
             f"CALIBRATION_DATA -o {_recalibrated_name(display)}"
         ),
         columns=DRIFT_COLUMNS,
         calibration=calibration_data(passes),
+        cause=drift_cause(rows, _first_layer(passes), stored_training(ckpt.root)),
     )
+
+
+def _first_layer(passes: Sequence[StateDictPass]) -> str | None:
+    layers = passes[0].result.layers if passes else ()
+    return layers[0].name if layers else None
+
+
+def drift_metrics(layer: LayerRecalibration) -> dict[str, Any]:
+    """The layer's measured metrics plus ``noise_ratio``: its mean KL in units of the noise KL (None when
+    the noise is unknown: one batch)."""
+    metrics: dict[str, Any] = layer.metrics()
+    mean, noise = metrics.get("mean_kl"), metrics.get("noise_kl")
+    metrics["noise_ratio"] = mean / noise if mean is not None and noise else None
+    return metrics
+
+
+def _one_batch_note(display: str, passes: Sequence[StateDictPass]) -> list[Finding]:
+    if not passes or passes[0].result.batches >= 2:
+        return []
+    return [
+        Finding(
+            Severity.INFO,
+            FindingKind.DRIFT,
+            "the data came in one batch, so its own noise could not be measured and every KL counts as "
+            "real; give the data in several batches (--batch-size)",
+            file=display,
+        )
+    ]
 
 
 def _recalibrated_name(display: str) -> str:
@@ -141,12 +184,15 @@ def _drift_finding(
 ) -> Finding:
     severity, limit = level
     samples = int(metrics["samples"] or 0)
+    ratio = metrics.get("noise_ratio")
+    real = f"{ratio:.1f}x what the data sample's own noise gives" if ratio is not None else "noise unknown"
     message = (
-        f"layer '{layer.name}': the stored running statistics do not describe the data (channel "
-        f"{metrics['worst_channel']}: KL {metrics['max_kl']:.3g} >= {limit:g}; mean off by up to "
-        f"{metrics['max_shift']:.2f} std, std off by up to x{metrics['max_std_ratio']:.2f}; {samples} values "
-        "per channel). Running statistics are an average over the last training batches of one rank, taken "
-        "while the weights still moved; recalibrate them on data"
+        f"layer '{layer.name}': the stored running statistics do not describe the data (mean KL "
+        f"{metrics['mean_kl']:.3g} over {layer.channels} channels, {real}: {metrics['excess_kl']:.3g} above "
+        f"the noise >= {limit:g}; worst channel {metrics['worst_channel']}: KL {metrics['max_kl']:.3g}, mean "
+        f"off by up to {metrics['max_shift']:.2f} std, std off by up to x{metrics['max_std_ratio']:.2f}; "
+        f"{samples} values per channel). Running statistics are an average over the last training batches of "
+        "one rank, taken while the weights still moved; recalibrate them on data"
     )
     return Finding(
         severity,

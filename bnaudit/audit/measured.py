@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bnaudit.report.model import Finding, FindingKind, LayerRow, Severity
 from bnaudit.report.sections import CalibrationData, Column
@@ -25,7 +25,14 @@ def _measured_columns(kl: str, shift: str, std_ratio: str) -> tuple[Column, ...]
     )
 
 
-DRIFT_COLUMNS = _measured_columns("max KL", "max shift (std)", "max std ratio")
+DRIFT_COLUMNS = (
+    Column("excess KL", "excess_kl"),
+    Column("x noise", "noise_ratio"),
+    Column("mean KL", "mean_kl"),
+    Column("max KL", "max_kl"),
+    Column("channel", attribute="worst_channel"),
+    Column("values/channel", "samples"),
+)
 RECALIBRATE_COLUMNS = _measured_columns("KL old->new", "mean move (std)", "std change (x)")
 
 
@@ -52,9 +59,12 @@ def unreached_finding(display: str, sd_name: str, name: str, *, changed: bool) -
     )
 
 
-def pass_layer_row(sd_name: str, layer: LayerRecalibration, severity: Severity) -> LayerRow:
-    """The report row of one measured layer (a ``LayerRecalibration``): how far data and stored differ."""
-    metrics = layer.metrics()
+def pass_layer_row(
+    sd_name: str, layer: LayerRecalibration, severity: Severity, metrics: dict[str, Any] | None = None
+) -> LayerRow:
+    """The report row of one measured layer (a ``LayerRecalibration``): how far data and stored differ
+    (``metrics``: the layer's own, or ones the command extended)."""
+    metrics = dict(metrics) if metrics is not None else layer.metrics()
     worst = metrics.pop("worst_channel")
     metrics["samples"] = int(metrics["samples"] or 0)  # values per channel: a count
     return LayerRow(

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 from bnaudit.defaults import (
     DEFAULT_DRIFT_ERROR_KL,
+    DEFAULT_DRIFT_NOISE_RATIO,
     DEFAULT_DRIFT_WARN_KL,
     DEFAULT_EPS,
     DEFAULT_ERROR_KL,
+    DEFAULT_FLAT_FACTOR,
     DEFAULT_WARN_KL,
 )
 from bnaudit.errors import UsageError
@@ -43,8 +45,12 @@ class CompareOptions:
     Attributes:
         key: restrict to one state dict.
         eps: BatchNorm's eps, added to every variance before the divergence metrics.
-        warn_kl, error_kl: thresholds on the layer's max KL(N(pooled) || N(rank)) in nats.
+        warn_kl, error_kl: levels on a layer's mean KL(N(pooled) || N(rank)) in nats (mean over its channels,
+            worst rank), for layers over feature maps; chosen by the calibration study (README "Thresholds").
         ignore: glob patterns of layer names to leave out.
+        flat_factor: the levels of layers over one value per sample and channel (BatchNorm1d after a Linear)
+            are this many times higher: their statistics average far fewer values, so independent ranks on
+            the same data disagree that much more.
         check_weights: also compare every non-BatchNorm tensor across ranks.
         allow_empty: a model without BatchNorm layers passes instead of being an input error.
         jobs: read up to this many rank files ahead in threads (for high-latency storage).
@@ -56,6 +62,7 @@ class CompareOptions:
     warn_kl: float = DEFAULT_WARN_KL
     error_kl: float = DEFAULT_ERROR_KL
     ignore: tuple[str, ...] = ()
+    flat_factor: float = DEFAULT_FLAT_FACTOR
     check_weights: bool = False
     allow_empty: bool = False
     jobs: int = 1
@@ -67,11 +74,14 @@ class CompareOptions:
 
 @dataclass(frozen=True)
 class DriftThresholds:
-    """The gate of ``drift``: KL(N(data) || N(stored)) in nats, max over channels, per layer.
+    """The gate of ``drift``, per layer, on the mean over channels of KL(N(data) || N(stored)) in nats.
 
     Attributes:
-        warn_kl: a layer at or above this is a warning.
-        error_kl: a layer at or above this is an error (not below ``warn_kl``).
+        warn_kl: a layer whose KL is real (see ``noise_ratio``) and exceeds the data's own noise by this
+            much is a warning.
+        error_kl: ... by this much is an error (not below ``warn_kl``).
+        noise_ratio: a KL is real when it is at least this many times the KL the data sample's own noise
+            gives (estimated from the spread between its batches; unknown, so not required, with one batch).
         ignore: glob patterns of layers left out of the report.
 
     Raises:
@@ -81,6 +91,7 @@ class DriftThresholds:
     warn_kl: float = DEFAULT_DRIFT_WARN_KL
     error_kl: float = DEFAULT_DRIFT_ERROR_KL
     ignore: tuple[str, ...] = ()
+    noise_ratio: float = DEFAULT_DRIFT_NOISE_RATIO
 
     def __post_init__(self) -> None:
         if not 0 < self.warn_kl <= self.error_kl:
@@ -89,3 +100,5 @@ class DriftThresholds:
                 where="--warn-kl",
                 found=f"--warn-kl {self.warn_kl}, --error-kl {self.error_kl}",
             )
+        if not self.noise_ratio >= 1:
+            raise UsageError("must be at least 1", where="--noise-ratio", found=str(self.noise_ratio))

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnaudit.bn.layer_kind import InputKind
 from bnaudit.bn.layers import BnLayer, find_bn_layers, normalize_key
 from bnaudit.bn.layerstats import LayerStats, read_layers, read_layers_with_digest
 from bnaudit.bn.pickle_policy import pickle_findings
@@ -27,13 +28,15 @@ Wanted = tuple[tuple[StateDictRef, BnLayer], ...]
 
 @dataclass(frozen=True)
 class ScanLayer:
-    """One layer the scan reads: its ranks' state dict, its name, and where its channels sit in the
-    concatenated per-rank vectors (every layer's channels one after the other, in plan order)."""
+    """One layer the scan reads: its ranks' state dict, its name, where its channels sit in the
+    concatenated per-rank vectors (every layer's channels one after the other, in plan order), and what its
+    input is (spatial feature maps or one value per sample, :mod:`bnaudit.bn.layer_kind`)."""
 
     state_dict: str
     name: str
     channels: int
     start: int
+    kind: InputKind = InputKind.UNKNOWN
 
     @property
     def part(self) -> slice:

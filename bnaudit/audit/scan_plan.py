@@ -6,7 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bnaudit.audit.rank_reader import ScanLayer, Signature
-from bnaudit.bn.layers import BnLayer
+from bnaudit.bn.layer_kind import InputKind, input_kinds
+from bnaudit.bn.layers import BnLayer, find_bn_layers
 from bnaudit.checkpoint.rank_files import RankFile
 from bnaudit.checkpoint.types import StateDictRef
 from bnaudit.errors import NoBatchNormError
@@ -87,9 +88,14 @@ def scan_layers(pairs: Sequence[tuple[StateDictRef, BnLayer]]) -> tuple[ScanLaye
     """The planned layers for (state dict, layer) pairs of the reference, their channels concatenated."""
     out: list[ScanLayer] = []
     start = 0
+    kinds: dict[str, dict[str, InputKind]] = {}
     for sd, bn in pairs:
+        if sd.name not in kinds:
+            kinds[sd.name] = input_kinds(sd.tensors, find_bn_layers(sd.tensors))
         channels = sd.tensors[bn.running_mean].shape[0]
-        out.append(ScanLayer(sd.name, bn.name, channels, start))
+        out.append(
+            ScanLayer(sd.name, bn.name, channels, start, kinds[sd.name].get(bn.name, InputKind.UNKNOWN))
+        )
         start += channels
     return tuple(out)
 

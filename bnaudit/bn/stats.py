@@ -102,7 +102,9 @@ class Divergence:
 
     ``kl``: max over ranks of KL(N(pooled) || N(rank)); ``shift``: max |m_r - mean| / sqrt(var + eps);
     ``var_ratio``: max of max((v_r + eps) / (var + eps), its inverse) — 1 means equal; ``kl_rank``: the rank
-    index (position in the stream) attaining ``kl`` per channel.
+    index (position in the stream) attaining ``kl`` per channel. ``per_rank_*``: one value per rank, the
+    layer's max (or mean) over its channels; ``identical``: every rank's statistics equal the first's, bit
+    for bit, in every layer of the accumulator.
     """
 
     kl: np.ndarray
@@ -111,15 +113,30 @@ class Divergence:
     kl_rank: np.ndarray
     per_rank_max_kl: tuple[float, ...] = ()
     per_rank_max_shift: tuple[float, ...] = ()
+    per_rank_mean_kl: tuple[float, ...] = ()
+    identical: bool = False
+
+    @property
+    def mean_kl(self) -> float:
+        """The worst rank's mean over the layer's channels of KL(pooled || rank) (0.0 without ranks)."""
+        return max(self.per_rank_mean_kl, default=0.0)
+
+    @property
+    def mean_kl_rank(self) -> int:
+        """The rank index (position in the stream) attaining :attr:`mean_kl`."""
+        values = self.per_rank_mean_kl
+        return max(range(len(values)), key=values.__getitem__) if values else 0
 
 
-def segment_sums(flags: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
-    """How many of ``flags`` are set in each consecutive segment of the given sizes (0 for empty ones)."""
+def segment_sums(values: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """The sum of ``values`` over each consecutive segment of the given sizes (0 for empty ones); boolean
+    flags are counted."""
+    array = values.astype(np.int64) if values.dtype == np.bool_ else values
     starts = np.cumsum([0, *sizes[:-1]], dtype=np.intp)
     nonempty = np.asarray(sizes) > 0
-    out = np.zeros(len(sizes), dtype=np.int64)
+    out = np.zeros(len(sizes), dtype=array.dtype)
     if nonempty.any():
-        out[nonempty] = np.add.reduceat(flags.astype(np.int64), starts[nonempty])
+        out[nonempty] = np.add.reduceat(array, starts[nonempty])
     return out
 
 
@@ -146,6 +163,9 @@ class DivergenceAccumulator:
         self.kl_rank = np.zeros(channels, dtype=np.int64)
         self._rank_layer_max_kl: list[np.ndarray] = []  # per rank added: each layer's max over its channels
         self._rank_layer_max_shift: list[np.ndarray] = []
+        self._rank_layer_mean_kl: list[np.ndarray] = []
+        self._first: tuple[np.ndarray, np.ndarray] | None = None
+        self.identical = True
 
     def add(self, rank_index: int, mean: np.ndarray, var: np.ndarray) -> None:
         """Fold in one rank's statistics (every layer's channels, concatenated like the pooled ones)."""
@@ -167,6 +187,24 @@ class DivergenceAccumulator:
         self.var_ratio = np.maximum(self.var_ratio, ratio)
         self._rank_layer_max_kl.append(self._layer_max(kl))
         self._rank_layer_max_shift.append(self._layer_max(shift))
+        self._rank_layer_mean_kl.append(self._layer_mean(kl))
+        self._track_identical(m, v_eps)
+
+    def _track_identical(self, mean: np.ndarray, var_eps: np.ndarray) -> None:
+        # Bit-identical ranks (SyncBatchNorm, buffers all-reduced before saving) are a cause of their own.
+        if self._first is None:
+            self._first = (mean.copy(), var_eps.copy())
+        elif self.identical:
+            self.identical = bool(
+                np.array_equal(mean, self._first[0]) and np.array_equal(var_eps, self._first[1])
+            )
+
+    def _layer_mean(self, values: np.ndarray) -> np.ndarray:
+        # Each layer's mean over its channels; 0.0 for a layer without channels.
+        sizes = self.ends - self.starts
+        sums = segment_sums(values, [int(n) for n in sizes])
+        means: np.ndarray = np.divide(sums, sizes, out=np.zeros(len(sizes)), where=sizes > 0)
+        return means
 
     def _layer_max(self, values: np.ndarray) -> np.ndarray:
         # Each layer's maximum; 0.0 for a layer without channels.
@@ -187,6 +225,8 @@ class DivergenceAccumulator:
             kl_rank=self.kl_rank[part],
             per_rank_max_kl=tuple(float(m[index]) for m in self._rank_layer_max_kl),
             per_rank_max_shift=tuple(float(m[index]) for m in self._rank_layer_max_shift),
+            per_rank_mean_kl=tuple(float(m[index]) for m in self._rank_layer_mean_kl),
+            identical=self.identical and self._first is not None,
         )
 
     @property

@@ -19,19 +19,19 @@ from bnaudit.cli.options import (
     plot_option,
     report_options,
 )
-from bnaudit.defaults import DEFAULT_ERROR_KL, DEFAULT_WARN_KL
+from bnaudit.cli.shared_options import factor_option, level_option
+from bnaudit.defaults import DEFAULT_ERROR_KL, DEFAULT_FLAT_FACTOR, DEFAULT_WARN_KL
 
 F = TypeVar("F", bound=Callable[..., Any])
-_positive = click.FloatRange(min=0.0, min_open=True)
 
 
 def _kl_option(name: str, default: float, level: str) -> Callable[[F], F]:
-    return click.option(
+    return level_option(
         name,
-        type=_positive,
-        default=default,
-        show_default=True,
-        help=f"A layer whose max KL(pooled || rank) reaches this is {level} (nats).",
+        default,
+        f"A layer whose mean KL(pooled || rank) over its channels reaches this is {level} (nats; flat "
+        "layers: "
+        "this times --flat-factor).",
     )
 
 
@@ -40,6 +40,13 @@ COMPARE_OPTIONS: tuple[Callable[[F], F], ...] = (
     eps_option,
     _kl_option("--warn-kl", DEFAULT_WARN_KL, "a warning"),
     _kl_option("--error-kl", DEFAULT_ERROR_KL, "an error"),
+    factor_option(
+        "--flat-factor",
+        DEFAULT_FLAT_FACTOR,
+        "Levels for layers over one value per sample (BatchNorm1d after a Linear) are this many times "
+        "higher: "
+        "their statistics are that much noisier.",
+    ),
     ignore_option,
     click.option("--check-weights", is_flag=True, help="Also compare every other tensor across ranks."),
     click.option(
@@ -72,8 +79,8 @@ def compare_command(
 
     Pass each rank's file, or a quoted pattern such as "ckpt_rank*.pt". The rank of a file is the number
     after 'rank' in its name (else its last number); the lowest rank is the reference. For every layer the
-    ranks are pooled, and the headline number is KL(N(pooled) || N(rank)) — how wrong a rank's statistics
-    are for the data of all ranks — max over ranks and channels.
+    ranks are pooled, and the headline number is the mean over the layer's channels of KL(N(pooled) ||
+    N(rank)) — how wrong a rank's statistics are for the data of all ranks — for the worst rank.
     """
     # The library is imported on use: --help and the other commands start without NumPy.
     from bnaudit.audit import compare

@@ -11,20 +11,26 @@ from bnaudit.audit.options import DriftThresholds
 from bnaudit.cli.bundles import option_bundle
 from bnaudit.cli.calibration_run import launch_if_asked
 from bnaudit.cli.model_options import ModelOptions, model_options, progress_printer
-from bnaudit.cli.options import emit_report, ignore_option, key_option, report_options
-from bnaudit.defaults import DEFAULT_DRIFT_ERROR_KL, DEFAULT_DRIFT_WARN_KL
+from bnaudit.cli.options import (
+    emit_report,
+    factor_option,
+    ignore_option,
+    key_option,
+    level_option,
+    report_options,
+)
+from bnaudit.defaults import DEFAULT_DRIFT_ERROR_KL, DEFAULT_DRIFT_NOISE_RATIO, DEFAULT_DRIFT_WARN_KL
 from bnaudit.live.launch import is_rank_zero
 from bnaudit.report.model import FailOn
-
-_positive = click.FloatRange(min=0.0, min_open=True)
 
 
 @dataclass(frozen=True)
 class DriftGate:
-    """``--warn-kl`` / ``--error-kl`` / ``--ignore``."""
+    """``--warn-kl`` / ``--error-kl`` / ``--noise-ratio`` / ``--ignore``."""
 
     warn_kl: float = DEFAULT_DRIFT_WARN_KL
     error_kl: float = DEFAULT_DRIFT_ERROR_KL
+    noise_ratio: float = DEFAULT_DRIFT_NOISE_RATIO
     ignore: tuple[str, ...] = ()
 
 
@@ -42,19 +48,19 @@ class ReportOutputs:
 
 
 _GATE_OPTIONS = (
-    click.option(
+    level_option(
         "--warn-kl",
-        type=_positive,
-        default=DEFAULT_DRIFT_WARN_KL,
-        show_default=True,
-        help="A layer whose max KL(data || stored) reaches this is a warning (nats).",
+        DEFAULT_DRIFT_WARN_KL,
+        "A layer whose mean KL(data || stored) is real (--noise-ratio) and this far above the data's own "
+        "noise "
+        "is a warning (nats).",
     ),
-    click.option(
-        "--error-kl",
-        type=_positive,
-        default=DEFAULT_DRIFT_ERROR_KL,
-        show_default=True,
-        help="A layer whose max KL(data || stored) reaches this is an error (nats).",
+    level_option("--error-kl", DEFAULT_DRIFT_ERROR_KL, "... this far above the noise is an error (nats)."),
+    factor_option(
+        "--noise-ratio",
+        DEFAULT_DRIFT_NOISE_RATIO,
+        "A KL is real when it is at least this many times what the data sample's own noise gives (measured "
+        "from the spread between its batches).",
     ),
     ignore_option,
 )
@@ -72,8 +78,9 @@ def drift_command(
     """Measure the population statistics of every BatchNorm layer on --data and compare them with the
     statistics stored in CHECKPOINT, without writing anything.
 
-    The metric is compare's: KL(N(data) || N(stored)), max over channels, per layer. Use it when only one
-    checkpoint exists; run it on held-out data to see what deployment will see.
+    Per layer, the mean over channels of KL(N(data) || N(stored)) is set against what the data sample's own
+    noise gives: a layer fails when its KL is real and large. Use it when only one checkpoint exists; run
+    it on held-out data to see what deployment will see.
     """
     launched = launch_if_asked(model.nproc)  # before anything imports torch: the workers do
     if launched is not None:
@@ -83,7 +90,7 @@ def drift_command(
     from bnaudit.live.distributed import joined_process_group  # imports torch
 
     spec = model.calibration_spec(key)
-    thresholds = DriftThresholds(gate.warn_kl, gate.error_kl, gate.ignore)
+    thresholds = DriftThresholds(gate.warn_kl, gate.error_kl, gate.ignore, gate.noise_ratio)
     with joined_process_group(model.device):
         progress = progress_printer(not model.quiet and is_rank_zero())
         from bnaudit.audit.drift import drift_checkpoint  # on use, like every command's library

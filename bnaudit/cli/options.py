@@ -18,9 +18,11 @@ from bnaudit.atomic_output import write_bytes_atomically, write_text_atomically
 from bnaudit.cli.output_plan import current_plan
 from bnaudit.cli.shared_options import (
     eps_option,
+    factor_option,
     ignore_option,
     key_option,
     layer_option,
+    level_option,
     plot_option,
     repair_report_options,
     report_options,
@@ -33,9 +35,11 @@ from bnaudit.report.model import FailOn, Report
 __all__ = [
     "emit_report",
     "eps_option",
+    "factor_option",
     "ignore_option",
     "key_option",
     "layer_option",
+    "level_option",
     "plot_option",
     "repair_report_options",
     "report_options",

@@ -60,6 +60,24 @@ def _side_file_option(name: str, help_text: str) -> Callable[[F], F]:
     )
 
 
+def level_option(name: str, default: float, help_text: str) -> Callable[[F], F]:
+    """A gate level in nats (a positive float), e.g. ``--warn-kl``."""
+    return click.option(
+        name,
+        type=click.FloatRange(min=0.0, min_open=True),
+        default=default,
+        show_default=True,
+        help=help_text,
+    )
+
+
+def factor_option(name: str, default: float, help_text: str) -> Callable[[F], F]:
+    """A ratio of at least 1, e.g. ``--flat-factor``."""
+    return click.option(
+        name, type=click.FloatRange(min=1.0), default=default, show_default=True, help=help_text
+    )
+
+
 key_option = click.option(
     "--key",
     metavar="PATH",

@@ -55,6 +55,9 @@ class LayerAccumulator:
         self.m2: torch.Tensor | None = None
         self.sum_means: torch.Tensor | None = None
         self.sum_vars: torch.Tensor | None = None
+        # Squares of the per-call moments: the spread between calls gives the estimate's own noise (drift).
+        self.sum_sq_means: torch.Tensor | None = None
+        self.sum_sq_vars: torch.Tensor | None = None
         no_batch = getattr(module, "_get_no_batch_dim", None)
         self.no_batch_dim: int | None = no_batch() if callable(no_batch) else None
 
@@ -95,9 +98,17 @@ class LayerAccumulator:
         m2 = var * n
         self.calls += 1
         unbiased = m2 / (n - 1) if n > 1 else torch.full_like(m2, float("nan"))
-        if self.mean is None or self.m2 is None or self.sum_means is None or self.sum_vars is None:
+        if (
+            self.mean is None
+            or self.m2 is None
+            or self.sum_means is None
+            or self.sum_vars is None
+            or self.sum_sq_means is None
+            or self.sum_sq_vars is None
+        ):
             self.count, self.mean, self.m2 = float(n), mean, m2
             self.sum_means, self.sum_vars = mean.clone(), unbiased
+            self.sum_sq_means, self.sum_sq_vars = mean * mean, unbiased * unbiased
             return
         total = self.count + n
         delta = mean - self.mean
@@ -107,12 +118,15 @@ class LayerAccumulator:
         self.count = total
         self.sum_means = self.sum_means + mean
         self.sum_vars = self.sum_vars + unbiased
+        self.sum_sq_means = self.sum_sq_means + mean * mean
+        self.sum_sq_vars = self.sum_sq_vars + unbiased * unbiased
 
     def sums(self) -> LayerSums:
         """What was collected, as float64 NumPy sufficient statistics (one host copy per layer)."""
-        if self.mean is None or self.m2 is None or self.sum_means is None or self.sum_vars is None:
+        kept = (self.mean, self.m2, self.sum_means, self.sum_vars, self.sum_sq_means, self.sum_sq_vars)
+        if any(t is None for t in kept):
             return LayerSums.empty(self.channels)
-        as_np = [
-            t.cpu().numpy().astype(np.float64) for t in (self.mean, self.m2, self.sum_means, self.sum_vars)
-        ]
-        return LayerSums(ChannelStats(self.count, as_np[0], as_np[1]), self.calls, as_np[2], as_np[3])
+        as_np = [t.cpu().numpy().astype(np.float64) for t in kept if t is not None]
+        return LayerSums(
+            ChannelStats(self.count, as_np[0], as_np[1]), self.calls, as_np[2], as_np[3], as_np[4], as_np[5]
+        )

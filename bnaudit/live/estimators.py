@@ -22,17 +22,34 @@ class LayerSums:
         calls: number of forward calls that reached the layer.
         sum_means: sum over calls of each call's mean (for ``batch-mean``).
         sum_vars: sum over calls of each call's *unbiased* variance (for ``batch-mean``).
+        sum_sq_means, sum_sq_vars: sums of their squares (the spread between calls: :meth:`noise`).
     """
 
     population: ChannelStats
     calls: int
     sum_means: np.ndarray
     sum_vars: np.ndarray
+    sum_sq_means: np.ndarray
+    sum_sq_vars: np.ndarray
 
     @classmethod
     def empty(cls, channels: int) -> LayerSums:
         zeros = np.zeros(channels, dtype=np.float64)
-        return cls(ChannelStats.empty(channels), 0, zeros, zeros.copy())
+        return cls(ChannelStats.empty(channels), 0, zeros, zeros.copy(), zeros.copy(), zeros.copy())
+
+    def noise(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The sampling variance of the population mean and variance, by the method of batch means.
+
+        With B calls whose means and variances spread with sample variances s_m² and s_v², the averages of B
+        calls vary by s_m² / B and s_v² / B: an estimate of the population estimate's own noise that needs
+        no model of the data (correlated pixels, heavy tails). None with fewer than two calls.
+        """
+        b = self.calls
+        if b < 2:
+            return None
+        spread_means = (self.sum_sq_means - self.sum_means**2 / b) / (b - 1)
+        spread_vars = (self.sum_sq_vars - self.sum_vars**2 / b) / (b - 1)
+        return np.maximum(spread_means, 0.0) / b, np.maximum(spread_vars, 0.0) / b
 
     @property
     def reached(self) -> bool:
@@ -45,23 +62,25 @@ class LayerSums:
             self.calls + other.calls,
             self.sum_means + other.sum_means,
             self.sum_vars + other.sum_vars,
+            self.sum_sq_means + other.sum_sq_means,
+            self.sum_sq_vars + other.sum_sq_vars,
         )
 
     def pack(self) -> np.ndarray:
         p = self.population
         head = np.array([p.count, float(self.calls)], dtype=np.float64)
-        return np.concatenate([head, p.mean, p.m2, self.sum_means, self.sum_vars])
+        vectors = (p.mean, p.m2, self.sum_means, self.sum_vars, self.sum_sq_means, self.sum_sq_vars)
+        return np.concatenate([head, *vectors])
 
     @classmethod
     def unpack(cls, flat: np.ndarray, channels: int) -> LayerSums:
-        c = channels
-        body = flat[2:]
-        pop = ChannelStats(float(flat[0]), body[:c].copy(), body[c : 2 * c].copy())
-        return cls(pop, round(float(flat[1])), body[2 * c : 3 * c].copy(), body[3 * c : 4 * c].copy())
+        parts = [flat[2 + i * channels : 2 + (i + 1) * channels].copy() for i in range(6)]
+        pop = ChannelStats(float(flat[0]), parts[0], parts[1])
+        return cls(pop, round(float(flat[1])), *parts[2:])
 
     @staticmethod
     def packed_size(channels: int) -> int:
-        return 2 + 4 * channels
+        return 2 + 6 * channels
 
 
 class Estimator(Protocol):

@@ -29,6 +29,8 @@ class LayerRecalibration:
         after_mean, after_var: the statistics of the chosen method (what is written); variance unbiased.
         population_mean, population_var: mean and unbiased variance of all the layer's inputs.
         batch_mean_mean, batch_mean_var: average of per-call means and of per-call unbiased variances.
+        noise: the sampling variance of the population mean and variance (batch means; None with fewer
+            than two calls), for :meth:`noise_kl`.
     """
 
     name: str
@@ -46,6 +48,7 @@ class LayerRecalibration:
     population_var: np.ndarray | None
     batch_mean_mean: np.ndarray | None
     batch_mean_var: np.ndarray | None
+    noise: tuple[np.ndarray, np.ndarray] | None = None
 
     def kl(self) -> np.ndarray:
         """Per channel KL(N(after) || N(before)) in nats, variances plus eps (as ``bn.stats.kl_normal``).
@@ -58,6 +61,17 @@ class LayerRecalibration:
                 self.after_mean, self.after_var + self.eps, self.before_mean, self.before_var + self.eps
             )
         return np.where(np.isfinite(kl), kl, np.inf)
+
+    def noise_kl(self) -> np.ndarray:
+        """Per channel, the KL the data sample's own noise adds on average: var(mean) / (2 (v + eps)) +
+        var(var) / (4 (v + eps)^2), the second-order expansion of KL(N(estimate) || N(truth)); zeros when the
+        noise is unknown (fewer than two calls)."""
+        if self.noise is None:
+            return np.zeros(self.channels)
+        v = self.after_var + self.eps
+        with np.errstate(divide="ignore", invalid="ignore"):
+            noise: np.ndarray = self.noise[0] / (2 * v) + self.noise[1] / (4 * v * v)
+        return np.where(np.isfinite(noise), noise, 0.0)
 
     def shift(self) -> np.ndarray:
         """Per channel |after_mean - before_mean| / sqrt(after_var + eps): the mean's move in new stds."""
@@ -74,12 +88,26 @@ class LayerRecalibration:
             return np.where(np.isfinite(r), np.maximum(r, 1.0 / r), np.inf)
 
     def metrics(self) -> dict[str, float | int | None]:
-        """Headline numbers for a before/after table: max_kl, worst_channel, max_shift, max_std_ratio."""
+        """Headline numbers for a before/after table: mean_kl (over channels), noise_kl (what the data
+        sample's noise alone gives), excess_kl (mean_kl less noise_kl, at least 0), max_kl, worst_channel,
+        max_shift, max_std_ratio."""
         if not self.reached or self.channels == 0:
-            return {"max_kl": None, "worst_channel": None, "max_shift": None, "max_std_ratio": None,
-                    "calls": self.calls, "samples": self.samples}  # fmt: skip
+            unmeasured = (
+                "mean_kl",
+                "noise_kl",
+                "excess_kl",
+                "max_kl",
+                "worst_channel",
+                "max_shift",
+                "max_std_ratio",
+            )
+            return {**dict.fromkeys(unmeasured), "calls": self.calls, "samples": self.samples}
         kl = self.kl()
+        noise = self.noise_kl()
         return {
+            "mean_kl": float(np.mean(kl)),
+            "noise_kl": float(np.mean(noise)),
+            "excess_kl": max(0.0, float(np.mean(kl - noise))),
             "max_kl": float(np.max(kl)),
             "worst_channel": int(np.argmax(kl)),
             "max_shift": float(np.nanmax(self.shift())),
@@ -159,6 +187,7 @@ def finalise(
                 population_var=pop[1],
                 batch_mean_mean=per_call[0],
                 batch_mean_var=per_call[1],
+                noise=s.noise() if s.reached else None,
             )
         )
     return out

@@ -77,6 +77,10 @@ def render(report: Report, fail_on: FailOn) -> str:
         parts += [*_layer_table(report), ""]
     if report.findings:
         parts += ["### Findings", "", *_findings_table(report), ""]
+    if report.cause is not None:
+        # Evidence quotes the checkpoint's own strings: escaped like every other cell.
+        parts += [f"**Cause:** {escape(report.cause.summary)}", ""]
+        parts += [*(f"- {escape(e)}" for e in report.cause.evidence), ""] if report.cause.evidence else []
     if report.next_step and report.verdict(fail_on) == "fail":
         step = report.next_step.replace("`", "'")
         parts += [f"**Next:** `{step}`", ""]

@@ -11,6 +11,7 @@ from bnaudit.report.sections import (
     AverageOutcome,
     BaselineUse,
     CalibrationData,
+    Cause,
     Column,
     Command,
     GlobalEntry,
@@ -134,8 +135,9 @@ class FiniteFloats(list[float]):
 class LayerRow:
     """One BatchNorm layer's line in a report.
 
-    ``metrics`` holds the command's numbers (for compare: ``max_kl``, ``max_shift``, ``max_var_ratio``,
-    ``pooled_mean_abs_max``...); ``worst_rank`` / ``worst_channel`` locate the maximum of the headline metric.
+    ``metrics`` holds the command's numbers (for compare: ``mean_kl``, ``max_kl``, ``max_shift``,
+    ``max_var_ratio``...); ``worst_rank`` / ``worst_channel`` locate the maximum of the headline metric;
+    ``input`` is what the layer normalises (``spatial`` / ``flat`` / ``unknown``) where the audit uses it.
     """
 
     name: str
@@ -146,6 +148,7 @@ class LayerRow:
     worst_rank: int | None = None
     worst_channel: int | None = None
     arrays: dict[str, list[float]] = field(default_factory=dict)
+    input: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -157,6 +160,8 @@ class LayerRow:
             "worst_rank": self.worst_rank,
             "worst_channel": self.worst_channel,
         }
+        if self.input is not None:
+            out["input"] = self.input
         out.update(self.arrays)
         return out
 
@@ -199,6 +204,7 @@ class Report:
         calibration: the data ``drift`` / ``recalibrate`` used.
         recalibration: what ``recalibrate`` wrote (or that it refused).
         baseline: the baseline applied, if any.
+        cause: the verdict's likely cause and its evidence (compare, drift).
     """
 
     command: Command
@@ -216,6 +222,7 @@ class Report:
     calibration: CalibrationData | None = None
     recalibration: RecalibrationOutcome | None = None
     baseline: BaselineUse | None = None
+    cause: Cause | None = None
 
     def sections(self) -> list[Section]:
         """The optional sections this report carries, in the order the JSON report writes them."""
@@ -225,7 +232,9 @@ class Report:
         if self.warnings is not None:
             listing.append(ReaderWarnings(self.warnings))
         listing += [
-            s for s in (self.average, self.recalibration, self.calibration, self.baseline) if s is not None
+            s
+            for s in (self.average, self.recalibration, self.calibration, self.baseline, self.cause)
+            if s is not None
         ]
         return listing
 

@@ -90,6 +90,13 @@ def _draw(report: Report, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+# What each headline metric is, for the bar chart's title.
+_TITLES = {
+    "gate_kl": "divergence: mean KL over channels, worst rank (flat layers divided by --flat-factor)",
+    "max_kl": "divergence (max over ranks and channels)",
+}
+
+
 def _draw_bars(axes: Any, report: Report, rows: list[LayerRow]) -> None:
     headline = report.headline or "max_kl"
     values = [float(r.metrics.get(headline) or 0.0) for r in rows]
@@ -102,7 +109,7 @@ def _draw_bars(axes: Any, report: Report, rows: list[LayerRow]) -> None:
     if any(isinstance(report.settings.get(n), int | float) for n in ("warn_kl", "error_kl")):
         axes.legend(loc="upper left", fontsize="small")
     axes.set_ylabel(f"{headline} (nats)" if headline.endswith("kl") else headline)
-    axes.set_title("per-layer divergence (max over ranks and channels)", fontsize="medium")
+    axes.set_title(f"per-layer {_TITLES.get(headline, headline)}", fontsize="medium")
 
 
 def _draw_heat_map(axes: Any, rows: list[LayerRow], ranks: list[int], labels: list[str]) -> Any:

@@ -138,6 +138,24 @@ class RecalibrationOutcome:
 
 
 @dataclass(frozen=True)
+class Cause:
+    """The likely cause of a verdict in one line, and the evidence in the files it rests on.
+
+    Attributes:
+        kind: a stable name (``ranks-identical``, ``buffers-unsynchronised``, ...; README "Causes").
+        summary: the line a reader sees.
+        evidence: what in the files supports it (stored settings, the pattern of the statistics).
+    """
+
+    kind: str
+    summary: str
+    evidence: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cause": {"kind": self.kind, "summary": self.summary, "evidence": list(self.evidence)}}
+
+
+@dataclass(frozen=True)
 class BaselineUse:
     """The baseline applied to a report and how many findings it accepted."""
 

@@ -188,6 +188,8 @@ def render(report: Report, fail_on: FailOn) -> str:
         listing = [entry.to_json() for entry in report.globals]
         parts += ["Globals referenced by the pickle(s):", _channel_table(listing), ""]
     parts += _findings_block(report, layout)
+    if report.cause is not None:
+        parts += [f"Cause: {report.cause.summary}", *(f"  evidence: {e}" for e in report.cause.evidence), ""]
     parts += _calibration_lines(report)
     parts += _average_lines(report)
     parts.append(verdict_line(report, fail_on))

@@ -146,3 +146,27 @@ def test_a_bad_baseline_finding_is_named_by_its_index_and_field(tmp_path):
         "an integer or null",
         "'0'",
     )
+
+
+def test_a_baseline_recorded_in_the_old_headline_is_compared_in_it(tmp_path):
+    """A baseline written when compare's headline was max_kl still judges 'worse' by max_kl."""
+    import json
+
+    from bnaudit.audit.baseline import apply_baseline, load_baseline
+    from bnaudit.audit.compare import compare_ranks
+    from bnaudit.report.json_format import report_to_dict
+    from bnaudit.report.model import FailOn
+    from tests.conftest import FIXTURES
+
+    report = compare_ranks(str(FIXTURES / "ddp_nosync_sorted" / "ckpt_rank*.pt"))
+    doc = report_to_dict(report, FailOn.ERROR)
+    doc["headline"] = "max_kl"
+    path = tmp_path / "old.json"
+    for scale, accepted in ((1.0, 2), (0.5, 0)):  # recorded as large as now: accepted; half as large: worse
+        for row in doc["layers"]:
+            row["metrics"]["max_kl"] = (
+                next(r for r in report.layers if r.name == row["name"]).metrics["max_kl"] * scale
+            )
+        path.write_text(json.dumps(doc))
+        marked = apply_baseline(report, load_baseline(path))
+        assert sum(f.baselined for f in marked.findings) == accepted

@@ -47,8 +47,11 @@ def test_metrics_match_float64_reference(tmp_path, rng):
         assert row.metrics["max_kl"] == pytest.approx(kl.max(), rel=1e-10)
         assert row.metrics["max_shift"] == pytest.approx(shift.max(), rel=1e-10)
         assert row.metrics["max_var_ratio"] == pytest.approx(ratio.max(), rel=1e-10)
-        rank, channel = np.unravel_index(np.argmax(kl), kl.shape)
-        assert (row.worst_rank, row.worst_channel) == (rank, channel)
+        per_rank_mean = kl.mean(axis=1)  # the gated metric: each rank's mean over channels, worst rank
+        assert row.metrics["mean_kl"] == pytest.approx(per_rank_mean.max(), rel=1e-10)
+        np.testing.assert_allclose(row.arrays["per_rank_mean_kl"], per_rank_mean, rtol=1e-10)
+        _, channel = np.unravel_index(np.argmax(kl), kl.shape)
+        assert (row.worst_rank, row.worst_channel) == (int(np.argmax(per_rank_mean)), channel)
         assert row.severity is Severity.WARN
 
 

@@ -11,6 +11,7 @@ import torch
 
 import bnaudit
 from bnaudit.audit.drift import DriftResult, DriftThresholds, drift_checkpoint
+from bnaudit.defaults import DEFAULT_DRIFT_ERROR_KL, DEFAULT_DRIFT_NOISE_RATIO, DEFAULT_DRIFT_WARN_KL
 from bnaudit.errors import UsageError
 from bnaudit.live.passes import CalibrationSpec
 from bnaudit.report.model import FindingKind, Severity
@@ -42,8 +43,21 @@ def test_measures_the_data_and_flags_every_layer(checkpoint: Path) -> None:
         assert np.all(np.abs(layer.population_mean - pm) <= 1e-6 * np.sqrt(pv) + 1e-12), name
         assert np.all(np.abs(layer.population_var - pv) <= 1e-6 * pv + 1e-12), name
     report = result.report
-    assert report.command == "drift" and report.headline == "max_kl"
-    assert report.settings["warn_kl"] == 0.025 and report.settings["error_kl"] == 0.05
+    assert report.command == "drift" and report.headline == "excess_kl"
+    assert (report.settings["warn_kl"], report.settings["error_kl"]) == (
+        DEFAULT_DRIFT_WARN_KL,
+        DEFAULT_DRIFT_ERROR_KL,
+    )
+    assert report.settings["noise_ratio"] == DEFAULT_DRIFT_NOISE_RATIO
+    rows = {row.name: row.metrics for row in report.layers}
+    for name, (pm, pv, _, _) in reference(make_convnet(), make_batches()).items():
+        # KL(N(data) || N(stored)) in float64, stored statistics BatchNorm's initial 0 / 1, eps 1e-5.
+        vd, vs = pv + 1e-5, 1.0 + 1e-5
+        kl = 0.5 * (np.log(vs / vd) + (vd + pm**2) / vs - 1.0)
+        metrics = rows[name]
+        assert metrics["mean_kl"] == pytest.approx(kl.mean(), rel=1e-6)
+        assert metrics["excess_kl"] == pytest.approx(kl.mean() - metrics["noise_kl"], rel=1e-6)
+        assert metrics["noise_ratio"] == pytest.approx(kl.mean() / metrics["noise_kl"], rel=1e-6)
     assert report.settings["model"] == SPEC.model and report.settings["method"] == "population"
     assert {row.name for row in report.layers} == {"bn1", "bn2", "bn3"}
     assert all(row.severity is Severity.ERROR for row in report.layers)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bnaudit.config import find_config_file, load_config
+from bnaudit.defaults import DEFAULT_WARN_KL
 from bnaudit.errors import ConfigError
 from tests.conftest import bn_state, call_main, save_ranks
 
@@ -59,16 +60,16 @@ def test_precedence_default_global_command_cli(capsys, repo):
     assert run["fail_on"] == "warn"  # global table
     assert run["error_kl"] == 0.3  # the command table beats the global one
     assert run["ignore"] == ["head.*"]
-    assert run["warn_kl"] == 0.02  # default
+    assert run["warn_kl"] == DEFAULT_WARN_KL  # default
     run = _settings(capsys, "compare", *paths, "--error-kl", "0.7", "--fail-on", "never")
     assert run["error_kl"] == 0.7 and run["fail_on"] == "never"  # the command line beats both
 
 
 def test_global_key_for_some_commands_only(capsys, repo):
     folder, paths = repo
-    _pyproject(folder, "[tool.bnaudit]\nwarn-kl = 0.01\nsecurity = true\n")
+    _pyproject(folder, "[tool.bnaudit]\nwarn-kl = 0.001\nsecurity = true\n")
     # warn-kl is compare's, security is inspect's: each command takes its own and ignores the other.
-    assert _settings(capsys, "compare", *paths)["warn_kl"] == 0.01
+    assert _settings(capsys, "compare", *paths)["warn_kl"] == 0.001
     code, out, _ = call_main(capsys, "inspect", paths[0], "--format", "json")
     assert code == 0 and "globals" in json.loads(out)
 
@@ -111,8 +112,8 @@ def test_config_file_option_reads_a_bnaudit_toml(capsys, repo):
 
 def test_bnaudit_toml_is_discovered(capsys, repo):
     folder, paths = repo
-    (folder / "bnaudit.toml").write_text("[compare]\nwarn-kl = 0.05\n")
-    assert _settings(capsys, "compare", *paths)["warn_kl"] == 0.05
+    (folder / "bnaudit.toml").write_text("[compare]\nwarn-kl = 0.002\n")
+    assert _settings(capsys, "compare", *paths)["warn_kl"] == 0.002
 
 
 def test_paths_are_relative_to_the_config_file(capsys, repo):

@@ -19,7 +19,8 @@ def _sums(chunks: list[np.ndarray]) -> LayerSums:
     sums = LayerSums.empty(chunks[0].shape[1])
     for chunk in chunks:
         one = ChannelStats.from_moments(len(chunk), chunk.mean(0), chunk.var(0))
-        sums = sums.merge(LayerSums(one, 1, chunk.mean(0), chunk.var(0, ddof=1)))
+        mean, var = chunk.mean(0), chunk.var(0, ddof=1)
+        sums = sums.merge(LayerSums(one, 1, mean, var, mean**2, var**2))
     return sums
 
 
@@ -72,6 +73,19 @@ def test_layer_sums_round_trip_through_their_packed_form(chunks: list[np.ndarray
     assert back.calls == 4 and back.population.count == sum(len(c) for c in chunks)
     for a, b in zip(PopulationEstimator().estimate(back), PopulationEstimator().estimate(sums), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_noise_is_the_batch_means_variance_of_the_averages(chunks: list[np.ndarray]) -> None:
+    noise = _sums(chunks).noise()
+    assert noise is not None
+    means = np.array([c.mean(0) for c in chunks])
+    variances = np.array([c.var(0, ddof=1) for c in chunks])
+    # Independent float64 reference: the sample variance across calls over the number of calls.
+    np.testing.assert_allclose(noise[0], means.var(0, ddof=1) / len(chunks), rtol=1e-10)
+    np.testing.assert_allclose(noise[1], variances.var(0, ddof=1) / len(chunks), rtol=1e-10)
+    assert _sums(chunks[:1]).noise() is None  # one call: no spread to measure
+    back = LayerSums.unpack(_sums(chunks).pack(), 3).noise()
+    assert back is not None and all(np.array_equal(a, b) for a, b in zip(back, noise, strict=True))
 
 
 def test_options_are_frozen_and_checked() -> None:

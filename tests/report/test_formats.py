@@ -160,7 +160,7 @@ def _compare_document(capsys, runs, which: str, fmt: str, schema: dict) -> tuple
 def test_json_follows_its_schema(capsys, runs, which):
     code, doc, paths = _compare_document(capsys, runs, which, "json", REPORT_SCHEMA)
     assert doc["verdict"] == which and code == (which == "fail")
-    assert doc["headline"] == "max_kl" and doc["summary"]["baselined"] == 0
+    assert doc["headline"] == "gate_kl" and doc["summary"]["baselined"] == 0
     assert all(len(row["per_rank_max_shift"]) == len(paths) for row in doc["layers"])
 
 
@@ -235,7 +235,7 @@ def test_markdown_report(capsys, runs):
     good, bad = runs
     code, out, _ = call_main(capsys, "compare", *bad, "--format", "markdown")
     assert code == 1 and out.startswith("## ❌ bnaudit compare: FAIL")
-    assert "| layer | state dict | status | max KL |" in out and "### Findings" in out
+    assert "| layer | state dict | status | mean KL |" in out and "### Findings" in out
     code, out, _ = call_main(capsys, "compare", *good, "--format", "markdown")
     assert code == 0 and out.startswith("## ✅ bnaudit compare: PASS") and "### Findings" not in out
 
