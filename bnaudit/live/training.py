@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bnaudit.atomic_output import AtomicOutput
+from bnaudit.atomic_output import AtomicOutput, disk_error
 from bnaudit.bn.stats import MergeMethod
 from bnaudit.checkpoint.provenance import rank_stats_metadata
 from bnaudit.errors import InternalError, UsageError
@@ -186,11 +186,11 @@ def save_rank_stats(
         samples: how many samples this rank's statistics describe (e.g. its shard size).
 
     Returns:
-        The file written (atomically: a temporary file and a rename).
+        The file written (atomically: a temporary file and a rename); a missing folder is created.
 
     Raises:
         UsageError: the model has no BatchNorm layers or ``samples`` is not positive.
-        OSError: the folder is missing or not writable.
+        OutputError: the folder cannot be created or written.
     """
     from safetensors.torch import save_file
 
@@ -203,6 +203,11 @@ def save_rank_stats(
     if not tensors:
         raise UsageError("the model has no BatchNorm layers with running statistics", where="save_rank_stats")
     target = rank_stats_path(path, rank)
+    # Every rank may be first to reach a fresh run folder: create it (exist_ok makes the race harmless).
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise disk_error(target, exc) from None
     with AtomicOutput(target) as staged:
         save_file(tensors, str(staged.tmp), metadata=rank_stats_metadata(rank, world, samples))
         staged.commit()

@@ -212,7 +212,10 @@ def test_nproc_and_torchrun_equal_single_process(tmp_path, recalibrated):
         sd = torch.load(out, weights_only=True)["model"]
         for key, value in single_sd.items():
             if key.endswith(("running_mean", "running_var")):
-                torch.testing.assert_close(sd[key], value, rtol=1e-6, atol=1e-7)
+                # The README's bound: the float64 sums merge in another order, so a float32 value may land
+                # one unit in the last place away, never more (same sign, adjacent representable values).
+                ulps = (sd[key].view(torch.int32).long() - value.view(torch.int32).long()).abs()
+                assert int(ulps.max()) <= 1, key
 
 
 @pytest.mark.slow

@@ -129,3 +129,13 @@ def test_save_rank_stats_single_process(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["bnaudit.samples"] == "12"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_save_rank_stats_creates_a_missing_folder_and_refuses_an_unwritable_one(tmp_path):
+    model = build_model()
+    path = bnaudit.save_rank_stats(model, f"{tmp_path}/run/ckpts/", rank=3)
+    assert path == tmp_path / "run" / "ckpts" / "bn_stats_rank3.safetensors" and path.is_file()
+    (tmp_path / "blocked").write_text("a file where a folder should be")
+    with pytest.raises(bnaudit.BnauditError) as info:
+        bnaudit.save_rank_stats(model, f"{tmp_path}/blocked/ckpts/")
+    assert "blocked" in str(info.value)
