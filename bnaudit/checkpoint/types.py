@@ -80,6 +80,9 @@ class StorageRef:
         compressed: True when the bytes are stored deflated inside a zip entry; ``file_offset`` is then the
             offset of the compressed data, the bytes are decompressed on read, and the byte-patching writer
             refuses the storage.
+        inline: the storage's bytes themselves, for data that lies in a pickle rather than beside it
+            (NumPy arrays pickled with ``pickle.dump``); ``file_offset`` is then 0, the bytes are read from
+            here, and the byte-patching writer refuses the storage.
     """
 
     path: Path
@@ -88,6 +91,12 @@ class StorageRef:
     nbytes: int
     dtype: str
     compressed: bool = False
+    inline: bytes | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def in_file(self) -> bool:
+        """The bytes lie uncompressed at ``file_offset`` in ``path``, where a ``pread`` finds them."""
+        return not self.compressed and self.inline is None
 
 
 @dataclass(frozen=True)
