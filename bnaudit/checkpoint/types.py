@@ -264,6 +264,8 @@ class Checkpoint:
         globals: every global referenced by the file's pickles (for the security audit).
         metadata: safetensors header metadata (empty for other formats).
         warnings: non-fatal oddities met while reading (unknown rebuild functions, skipped objects).
+        crc32_absent: a torch zip written without CRC-32s (``compute_crc32 = False``): its bytes were read
+            unverified.
     """
 
     path: Path
@@ -273,6 +275,7 @@ class Checkpoint:
     globals: list[GlobalRef] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    crc32_absent: bool = False
 
     def state_dict(self, name: str) -> StateDictRef:
         for sd in self.state_dicts:
