@@ -49,7 +49,7 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOption
 
     Returns:
         A Report with one row per layer and findings of kinds nonfinite, negative-variance, tiny-variance,
-        never-updated, malformed-layer, no-batchnorm, unsafe-pickle and suspicious-pickle.
+        never-updated, malformed-layer, no-batchnorm, unsafe-pickle, suspicious-pickle and no-checksum.
 
     Raises:
         InputError: the file cannot be read, ``key`` or ``layer`` is not found.
@@ -59,6 +59,8 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOption
     sds = select_state_dicts(ckpt.state_dicts, options.key, source=str(ckpt.path))
     rows: list[LayerRow] = []
     findings: list[Finding] = pickle_findings(ckpt.globals, display)
+    if ckpt.crc32_absent:
+        findings.append(_no_checksum_finding(display))
     channel_rows: list[dict[str, Any]] = []
     for sd in sds:
         for bn in (x for x in find_bn_layers(sd.tensors) if not is_ignored(x.name, options.ignore)):
@@ -184,6 +186,16 @@ def _no_batchnorm_finding(display: str, sds: list[StateDictRef]) -> Finding:
         FindingKind.NO_BATCHNORM,
         f"no BatchNorm layers (keys ending in running_mean and running_var) in state dict(s) {names}; "
         "nothing to audit — check that this is the right file or --key",
+        file=display,
+    )
+
+
+def _no_checksum_finding(display: str) -> Finding:
+    return Finding(
+        Severity.INFO,
+        FindingKind.NO_CHECKSUM,
+        "no CRC-32 stored (torch.save with compute_crc32 = False): the bytes were not verified, so "
+        "corruption in the file would go unnoticed",
         file=display,
     )
 

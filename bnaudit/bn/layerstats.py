@@ -171,7 +171,7 @@ def _stat_refs(wanted: list[TensorRef | None]) -> list[TensorRef]:
 
 def _raw_view(ref: TensorRef) -> TensorRef | None:
     """The bytes a plain, contiguous, uncompressed tensor spans, as a uint8 tensor; None for others."""
-    if type(ref) is not TensorRef or ref.storage.compressed or not ref.is_contiguous():
+    if type(ref) is not TensorRef or not ref.storage.in_file or not ref.is_contiguous():
         return None
     start, end = ref.byte_span()
     return TensorRef(ref.storage, "uint8", (end - start,), (1,), ref.offset * ref.itemsize)
@@ -182,7 +182,7 @@ def _stored_bytes(
 ) -> bytes:
     if stored is not None:
         return stored.tobytes()
-    if ref.storage.compressed or not ref.is_contiguous():
+    if not ref.storage.in_file or not ref.is_contiguous():
         assert value is not None
         return np.ascontiguousarray(value).tobytes()
     # A tensor assembled by its container's reader (DCP chunks): its span, read directly.

@@ -64,6 +64,7 @@ BENIGN_GLOBALS = frozenset(
         "numpy.dtype", "numpy.ndarray",
         "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
         "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+        "numpy.core.numeric._frombuffer", "numpy._core.numeric._frombuffer",
         "lightning.fabric.utilities.data.AttributeDict", "pytorch_lightning.utilities.parsing.AttributeDict",
         "lightning.pytorch.utilities.parsing.AttributeDict",
         "collections.defaultdict", "collections.Counter", "collections.deque",

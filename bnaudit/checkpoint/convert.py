@@ -44,7 +44,7 @@ def tensor_bytes(ref: TensorRef) -> bytes:
     Raises:
         UnsupportedFormatError: an fp8 tensor that is not stored contiguously (no encoder for its bytes).
     """
-    if not ref.storage.compressed and ref.is_contiguous():
+    if ref.storage.in_file and ref.is_contiguous():
         start, end = ref.byte_span()
         fd = os.open(ref.storage.path, os.O_RDONLY)
         try:

@@ -95,7 +95,8 @@ class ZipCrcFixups:
                 )
             if entry.compressed:
                 raise refuse(ckpt, f"zip entry '{entry.name}' holding '{r.label}' is compressed")
-            out[entry.name] = entry
+            if entry.crc_stored:  # an archive without CRC-32s keeps its zeros: there is nothing to update
+                out[entry.name] = entry
         return FixupPlan(crc_entries=tuple(out.values()))
 
     def apply(self, fd: int, plan: FixupPlan) -> None:

@@ -148,6 +148,8 @@ def _check_target(ckpt: Checkpoint, patch: TensorPatch) -> None:
         raise refuse(ckpt, f"tensor '{patch.label}' lives in another file ({ref.storage.path})")
     if ref.storage.compressed:
         raise refuse(ckpt, f"tensor '{patch.label}' is stored in a compressed zip entry '{ref.storage.key}'")
+    if ref.storage.inline is not None:
+        raise refuse(ckpt, f"tensor '{patch.label}' is a NumPy array inside the pickle")
     if not ref.is_contiguous():
         raise refuse(ckpt, f"tensor '{patch.label}' is not contiguous (stride {list(ref.stride)})")
     end = _span(ref)[1]

@@ -163,7 +163,7 @@ def _storage_entries(
     prefix = folder.decode("utf-8", "replace")
     for ref in storages:
         storage = ref.location
-        if not isinstance(storage, StorageRef) or storage.compressed or storage.path != path:
+        if not isinstance(storage, StorageRef) or not storage.in_file or storage.path != path:
             return None
         if not storage.key.startswith(prefix) or storage.key[len(prefix) :] not in entries:
             return None

@@ -44,6 +44,8 @@ def _open_for_reading(path: Path) -> int:
 
 def _read_plain(ref: TensorRef, start: int, end: int) -> bytes:
     storage = ref.storage
+    if storage.inline is not None:
+        return storage.inline[start:end]
     fd = _open_for_reading(storage.path)
     try:
         # pread of only the bytes the tensor spans: memory never grows with the file's size.
@@ -151,8 +153,8 @@ def read_tensors(refs: Sequence[TensorRef], path: Path | None = None) -> list[np
     by_file: dict[Path, list[tuple[int, int, int, np.dtype[Any]]]] = {}
     for index, ref in enumerate(refs):
         storage = ref.location
-        if not isinstance(storage, StorageRef) or storage.compressed or ref.numel == 0:
-            out[index] = read_tensor(ref)  # assembled, refused, compressed or empty: one by one
+        if not isinstance(storage, StorageRef) or not storage.in_file or ref.numel == 0:
+            out[index] = read_tensor(ref)  # assembled, refused, compressed, inline or empty: one by one
             continue
         start, end, raw_dtype = _readable_span(ref)
         base = storage.file_offset

@@ -24,16 +24,23 @@ class TorchArchive:
         prefix: the folder every entry lives in, with its trailing ``/`` (``archive/``).
         entries: entry name -> ZipEntry (absolute offsets).
         pickle_name: the ``<prefix>data.pkl`` entry.
-        pickle: its bytes (CRC-32 checked).
+        pickle: its bytes (CRC-32 checked, where the archive stores CRC-32s).
+        crc32_absent: the archive stores no CRC-32s (``compute_crc32 = False``), so no bytes are verified.
     """
 
     prefix: str
     entries: dict[str, ZipEntry]
     pickle_name: str
     pickle: bytes
+    crc32_absent: bool = False
 
 
-def _check_torchscript(path: Path, names: list[str]) -> None:
+# Entries only a torch.export archive (.pt2) holds: its format record (torch >= 2.6) or, before, its
+# serialized program; the program's JSON lies under models/.
+_EXPORT_RECORDS = frozenset({"archive_format", "serialized_exported_program.json"})
+
+
+def _refuse_programs(path: Path, names: list[str]) -> None:
     for name in names:
         parts = name.split("/")
         if parts[-1] == "constants.pkl" or (len(parts) > 2 and parts[1] == "code"):
@@ -41,6 +48,18 @@ def _check_torchscript(path: Path, names: list[str]) -> None:
                 "is a TorchScript archive (torch.jit.save); bnaudit reads state dicts, not scripted modules",
                 path=path,
                 fix="save model.state_dict() with torch.save and audit that",
+            )
+        if parts[-1] in _EXPORT_RECORDS or (
+            len(parts) == 3 and parts[1] == "models" and name.endswith(".json")
+        ):
+            raise UnsupportedFormatError(
+                "is a torch.export archive (.pt2, written by torch.export.save); bnaudit reads torch.save "
+                "state dicts, not exported programs",
+                path=path,
+                fix=(
+                    "save its weights with torch: torch.save(torch.export.load(PATH).state_dict, "
+                    "'weights.pt'), and audit weights.pt"
+                ),
             )
 
 
@@ -58,7 +77,7 @@ def archive_prefix(path: Path, names: list[str]) -> str:
         UnsupportedFormatError: the zip is a TorchScript archive.
         InputError: the zip holds no ``<name>/data.pkl``, or several.
     """
-    _check_torchscript(path, names)
+    _refuse_programs(path, names)
     candidates = [n[: -len("data.pkl")] for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(candidates) != 1:
         found = "none" if not candidates else ", ".join(f"'{c}data.pkl'" for c in candidates)
@@ -129,7 +148,7 @@ def read_archive(
             where=pkl.name,
             fix="save a state dict instead",
         )
-    return TorchArchive(prefix, entries, pkl.name, _member(path, fd, pkl))
+    return TorchArchive(prefix, entries, pkl.name, _member(path, fd, pkl), directory.crc32_absent)
 
 
 def storage_resolver(path: Path, archive: TorchArchive, label: str = "") -> StorageResolver:
@@ -186,4 +205,11 @@ def read_torch_zip(path: Path) -> Checkpoint:
         source=archive.pickle_name,
         resolver=storage_resolver(path, archive),
     )
-    return Checkpoint(path, ContainerFormat.TORCH_ZIP, root, globals=refs, warnings=warnings)
+    return Checkpoint(
+        path,
+        ContainerFormat.TORCH_ZIP,
+        root,
+        globals=refs,
+        warnings=warnings,
+        crc32_absent=archive.crc32_absent,
+    )

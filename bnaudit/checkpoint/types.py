@@ -80,6 +80,9 @@ class StorageRef:
         compressed: True when the bytes are stored deflated inside a zip entry; ``file_offset`` is then the
             offset of the compressed data, the bytes are decompressed on read, and the byte-patching writer
             refuses the storage.
+        inline: the storage's bytes themselves, for data that lies in a pickle rather than beside it
+            (NumPy arrays pickled with ``pickle.dump``); ``file_offset`` is then 0, the bytes are read from
+            here, and the byte-patching writer refuses the storage.
     """
 
     path: Path
@@ -88,6 +91,12 @@ class StorageRef:
     nbytes: int
     dtype: str
     compressed: bool = False
+    inline: bytes | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def in_file(self) -> bool:
+        """The bytes lie uncompressed at ``file_offset`` in ``path``, where a ``pread`` finds them."""
+        return not self.compressed and self.inline is None
 
 
 @dataclass(frozen=True)
@@ -255,6 +264,8 @@ class Checkpoint:
         globals: every global referenced by the file's pickles (for the security audit).
         metadata: safetensors header metadata (empty for other formats).
         warnings: non-fatal oddities met while reading (unknown rebuild functions, skipped objects).
+        crc32_absent: a torch zip written without CRC-32s (``compute_crc32 = False``): its bytes were read
+            unverified.
     """
 
     path: Path
@@ -264,6 +275,7 @@ class Checkpoint:
     globals: list[GlobalRef] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    crc32_absent: bool = False
 
     def state_dict(self, name: str) -> StateDictRef:
         for sd in self.state_dicts:

@@ -28,6 +28,7 @@ from bnaudit.checkpoint.unpickler_globals import (
     normalise_global,
     one_line,
 )
+from bnaudit.checkpoint.unpickler_numpy import NUMERIC_MODULES, NUMPY_MODULES, settle_arrays
 from bnaudit.checkpoint.unpickler_rebuild import InertBase
 from bnaudit.errors import BnauditError, InputError
 
@@ -89,7 +90,10 @@ class _InertBehaviour(InertBase):
             ("copyreg", "__newobj_ex__"): self._newobj_ex,
             ("torch", "Size"): self._torch_size,
             ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter,
+            ("numpy", "dtype"): self._np_dtype,
         })  # fmt: skip
+        table.update({(module, "_reconstruct"): self._np_reconstruct for module in NUMPY_MODULES})
+        table.update({(module, "_frombuffer"): self._np_frombuffer for module in NUMERIC_MODULES})
         return table
 
     # ----- safe stand-ins for the few functions a state dict pickle needs -------------------------------
@@ -240,4 +244,6 @@ def inert_load(
             path=display,
             fix="re-save the checkpoint",
         ) from None
+    if unpickler.arrays:
+        obj = settle_arrays(obj)
     return obj, unpickler.globals, unpickler.warnings

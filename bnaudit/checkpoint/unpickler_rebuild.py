@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from bnaudit.checkpoint.types import ITEMSIZE, GlobalRef, Placeholder, StorageRef, TensorRef
@@ -16,6 +17,7 @@ from bnaudit.checkpoint.unpickler_globals import (
     int_tuple,
     one_line,
 )
+from bnaudit.checkpoint.unpickler_numpy import NumpyDtype, PendingArray, inline_tensor
 from bnaudit.errors import InputError
 
 
@@ -43,6 +45,7 @@ class InertBase:
         self._seen: set[tuple[str, str]] = set()
         self._classes: dict[tuple[str, str], type[PlaceholderObject]] = {}
         self._storages: dict[str, StorageRef] = {}
+        self.arrays = 0  # NumPy arrays rebuilt, each an inline storage
         self._special: dict[tuple[str, str], Any] = self._special_globals()
 
     def _special_globals(self) -> dict[tuple[str, str], Any]:
@@ -138,8 +141,39 @@ class InertBase:
     def _rebuild_from_type(self, func: Any = None, new_type: Any = None, args: Any = (), *rest: Any) -> Any:
         return self._rebuild_from_type_v2(func, new_type, args, *rest)
 
+    # ----- NumPy arrays (pickle.dump of numpy.ndarray) -----------------------------------------------------
+    def _np_dtype(self, *args: Any) -> NumpyDtype:
+        return NumpyDtype(*args)
+
+    def _np_array(self, raw: Any, dtype: Any, shape: Any, fortran: bool) -> Any:
+        made = inline_tensor(Path(self.display), f"ndarray/{self.arrays}", raw, dtype, shape, fortran)
+        if isinstance(made, str):
+            self._warn(f"{made} is kept as a placeholder and skipped")
+            return None
+        self.arrays += 1
+        return made
+
+    def _np_reconstruct(self, *args: Any) -> Any:
+        # _reconstruct(numpy.ndarray, (0,), b"b") makes an empty array that BUILD fills; a subclass of
+        # ndarray (numpy.matrix, masked arrays) stays a plain placeholder.
+        cls = args[0] if args else None
+        named = (getattr(cls, "placeholder_module", ""), getattr(cls, "placeholder_name", ""))
+        if _is_placeholder_class(cls) and named == ("numpy", "ndarray"):
+            return PendingArray("numpy._core.multiarray", args, self._np_array)
+        return self._placeholder("numpy._core.multiarray", "_reconstruct", *args)
+
+    def _np_frombuffer(self, buf: Any = None, dtype: Any = None, shape: Any = None, order: Any = "C") -> Any:
+        made = self._np_array(buf, dtype, shape, order == "F") if order in ("C", "F") else None
+        return (
+            made if made is not None else self._placeholder("numpy", "_frombuffer", buf, dtype, shape, order)
+        )
+
     # ----- storages -------------------------------------------------------------------------------------
     def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module" and _is_placeholder_class(pid[1]):
+            # Legacy torch.save(model) names each module class as ("module", class, source file, source):
+            # the class is already an inert placeholder (recorded by find_class); the source is only text.
+            return pid[1]
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
             self._warn(f"unknown persistent id {one_line(repr(pid), 80)} kept as a placeholder")
             return self._placeholder("persistent_load", "id", pid)
@@ -180,3 +214,7 @@ class InertBase:
         return replace(
             root, key=view[0], file_offset=root.file_offset + offset * itemsize, nbytes=size * itemsize
         )
+
+
+def _is_placeholder_class(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, PlaceholderObject)

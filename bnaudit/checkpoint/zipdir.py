@@ -71,6 +71,15 @@ class ZipDirectory:
     raw: bytes
     records: tuple[CentralRecord, ...]
 
+    @property
+    def crc32_absent(self) -> bool:
+        """The writer stored no CRC-32 (``torch.save`` with ``compute_crc32 = False``): every entry's is 0,
+        with the data descriptor torch's writer uses, though some entry holds data (whose CRC is not 0).
+        One zeroed CRC among real ones is not this, and is still checked."""
+        return any(rec.size > 0 for rec in self.records) and all(
+            rec.crc == 0 and rec.flags & FLAG_DESCRIPTOR for rec in self.records
+        )
+
 
 def pread_exact(fd: int, size: int, offset: int, what: str) -> bytes:
     """``size`` bytes at ``offset``; ZipFormatError naming ``what`` when the file ends first."""

@@ -50,6 +50,7 @@ class ZipEntry(NamedTuple):
     central_crc_at: int
     local_crc_at: int | None  # None when the local header leaves the CRC to the data descriptor
     descriptor_crc_at: int | None
+    crc_stored: bool = True  # False in an archive written without CRC-32s: its bytes cannot be verified
 
     @property
     def compressed(self) -> bool:
@@ -78,7 +79,7 @@ def _header_runs(ordered: list[CentralRecord]) -> list[list[CentralRecord]]:
     return runs
 
 
-def _entry(rec: CentralRecord, header: bytes, strict: bool) -> ZipEntry:
+def _entry(rec: CentralRecord, header: bytes, strict: bool, crc_stored: bool) -> ZipEntry:
     if len(header) != LOCAL.size or header[:4] != LOCAL_SIGNATURE:
         raise ZipFormatError(f"zip entry '{rec.name}' has no local header at offset {rec.header_offset}")
     f = LOCAL.unpack(header)
@@ -95,7 +96,7 @@ def _entry(rec: CentralRecord, header: bytes, strict: bool) -> ZipEntry:
     central_crc_at = rec.record_offset + CENTRAL_CRC_AT
     return ZipEntry(
         rec.name, rec.header_offset, data_offset, rec.stored_size, rec.size, rec.method,
-        rec.flags | local_flags, rec.crc, central_crc_at, local_crc_at, None,
+        rec.flags | local_flags, rec.crc, central_crc_at, local_crc_at, None, crc_stored,
     )  # fmt: skip
 
 
@@ -150,12 +151,13 @@ def locate_entries(fd: int, directory: ZipDirectory, *, descriptors: bool = Fals
         ZipFormatError: a local header is missing or disagrees, entries overlap or run past the end.
     """
     by_record: dict[int, ZipEntry] = {}
+    crc_stored = not directory.crc32_absent
     for run in _header_runs(sorted(directory.records, key=lambda r: r.header_offset)):
         run_start = run[0].header_offset
         data = os.pread(fd, run[-1].header_offset + LOCAL.size - run_start, run_start)
         for rec in run:
             at = rec.header_offset - run_start
-            by_record[rec.record_offset] = _entry(rec, data[at : at + LOCAL.size], descriptors)
+            by_record[rec.record_offset] = _entry(rec, data[at : at + LOCAL.size], descriptors, crc_stored)
     _check_layout(sorted(by_record.values(), key=lambda e: e.header_offset), directory.end)
     entries = {}
     for rec in directory.records:
@@ -194,7 +196,8 @@ def _inflate(entry: ZipEntry, stored: bytes, limit: int) -> bytes:
 
 
 def read_member(fd: int, entry: ZipEntry) -> bytes:
-    """A member's bytes, inflated when deflated, with its local name, size and CRC-32 checked.
+    """A member's bytes, inflated when deflated, with its local name, size and CRC-32 checked (where the
+    archive stores CRC-32s: see :attr:`ZipDirectory.crc32_absent`).
 
     Raises:
         ZipFormatError: an encrypted entry, an unknown compression method, a short or corrupt stream, a
@@ -203,7 +206,7 @@ def read_member(fd: int, entry: ZipEntry) -> bytes:
     data = _inflate(entry, _stored_bytes(fd, entry), entry.size + 1)
     if len(data) != entry.size:
         raise ZipFormatError(f"zip entry '{entry.name}' holds {len(data)} bytes, expected {entry.size}")
-    if zlib.crc32(data) != entry.crc:
+    if entry.crc_stored and zlib.crc32(data) != entry.crc:
         raise ZipFormatError(f"Bad CRC-32 for zip entry '{entry.name}'")
     return data
 

@@ -64,6 +64,7 @@ class FindingKind(str, Enum):
     NO_BATCHNORM = "no-batchnorm"
     DRIFT = "drift"
     UNREACHED_LAYER = "unreached-layer"
+    NO_CHECKSUM = "no-checksum"
 
 
 # The parts of a finding's location: a name (file, state dict, layer, tensor) or a number (rank, channel);

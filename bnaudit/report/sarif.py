@@ -95,6 +95,12 @@ RULES: dict[FindingKind, tuple[str, str, str]] = {
         "No batch passed through the layer during recalibration, so its statistics were not re-estimated.",
         "warning",
     ),
+    FindingKind.NO_CHECKSUM: (
+        "The checkpoint stores no checksums",
+        "The torch zip was written without CRC-32s (compute_crc32 = False): bnaudit read its bytes "
+        "unverified.",
+        "note",
+    ),
 }
 
 _SECURITY_SEVERITY = {FindingKind.UNSAFE_PICKLE: "9.0", FindingKind.SUSPICIOUS_PICKLE: "5.0"}
