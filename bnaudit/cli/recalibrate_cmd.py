@@ -150,8 +150,7 @@ def _recalibrate_here(
         return 1 if result.refused else exit_code(result.report, report.fail_on)
     if result.refused:
         report.emit(result.report)
-        click.echo(f"bnaudit: {checkpoint}: refused: its pickle references dangerous callables; nothing "
-                   "was written", err=True)  # fmt: skip
+        click.echo(f"bnaudit: {checkpoint}: refused: {result.reason}; nothing was written", err=True)
         return 1
     code = report.emit(result.report)
     if result.output is not None and (report.report_file is not None or report.output_format != "table"):

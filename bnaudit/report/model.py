@@ -64,6 +64,7 @@ class FindingKind(str, Enum):
     NO_BATCHNORM = "no-batchnorm"
     DRIFT = "drift"
     UNREACHED_LAYER = "unreached-layer"
+    SKIPPED_CALLS = "skipped-calls"
 
 
 # The parts of a finding's location: a name (file, state dict, layer, tensor) or a number (rank, channel);
