@@ -56,7 +56,16 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'bnaudit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        from bnaudit.optional import MissingDependencyError, missing_optional
+
+        missing = missing_optional(exc)
+        if missing is None:
+            raise
+        # e.g. sync_bn_stats in the gate-only install: say which extra brings torch
+        raise MissingDependencyError(missing, where=f"bnaudit.{name}") from exc
     globals()[name] = value
     return value
 

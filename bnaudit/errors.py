@@ -116,3 +116,20 @@ class InternalError(BnauditError):
     """An invariant of bnaudit itself failed (exit 3): a bug to report."""
 
     exit_code = 3
+
+
+class NonFiniteStatisticsError(InputError):
+    """New statistics a repair was about to write are NaN or Inf (or overflow their dtype): nothing was
+    written. The CLI reports it as an error finding (exit 1) naming the layer and the channel.
+
+    Attributes:
+        layer: the layer (module name) whose statistics are unusable.
+        channel: the first unusable channel.
+        state_dict: the state dict being repaired, once known (set by the checkpoint-level pass).
+    """
+
+    def __init__(self, problem: str, *, layer: str, channel: int, found: str, fix: str) -> None:
+        super().__init__(problem, where=f"layer '{layer}'", found=found, fix=fix)
+        self.layer = layer
+        self.channel = channel
+        self.state_dict: str | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from bnaudit.errors import NonFiniteStatisticsError
 from bnaudit.report.model import Finding, FindingKind, LayerRow, Severity
 from bnaudit.report.sections import CalibrationData, Column
 
@@ -56,6 +57,32 @@ def unreached_finding(display: str, sd_name: str, name: str, *, changed: bool) -
         file=display,
         state_dict=sd_name,
         layer=name,
+    )
+
+
+def skipped_calls_finding(display: str, sd_name: str, layer: LayerRecalibration) -> Finding:
+    """The note for a batch-mean layer some of whose calls had one value per channel (left out)."""
+    return Finding(
+        Severity.INFO,
+        FindingKind.SKIPPED_CALLS,
+        f"layer '{layer.name}': {layer.single_calls} of {layer.calls} call(s) had one value per channel "
+        "(no unbiased variance) and were left out of the batch-mean statistics",
+        file=display,
+        state_dict=sd_name,
+        layer=layer.name,
+    )
+
+
+def nonfinite_finding(display: str, exc: NonFiniteStatisticsError) -> Finding:
+    """The error for new statistics a repair refused to write (NaN / Inf)."""
+    return Finding(
+        Severity.ERROR,
+        FindingKind.NONFINITE,
+        f"layer '{exc.layer}': {exc.fields.problem} ({exc.fields.found}); {exc.fields.fix}",
+        file=display,
+        state_dict=exc.state_dict,
+        layer=exc.layer,
+        channel=exc.channel,
     )
 
 

@@ -18,6 +18,7 @@ from bnaudit.cli.drift_cmd import drift_command
 from bnaudit.cli.inspect_cmd import inspect_command
 from bnaudit.cli.recalibrate_cmd import recalibrate_command
 from bnaudit.errors import BnauditError
+from bnaudit.optional import MissingDependencyError, missing_optional
 
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
@@ -95,15 +96,34 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"bnaudit: error: {exc}", exc.exit_code)
     except BrokenPipeError:
         sys.exit(1)
+    except ImportError as exc:
+        _missing_dependency(exc, debug)
     except Exception as exc:
         if debug:
             traceback.print_exc()
-        _fail(
-            f"bnaudit: internal error: {type(exc).__name__}: {exc}. This is a bug in bnaudit: please "
-            f"report it to {ISSUES_URL} (rerun with --debug for the traceback)",
-            EXIT_INTERNAL,
-        )
+        _internal_error(exc)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _internal_error(exc: BaseException) -> None:
+    _fail(
+        f"bnaudit: internal error: {type(exc).__name__}: {exc}. This is a bug in bnaudit: please "
+        f"report it to {ISSUES_URL} (rerun with --debug for the traceback)",
+        EXIT_INTERNAL,
+    )
+
+
+def _missing_dependency(exc: ImportError, debug: bool) -> None:
+    """An optional dependency that failed to import inside a command: exit 2 with its install command (the
+    commands check first; this covers one that is installed but broken). Any other ImportError is a bug."""
+    if debug:
+        traceback.print_exc()
+    module = missing_optional(exc)
+    if module is None:
+        _internal_error(exc)
+        return
+    error = MissingDependencyError(module, where=f"import {exc.name}")
+    _fail(f"bnaudit: error: {error} ({type(exc).__name__}: {exc})", error.exit_code)
 
 
 def run() -> None:

@@ -21,6 +21,7 @@ from bnaudit.cli.options import (
 )
 from bnaudit.defaults import DEFAULT_DRIFT_ERROR_KL, DEFAULT_DRIFT_NOISE_RATIO, DEFAULT_DRIFT_WARN_KL
 from bnaudit.live.launch import is_rank_zero
+from bnaudit.optional import load, require
 from bnaudit.report.model import FailOn
 
 
@@ -82,11 +83,13 @@ def drift_command(
     noise gives: a layer fails when its KL is real and large. Use it when only one checkpoint exists; run
     it on held-out data to see what deployment will see.
     """
+    require("torch", where="bnaudit drift")  # found, not imported: the workers import it
     launched = launch_if_asked(model.nproc)  # before anything imports torch: the workers do
     if launched is not None:
         return launched
     if not 0 < gate.warn_kl <= gate.error_kl:
         raise click.UsageError(f"--warn-kl ({gate.warn_kl}) must not be above --error-kl ({gate.error_kl})")
+    load("torch", where="bnaudit drift")  # a broken torch install is exit 2 too, not a bug
     from bnaudit.live.distributed import joined_process_group  # imports torch
 
     spec = model.calibration_spec(key)

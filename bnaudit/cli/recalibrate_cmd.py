@@ -13,6 +13,7 @@ from bnaudit.cli.model_options import ModelOptions, model_options, progress_prin
 from bnaudit.cli.options import key_option, repair_report_options, write_report_text
 from bnaudit.live.launch import is_rank_zero
 from bnaudit.live.options import CalibrationSpec
+from bnaudit.optional import load, require
 from bnaudit.repair.options import WriteOptions
 from bnaudit.report import OutputFormat, render
 from bnaudit.report.model import FailOn, Report
@@ -109,6 +110,7 @@ def recalibrate_command(
     statistics' bytes replaced, plus a provenance file OUT.bnaudit.json. Runs on several processes with
     --nproc N or under torchrun (rank 0 writes).
     """
+    require("torch", where="bnaudit recalibrate")  # found, not imported: the workers import it
     if target.out is None and not target.dry_run:
         raise click.UsageError("give -o OUT (the recalibrated checkpoint to write) or --dry-run")
     if target.out is not None and not target.dry_run:
@@ -132,6 +134,7 @@ def _recalibrate_here(
     parsed: tuple[OutputTarget, ModelOptions, RepairInputs],
     report: RepairReport,
 ) -> int:
+    load("torch", where="bnaudit recalibrate")  # a broken torch install is exit 2 too, not a bug
     from bnaudit.live.distributed import joined_process_group  # imports torch
 
     target, model, inputs = parsed
@@ -147,8 +150,7 @@ def _recalibrate_here(
         return 1 if result.refused else exit_code(result.report, report.fail_on)
     if result.refused:
         report.emit(result.report)
-        click.echo(f"bnaudit: {checkpoint}: refused: its pickle references dangerous callables; nothing "
-                   "was written", err=True)  # fmt: skip
+        click.echo(f"bnaudit: {checkpoint}: refused: {result.reason}; nothing was written", err=True)
         return 1
     code = report.emit(result.report)
     if result.output is not None and (report.report_file is not None or report.output_format != "table"):

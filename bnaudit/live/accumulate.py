@@ -51,6 +51,7 @@ class LayerAccumulator:
         self.channels = buffer_of(module, "running_mean").numel()
         self.count = 0.0
         self.calls = 0
+        self.single_calls = 0  # calls with one value per channel (left out of the per-call sums)
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
         self.sum_means: torch.Tensor | None = None
@@ -97,25 +98,32 @@ class LayerAccumulator:
     def _merge(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         m2 = var * n
         self.calls += 1
-        unbiased = m2 / (n - 1) if n > 1 else torch.full_like(m2, float("nan"))
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = float(n), mean, m2
+        else:
+            total = self.count + n
+            delta = mean - self.mean
+            # Chan et al.: merge (count, mean, M2) of the running total with this call's.
+            self.mean = self.mean + delta * (n / total)
+            self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+            self.count = total
+        if n == 1:
+            # One value per channel has no unbiased variance: the per-call sums (batch-mean, the noise)
+            # leave the call out; the population statistics above keep its value.
+            self.single_calls += 1
+            return
+        self._add_call_moments(mean, m2 / (n - 1))
+
+    def _add_call_moments(self, mean: torch.Tensor, unbiased: torch.Tensor) -> None:
         if (
-            self.mean is None
-            or self.m2 is None
-            or self.sum_means is None
+            self.sum_means is None
             or self.sum_vars is None
             or self.sum_sq_means is None
             or self.sum_sq_vars is None
         ):
-            self.count, self.mean, self.m2 = float(n), mean, m2
             self.sum_means, self.sum_vars = mean.clone(), unbiased
             self.sum_sq_means, self.sum_sq_vars = mean * mean, unbiased * unbiased
             return
-        total = self.count + n
-        delta = mean - self.mean
-        # Chan et al.: merge (count, mean, M2) of the running total with this call's.
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
-        self.count = total
         self.sum_means = self.sum_means + mean
         self.sum_vars = self.sum_vars + unbiased
         self.sum_sq_means = self.sum_sq_means + mean * mean
@@ -123,10 +131,15 @@ class LayerAccumulator:
 
     def sums(self) -> LayerSums:
         """What was collected, as float64 NumPy sufficient statistics (one host copy per layer)."""
-        kept = (self.mean, self.m2, self.sum_means, self.sum_vars, self.sum_sq_means, self.sum_sq_vars)
-        if any(t is None for t in kept):
+        if self.mean is None or self.m2 is None:
             return LayerSums.empty(self.channels)
-        as_np = [t.cpu().numpy().astype(np.float64) for t in kept if t is not None]
+        zeros = torch.zeros_like(self.mean)
+        per_call = (self.sum_means, self.sum_vars, self.sum_sq_means, self.sum_sq_vars)
+        kept = (self.mean, self.m2, *(zeros if t is None else t for t in per_call))
+        mean, m2, sum_means, sum_vars, sum_sq_means, sum_sq_vars = (
+            t.cpu().numpy().astype(np.float64) for t in kept
+        )
+        population = ChannelStats(self.count, mean, m2)
         return LayerSums(
-            ChannelStats(self.count, as_np[0], as_np[1]), self.calls, as_np[2], as_np[3], as_np[4], as_np[5]
+            population, self.calls, sum_means, sum_vars, sum_sq_means, sum_sq_vars, self.single_calls
         )

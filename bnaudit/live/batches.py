@@ -14,6 +14,7 @@ from torch import nn
 from bnaudit.errors import BnauditError, InputError, UsageError
 from bnaudit.live.accumulate import LOW_PRECISION
 from bnaudit.live.batch_source import batch_input
+from bnaudit.live.devices import checked_device
 from bnaudit.live.measure import CHANNELS_LAST, PassState, StopForward
 from bnaudit.live.options import ForwardFn, ProgressCallback
 
@@ -57,9 +58,13 @@ def _batch_len(batch: Any, input_index: int, input_key: str | None) -> int | Non
 
 
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device | None:
-    """``device`` as a torch.device; None: the device of the model's first parameter or buffer (if any)."""
+    """``device`` as a torch.device; None: the device of the model's first parameter or buffer (if any).
+
+    Raises:
+        UsageError: ``device`` is not one this machine has (see :func:`bnaudit.live.devices.checked_device`).
+    """
     if device is not None:
-        return torch.device(device)
+        return checked_device(device)
     for t in itertools.chain(model.parameters(), model.buffers()):
         return t.device
     return None

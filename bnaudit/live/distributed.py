@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from bnaudit.errors import UsageError
+from bnaudit.live.devices import checked_device
 from bnaudit.live.launch import env_world_size, is_worker
 
 log = logging.getLogger(__name__)
@@ -89,13 +90,9 @@ def init_from_env(device: str | torch.device | None = None, timeout_s: float = 1
                 where="environment",
                 fix="launch with torchrun",
             )
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = checked_device(device or "cpu")
         backend = "gloo"
         if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise UsageError(
-                    "asked for but CUDA is not available on this machine", where=f"--device {device}"
-                )
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "nccl"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
@@ -103,10 +100,14 @@ def init_from_env(device: str | torch.device | None = None, timeout_s: float = 1
 
 
 def local_device(device: str | torch.device | None) -> torch.device:
-    """The device this rank should run on: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
-    dev = torch.device(device or "cpu")
+    """The device this rank should run on: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun.
+
+    Raises:
+        UsageError: the device is not one this machine has (the message lists those it has).
+    """
+    dev = checked_device(device or "cpu")
     if dev.type == "cuda" and dev.index is None and env_world_size() > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return checked_device(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     return dev
 
 

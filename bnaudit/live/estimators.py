@@ -23,6 +23,9 @@ class LayerSums:
         sum_means: sum over calls of each call's mean (for ``batch-mean``).
         sum_vars: sum over calls of each call's *unbiased* variance (for ``batch-mean``).
         sum_sq_means, sum_sq_vars: sums of their squares (the spread between calls: :meth:`noise`).
+        single_calls: calls with one value per channel (a batch of one reaching a 1x1 map). Such a call has
+            no unbiased variance, so the four per-call sums leave it out (:attr:`variance_calls` is how many
+            they hold); the population statistics keep its values.
     """
 
     population: ChannelStats
@@ -31,6 +34,12 @@ class LayerSums:
     sum_vars: np.ndarray
     sum_sq_means: np.ndarray
     sum_sq_vars: np.ndarray
+    single_calls: int = 0
+
+    @property
+    def variance_calls(self) -> int:
+        """The calls in the per-call sums: those with more than one value per channel."""
+        return self.calls - self.single_calls
 
     @classmethod
     def empty(cls, channels: int) -> LayerSums:
@@ -42,9 +51,9 @@ class LayerSums:
 
         With B calls whose means and variances spread with sample variances s_m² and s_v², the averages of B
         calls vary by s_m² / B and s_v² / B: an estimate of the population estimate's own noise that needs
-        no model of the data (correlated pixels, heavy tails). None with fewer than two calls.
+        no model of the data (correlated pixels, heavy tails). None with fewer than two such calls.
         """
-        b = self.calls
+        b = self.variance_calls
         if b < 2:
             return None
         spread_means = (self.sum_sq_means - self.sum_means**2 / b) / (b - 1)
@@ -64,23 +73,26 @@ class LayerSums:
             self.sum_vars + other.sum_vars,
             self.sum_sq_means + other.sum_sq_means,
             self.sum_sq_vars + other.sum_sq_vars,
+            self.single_calls + other.single_calls,
         )
 
     def pack(self) -> np.ndarray:
         p = self.population
-        head = np.array([p.count, float(self.calls)], dtype=np.float64)
+        head = np.array([p.count, float(self.calls), float(self.single_calls)], dtype=np.float64)
         vectors = (p.mean, p.m2, self.sum_means, self.sum_vars, self.sum_sq_means, self.sum_sq_vars)
         return np.concatenate([head, *vectors])
 
     @classmethod
     def unpack(cls, flat: np.ndarray, channels: int) -> LayerSums:
-        parts = [flat[2 + i * channels : 2 + (i + 1) * channels].copy() for i in range(6)]
+        head = 3
+        parts = [flat[head + i * channels : head + (i + 1) * channels].copy() for i in range(6)]
         pop = ChannelStats(float(flat[0]), parts[0], parts[1])
-        return cls(pop, round(float(flat[1])), *parts[2:])
+        calls, single = round(float(flat[1])), round(float(flat[2]))
+        return cls(pop, calls, parts[2], parts[3], parts[4], parts[5], single)
 
     @staticmethod
     def packed_size(channels: int) -> int:
-        return 2 + 6 * channels
+        return 3 + 6 * channels
 
 
 class Estimator(Protocol):
@@ -108,11 +120,17 @@ class BatchMeanEstimator:
 
     What ``torch.optim.swa_utils.update_bn`` computes (a cumulative moving average of each batch's
     statistics). It ignores the spread between batch means, so it is below the population variance whenever
-    batches differ, and it weighs a short last batch like a full one.
+    batches differ, and it weighs a short last batch like a full one. A call with one value per channel has
+    no unbiased variance and is left out (``update_bn``'s train-mode forward would refuse it); with no other
+    call the estimate is NaN, which the writers refuse.
     """
 
     def estimate(self, sums: LayerSums) -> tuple[np.ndarray, np.ndarray]:
-        return sums.sum_means / sums.calls, sums.sum_vars / sums.calls
+        b = sums.variance_calls
+        if b == 0:
+            nan = np.full_like(sums.sum_means, np.nan)
+            return nan, nan.copy()
+        return sums.sum_means / b, sums.sum_vars / b
 
 
 ESTIMATORS: Mapping[RecalibrationMethod, Estimator] = MappingProxyType(

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
-from bnaudit.errors import InputError, ModelMismatchError
-from bnaudit.live.options import CalibrationSpec, ProgressCallback
+from bnaudit.errors import InputError, ModelMismatchError, NonFiniteStatisticsError
+from bnaudit.live.options import CalibrationSpec, ProgressCallback, RecalibrationOptions
 
 if TYPE_CHECKING:
     from bnaudit.live.results import RecalibrationResult
@@ -74,6 +74,19 @@ def _evaluate(spec: CalibrationSpec, model: Any) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in metrics.items()}
 
 
+def _recalibrate(
+    sd_name: str, model: Any, batches: Any, options: RecalibrationOptions, progress: ProgressCallback | None
+) -> RecalibrationResult:
+    """One state dict's pass; a refusal to write NaN / Inf statistics names the state dict."""
+    from bnaudit.live.recalibrate import recalibrate
+
+    try:
+        return recalibrate(model, batches, options, progress=progress)
+    except NonFiniteStatisticsError as exc:
+        exc.state_dict = sd_name
+        raise
+
+
 def run_passes(
     path: str | Path, spec: CalibrationSpec, *, write: bool, progress: ProgressCallback | None = None
 ) -> tuple[Checkpoint, list[StateDictPass]]:
@@ -95,11 +108,11 @@ def run_passes(
     Raises:
         ModelMismatchError: no state dict fits the model (the message says why for the first).
         InputError / UsageError: bad specs, data or batches.
+        NonFiniteStatisticsError: ``write`` and a layer's new statistics are NaN / Inf (its state dict named).
     """
     from bnaudit.live.batch_source import build_batches
     from bnaudit.live.distributed import current_context, local_device
     from bnaudit.live.modelload import load_state_dict_into
-    from bnaudit.live.recalibrate import recalibrate
     from bnaudit.live.specs import build_model, load_forward
 
     display = str(path)
@@ -125,9 +138,8 @@ def run_passes(
             world_size=ctx.world_size if ctx else None,
         )
         log.debug("%s:%s: calibrating on %s", display, sd.display_name, source.description)
-        result = recalibrate(
-            model, source.batches, dataclasses.replace(options, sharded=source.sharded), progress=progress
-        )
+        pass_options = dataclasses.replace(options, sharded=source.sharded)
+        result = _recalibrate(sd.name, model, source.batches, pass_options, progress)
         after = _evaluate(spec, model) if spec.eval else None
         passes.append(StateDictPass(sd, prefix, unused, result, before, after))
     return ckpt, passes

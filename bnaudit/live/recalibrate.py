@@ -23,6 +23,7 @@ from bnaudit.live.distributed import (
     shard_batches,
 )
 from bnaudit.live.estimators import ESTIMATORS, LayerSums
+from bnaudit.live.finite import check_finite
 from bnaudit.live.measure import PassState, prepare_model
 from bnaudit.live.options import ProgressCallback, RecalibrationOptions
 from bnaudit.live.results import LayerRecalibration, RecalibrationResult, finalise
@@ -81,6 +82,8 @@ def recalibrate(
         NoBatchNormError: the model has no layer with running statistics.
         InputError: no batches, a batch raised ("batch 3 raised ValueError: ..."), or another rank failed.
         UsageError: an ``amp_dtype`` the device cannot autocast to, or batches whose input cannot be found.
+        NonFiniteStatisticsError: ``options.write`` and a layer's new statistics are NaN / Inf (e.g. data
+            with NaN); no buffer was written.
     """
     options = options or RecalibrationOptions()
     device = resolve_device(model, options.device)
@@ -175,13 +178,19 @@ def _apply(accs: list[LayerAccumulator], layers: list[LayerRecalibration], write
 
 
 def _write(accs: list[LayerAccumulator], layers: list[LayerRecalibration]) -> None:
+    """Overwrite the reached layers' buffers once every new value is known to be finite (else none)."""
+    staged = []
+    for acc, layer in zip(accs, layers, strict=True):
+        if not layer.reached:
+            continue
+        for name, values in (("running_mean", layer.after_mean), ("running_var", layer.after_var)):
+            buf = getattr(acc.module, name)
+            dtype_max = float(torch.finfo(buf.dtype).max) if buf.dtype.is_floating_point else None
+            check_finite(layer.name, name, values, dtype_max)
+            staged.append((buf, values))
     with torch.no_grad():
-        for acc, layer in zip(accs, layers, strict=True):
-            if not layer.reached:
-                continue
-            for name, values in (("running_mean", layer.after_mean), ("running_var", layer.after_var)):
-                buf = getattr(acc.module, name)
-                buf.copy_(torch.from_numpy(values).to(device=buf.device, dtype=buf.dtype))
+        for buf, values in staged:
+            buf.copy_(torch.from_numpy(values).to(device=buf.device, dtype=buf.dtype))
 
 
 def _reduce(

@@ -31,6 +31,8 @@ class LayerRecalibration:
         batch_mean_mean, batch_mean_var: average of per-call means and of per-call unbiased variances.
         noise: the sampling variance of the population mean and variance (batch means; None with fewer
             than two calls), for :meth:`noise_kl`.
+        single_calls: calls with one value per channel, left out of ``batch_mean_*`` and ``noise`` (no
+            unbiased variance); the population statistics include their values.
     """
 
     name: str
@@ -49,6 +51,7 @@ class LayerRecalibration:
     batch_mean_mean: np.ndarray | None
     batch_mean_var: np.ndarray | None
     noise: tuple[np.ndarray, np.ndarray] | None = None
+    single_calls: int = 0
 
     def kl(self) -> np.ndarray:
         """Per channel KL(N(after) || N(before)) in nats, variances plus eps (as ``bn.stats.kl_normal``).
@@ -188,6 +191,7 @@ def finalise(
                 batch_mean_mean=per_call[0],
                 batch_mean_var=per_call[1],
                 noise=s.noise() if s.reached else None,
+                single_calls=s.single_calls,
             )
         )
     return out

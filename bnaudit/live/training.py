@@ -14,6 +14,7 @@ from bnaudit.atomic_output import AtomicOutput, disk_error
 from bnaudit.bn.stats import MergeMethod
 from bnaudit.checkpoint.provenance import rank_stats_metadata
 from bnaudit.errors import InternalError, UsageError
+from bnaudit.live.finite import check_finite
 
 RANK_FILE_PATTERN = "bn_stats_rank{rank}.safetensors"
 
@@ -94,6 +95,8 @@ def sync_bn_stats(
     Raises:
         UsageError: torch.distributed is not initialised, ``method`` or ``samples`` is invalid, or the ranks
             hold different layers.
+        NonFiniteStatisticsError: a merged statistic is NaN / Inf (a rank's buffers hold NaN); no buffer
+            was changed, on any rank.
     """
     merge = _check_sync_args(method, samples)
     layers = bn_modules(module)
@@ -104,6 +107,7 @@ def sync_bn_stats(
     if not layers:
         return []
     mean, var = _reduced_stats(buffers, merge, group, (device, samples))
+    _check_finite(layers, sizes, mean, var)  # the same merged values on every rank: all raise alike
     offset = 0
     with torch.no_grad():
         for (running_mean, running_var), size in zip(buffers, sizes, strict=True):
@@ -111,6 +115,24 @@ def sync_bn_stats(
             running_var.copy_(var[offset : offset + size].reshape(running_var.shape))
             offset += size
     return [name for name, _ in layers]
+
+
+_SYNC_FIX = (
+    "no buffer was changed; a rank's statistics hold NaN / Inf (find it: save_rank_stats, then bnaudit "
+    "compare), recalibrate that model"
+)
+
+
+def _check_finite(
+    layers: list[tuple[str, nn.Module]], sizes: list[int], mean: torch.Tensor, var: torch.Tensor
+) -> None:
+    if bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all()):
+        return  # one host sync; the per-layer search below only runs to name the culprit
+    offset = 0
+    for (name, _), size in zip(layers, sizes, strict=True):
+        for statistic, merged in (("running_mean", mean), ("running_var", var)):
+            check_finite(name, statistic, merged[offset : offset + size].cpu().numpy(), fix=_SYNC_FIX)
+        offset += size
 
 
 def _check_sync_args(method: MergeMethod | str, samples: float | None) -> MergeMethod:

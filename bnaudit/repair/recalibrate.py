@@ -9,19 +9,30 @@ from typing import Any
 
 import numpy as np
 
-from bnaudit.audit.measured import RECALIBRATE_COLUMNS, calibration_data, pass_layer_row, unreached_finding
+from bnaudit.audit.measured import (
+    RECALIBRATE_COLUMNS,
+    calibration_data,
+    nonfinite_finding,
+    pass_layer_row,
+    skipped_calls_finding,
+    unreached_finding,
+)
 from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.provenance import header_entry, sidecar_path, sidecar_text
 from bnaudit.checkpoint.types import Checkpoint
 from bnaudit.checkpoint.writer import TensorPatch, WriteResult, check_output_path, write_patched
-from bnaudit.errors import UsageError
+from bnaudit.errors import NonFiniteStatisticsError, UsageError
 from bnaudit.live.launch import is_rank_zero
+from bnaudit.live.methods import RecalibrationMethod
 from bnaudit.live.options import CalibrationSpec, ProgressCallback
 from bnaudit.live.passes import StateDictPass, run_passes
 from bnaudit.repair.options import WriteOptions
 from bnaudit.report.model import Finding, FindingKind, InputInfo, LayerRow, Report, Severity, sort_findings
 from bnaudit.report.sections import Command, RecalibrationOutcome
+
+UNSAFE_REASON = "its pickle references dangerous callables"
+NONFINITE_REASON = "the new statistics are not finite"
 
 
 @dataclass(frozen=True)
@@ -32,8 +43,10 @@ class CheckpointRecalibrationResult:
         report: the Report (command ``recalibrate``): one row per layer, how far its statistics moved.
         output: the checkpoint written, or None (dry run, refused, or not rank 0 of a group).
         sidecar: the provenance file written next to it, or None.
-        refused: True when an unsafe pickle stopped the run before any pass (the report says why).
+        refused: True when nothing was written because of an error finding: an unsafe pickle (found before
+            any pass) or new statistics that are NaN / Inf (the report says which layer and channel).
         passes: one pass per state dict that fits the model (empty when refused).
+        reason: why it was refused, in a few words ("" when it was not).
     """
 
     report: Report
@@ -41,6 +54,7 @@ class CheckpointRecalibrationResult:
     sidecar: Path | None
     refused: bool
     passes: tuple[StateDictPass, ...]
+    reason: str = ""
 
 
 def recalibrate_checkpoint(
@@ -74,6 +88,9 @@ def recalibrate_checkpoint(
         UsageError: no ``out`` without a dry run.
         OutputError: ``out`` is an input, exists without ``force``, or its folder is missing.
         ModelMismatchError / InputError: no state dict fits the model, bad specs, data or batches.
+
+    New statistics that are NaN / Inf are never written: the result is ``refused`` with an error finding
+    naming the layer and channel.
     """
     write = write or WriteOptions()
     target = None if write.dry_run or out is None else Path(out)
@@ -85,14 +102,26 @@ def recalibrate_checkpoint(
         check_output_path(target, [Path(path)], write.force, companions=(sidecar_path(target),))
     refusal = _refusal(str(path), write.allow_unsafe_input)
     if refusal is not None:
-        return CheckpointRecalibrationResult(refusal, None, None, True, ())
-    ckpt, passes = run_passes(path, spec, write=True, progress=progress)
+        return CheckpointRecalibrationResult(refusal, None, None, True, (), UNSAFE_REASON)
+    try:
+        ckpt, passes = run_passes(path, spec, write=True, progress=progress)
+    except NonFiniteStatisticsError as exc:
+        report = _nonfinite_refusal(str(path), exc)
+        return CheckpointRecalibrationResult(report, None, None, True, (), NONFINITE_REASON)
     settings = {"method": spec.method, "data": spec.data, "model": spec.model}
     report = _recalibration_report(str(path), ckpt, passes, None if target is None else str(out), settings)
     if target is None or not is_rank_zero():
         return CheckpointRecalibrationResult(report, None, None, False, tuple(passes))
     _write(str(path), target, (ckpt, passes), spec, report)
     return CheckpointRecalibrationResult(report, target, sidecar_path(target), False, tuple(passes))
+
+
+def _nonfinite_refusal(display: str, exc: NonFiniteStatisticsError) -> Report:
+    """The report that refuses to write NaN / Inf statistics (nothing was written)."""
+    ckpt = load_checkpoint(display)
+    return Report(Command.RECALIBRATE, (InputInfo(display, ckpt.format),), {}, (),
+                  (nonfinite_finding(display, exc),), recalibration=RecalibrationOutcome(None, refused=True),
+                  next_step="fix the calibration data or the model, then rerun")  # fmt: skip
 
 
 def _refusal(display: str, allow: bool) -> Report | None:
@@ -121,8 +150,10 @@ def _recalibration_report(
             if not layer.reached:
                 findings.append(unreached_finding(display, p.state_dict.name, layer.name, changed=True))
                 rows.append(pass_layer_row(p.state_dict.name, layer, Severity.WARN))
-            else:
-                rows.append(pass_layer_row(p.state_dict.name, layer, Severity.OK))
+                continue
+            if layer.single_calls and p.result.method == RecalibrationMethod.BATCH_MEAN.value:
+                findings.append(skipped_calls_finding(display, p.state_dict.name, layer))
+            rows.append(pass_layer_row(p.state_dict.name, layer, Severity.OK))
     rows.sort(key=lambda r: -float(r.metrics.get("max_kl") or 0.0))
     evals = {p.state_dict.name: {"before": p.metrics_before, "after": p.metrics_after}
              for p in passes if p.metrics_before is not None}  # fmt: skip

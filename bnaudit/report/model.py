@@ -65,6 +65,7 @@ class FindingKind(str, Enum):
     DRIFT = "drift"
     UNREACHED_LAYER = "unreached-layer"
     NO_CHECKSUM = "no-checksum"
+    SKIPPED_CALLS = "skipped-calls"
 
 
 # The parts of a finding's location: a name (file, state dict, layer, tensor) or a number (rank, channel);

@@ -5,16 +5,15 @@ Needs matplotlib (``pip install 'bnaudit[plot]'``); imported only when a plot is
 
 from __future__ import annotations
 
-import importlib.util
 import io
 from pathlib import Path
 from typing import Any
 
 from bnaudit.errors import UsageError
+from bnaudit.optional import MissingDependencyError, require
 from bnaudit.report.model import LayerRow, Report, Severity
 
 PLOT_SUFFIXES = (".png", ".svg")
-INSTALL_HINT = "pip install 'bnaudit[plot]'"
 # Bar colours: red and orange for the severities that fail a gate, green for the rest.
 _COLOURS = {Severity.ERROR: "#d62728", Severity.WARN: "#ff7f0e"}
 _PASSING_COLOUR = "#2ca02c"
@@ -33,12 +32,7 @@ def check_plot_target(path: Path) -> None:
             where="--plot",
             found=repr(path.suffix) if path.suffix else "no suffix",
         )
-    if importlib.util.find_spec("matplotlib") is None:
-        raise _no_matplotlib()
-
-
-def _no_matplotlib() -> UsageError:
-    return UsageError("needs matplotlib, which is not installed", where="--plot", fix=INSTALL_HINT)
+    require("matplotlib", where="--plot")
 
 
 def _depth_order(report: Report) -> list[LayerRow]:
@@ -71,7 +65,7 @@ def _draw(report: Report, fmt: str) -> bytes:
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise _no_matplotlib() from exc
+        raise MissingDependencyError("matplotlib", where="--plot") from exc
     rows = _depth_order(report)
     multi_sd = len({r.state_dict for r in rows}) > 1
     labels = [_label(r, multi_sd) for r in rows]

@@ -101,6 +101,12 @@ RULES: dict[FindingKind, tuple[str, str, str]] = {
         "unverified.",
         "note",
     ),
+    FindingKind.SKIPPED_CALLS: (
+        "Batch-mean recalibration skipped single-value calls",
+        "Some calls reached the layer with one value per channel (no unbiased variance); the batch-mean "
+        "estimate averages the other calls only.",
+        "note",
+    ),
 }
 
 _SECURITY_SEVERITY = {FindingKind.UNSAFE_PICKLE: "9.0", FindingKind.SUSPICIOUS_PICKLE: "5.0"}

@@ -147,8 +147,8 @@ def _calibration_lines(report: Report) -> list[str]:
     data, outcome = report.calibration, report.recalibration
     if data is None and outcome is None:
         return []
-    batches, samples = (data.batches, data.samples) if data else (None, None)
-    lines = [f"Data: {batches} batch(es), {samples} sample(s)"]
+    # A run refused before or during its passes has no data to describe.
+    lines = [f"Data: {data.batches} batch(es), {data.samples} sample(s)"] if data else []
     for name, keys in (data.unused_keys if data else {}).items():
         where = f"[{name}] " if name else ""
         shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")

@@ -273,6 +273,23 @@ def test_overflowing_value_is_an_error_and_nothing_is_written(tmp_path, rng):
     ]
 
 
+def test_stored_nan_is_refused_naming_layer_and_channel(tmp_path, rng, capsys):
+    states = rank_states(rng, n=3)
+    states[1]["layer1.bn.running_var"][4] = float("nan")
+    for r, sd in enumerate(states):
+        torch.save({"model": sd}, tmp_path / f"c_rank{r}.pt")
+    out = tmp_path / "avg.pt"
+    code, stdout, err = call_main(
+        capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(out), "--format", "json"
+    )
+    doc = json.loads(stdout)
+    errors = [(f["kind"], f["layer"], f["channel"]) for f in doc["findings"] if f["severity"] == "error"]
+    assert code == 1 and doc["verdict"] == "fail" and doc["average"]["refused"]
+    assert ("nonfinite", "layer1.bn", 4) in errors and all(e[1:] == ("layer1.bn", 4) for e in errors)
+    assert "nothing was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c_rank0.pt", "c_rank1.pt", "c_rank2.pt"]
+
+
 # ------------------------------------------------------------------------------------------ behaviour
 
 
