@@ -134,3 +134,32 @@ def _run(command: str, shown: list[str], folder: Path) -> None:
             assert any(p.startswith(line[:-3].rstrip()) for p in printed), line
         else:
             assert line in printed, f"{command}: README shows {line!r}"
+
+
+def test_the_configuration_example_works_as_pasted_and_its_baseline_bootstraps(
+    scratch: Path, tmp_path: Path
+) -> None:
+    section = README[README.index("### Configuration") :]
+    toml = section[section.index("```toml\n") + 8 : section.index("```", section.index("```toml\n") + 8)]
+    bootstrap = re.search(r"`(bnaudit compare [^`]*--write-baseline [^`]*)`", section)
+    assert bootstrap is not None
+    folder = tmp_path / "project"
+    shutil.copytree(scratch, folder, symlinks=True)
+    (folder / ".git").mkdir()  # the configuration search stops at the repository root
+    (folder / "pyproject.toml").write_text(toml)
+    (folder / "ci").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = _argv(bootstrap.group(1))
+    assert argv is not None
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*args], capture_output=True, text=True, cwd=folder, env=env, timeout=300)
+
+    before = run(sys.executable, "-m", "bnaudit", "compare", "ckpt_rank*.pt")
+    assert before.returncode == 2 and "bnaudit-baseline.json" in before.stderr  # configured, not written yet
+    made = run(*argv)
+    assert made.returncode in (0, 1), made.stderr
+    assert (folder / "ci" / "bnaudit-baseline.json").is_file()
+    after = run(sys.executable, "-m", "bnaudit", "compare", "ckpt_rank*.pt")
+    assert after.returncode == 0, after.stdout + after.stderr  # the configured baseline accepts what it saw
+    assert after.stdout.startswith("::")  # the configured format: github annotations

@@ -159,7 +159,9 @@ def _check_pairs(pairs: list[Target]) -> None:
 def _prepare(ctx: click.Context, formats: Sequence[str], outputs: Sequence[Path]) -> OutputPlan:
     values = ctx.meta.get(_VALUES_KEY, {})
     plan = OutputPlan(pair_formats(formats, outputs, ctx.meta.get(_ORDER_KEY)))
-    if values.get("baseline") is not None:
+    # --write-baseline records this run afresh: a baseline from the configuration is not applied (and need
+    # not exist yet, which is how a configured baseline is bootstrapped).
+    if values.get("baseline") is not None and values.get("write_baseline") is None:
         from bnaudit.audit.baseline import load_baseline  # on use, like every optional output below
 
         plan.baseline = load_baseline(values["baseline"])
