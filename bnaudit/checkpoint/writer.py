@@ -162,6 +162,7 @@ def write_patched(
     *,
     metadata: Mapping[str, str] | None = None,
     companions: Companions | None = None,
+    replace: bool = False,
 ) -> WriteResult:
     """Write ``out``: a copy of the reference checkpoint with only the patched tensors' bytes changed.
 
@@ -179,6 +180,8 @@ def write_patched(
         metadata: entries to add to a safetensors header's ``__metadata__`` (ignored for torch files).
         companions: called with the result before the rename; the (path, text) files it returns are written
             and renamed together with ``out`` (the provenance sidecar).
+        replace: whether ``out`` and the companions may replace existing files (``--force``); without it a
+            file that appeared meanwhile (another process writing the same output) is an OutputError.
 
     Returns:
         The WriteResult.
@@ -194,7 +197,7 @@ def write_patched(
     assert spec.fixups is not None
     ranges = plan_patches(ckpt, patches)
     fixed = spec.fixups.plan(ckpt, ranges, metadata or {})
-    with AtomicOutput(out) as staged:
+    with AtomicOutput(out, replace=replace) as staged:
         _write_output(staged.tmp, ckpt, ranges, fixed, spec)
         ref_sha, out_sha = _verify(staged.tmp, ckpt, patches, ranges, fixed, spec)
         crc_names = tuple(e.name for e in fixed.crc_entries)
