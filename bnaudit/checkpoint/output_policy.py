@@ -32,6 +32,7 @@ from bnaudit.errors import InputError, OutputError
 
 _SNIFF_BYTES = 64 * 1024
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_EVEN_FORCED = {True: ", even with --force", False: ""}
 
 
 class OutputKind(Enum):
@@ -104,7 +105,7 @@ def check_outputs(
         _check_folder(out)
         ident = _identity(out.path)
         for src, src_ident in sources:
-            _check_not_input(out, ident, src, src_ident)
+            _check_not_input(out, ident, src, src_ident, force)
         for other, other_ident in seen:
             if _same(ident, other_ident):
                 raise OutputError(
@@ -129,7 +130,9 @@ def _check_folder(out: PlannedOutput) -> None:
         )
 
 
-def _check_not_input(out: PlannedOutput, ident: _Identity, src: Path, src_ident: _Identity) -> None:
+def _check_not_input(
+    out: PlannedOutput, ident: _Identity, src: Path, src_ident: _Identity, force: bool
+) -> None:
     inside = src.is_dir() and src_ident.real in ident.real.parents
     if not (_same(ident, src_ident) or inside):
         return
@@ -138,7 +141,7 @@ def _check_not_input(out: PlannedOutput, ident: _Identity, src: Path, src_ident:
         what,
         path=out.path,
         where=out.option,
-        fix=f"bnaudit never writes over an input, even with --force — choose another {out.option} path",
+        fix=f"bnaudit never writes over an input{_EVEN_FORCED[force]} — choose another {out.option} path",
     )
 
 
@@ -157,8 +160,8 @@ def _check_replaceable(out: PlannedOutput, force: bool) -> None:
         return
     if checkpoint is not None:
         raise OutputError(
-            f"is a checkpoint ({checkpoint}); a {out.kind.value} never replaces a checkpoint, even "
-            "with --force",
+            f"is a checkpoint ({checkpoint}); a {out.kind.value} never replaces a checkpoint"
+            f"{_EVEN_FORCED[force]}",
             path=out.path,
             where=out.option,
             fix=f"choose another {out.option} file",
