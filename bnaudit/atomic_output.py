@@ -1,26 +1,30 @@
-"""Every file bnaudit writes goes through here: a temp sibling, fsync, rename, folder fsync, full cleanup."""
+"""Every file bnaudit writes goes through here: a temp sibling, fsync, rename, folder fsync, full cleanup.
+
+Whether an output may be written at all (never over an input, a checkpoint, or another output of the run)
+is :mod:`bnaudit.checkpoint.output_policy`'s decision, made before any work; this module makes the write
+itself safe: interrupted, it leaves nothing (:mod:`bnaudit.temp_registry`), and two processes writing
+the same output end with one complete file, never a mix.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
-import signal
 import tempfile
-import threading
+from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any
+from types import TracebackType
 
 from bnaudit.errors import OutputError
+from bnaudit.temp_registry import LIVE_TEMPS, guard_signals, signals_deferred
 
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 _TEMP_SUFFIX = ".bnaudit-tmp"
-# Temp files of every AtomicOutput still open in this process: what the SIGTERM handler removes. Set
-# operations are atomic under the GIL, and a lock could deadlock a handler that interrupts its holder.
-_LIVE_TEMPS: set[Path] = set()
-# The SIGTERM handler each signal had before ours, called (or restored) once the temp files are gone.
-_PREVIOUS_HANDLERS: dict[int, Any] = {}
+# Errors of os.link that mean "this file system has no hard links": fall back to a checked rename.
+_NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS})
+# Every target this process has renamed into place, in order (what an interrupted run did write).
+_COMMITTED: list[Path] = []
 
 
 def disk_error(path: Path, exc: OSError) -> OutputError:
@@ -77,30 +81,32 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _remove_live_temps(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM handler: remove every temp file still open, then die of the signal as before."""
-    # No lock here: the handler runs between two bytecodes of the main thread, which may hold it.
-    for tmp in list(_LIVE_TEMPS):
+@contextlib.contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the folder while one output's files are renamed into it.
+
+    Two bnaudit processes that finish the same output at once then rename one after the other, so a
+    checkpoint never ends up beside the other process's sidecar. Where locks are unsupported (no fcntl, a
+    file system without flock), the renames run unlocked.
+    """
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
         with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    _LIVE_TEMPS.clear()
-    previous = _PREVIOUS_HANDLERS.get(signum, signal.SIG_DFL)
-    if callable(previous):
-        previous(signum, frame)
-        return
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
-def _guard_signals() -> None:
-    """Install the SIGTERM cleanup once (main thread only; SIGINT already raises KeyboardInterrupt)."""
-    if threading.current_thread() is not threading.main_thread() or signal.SIGTERM in _PREVIOUS_HANDLERS:
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is signal.SIG_IGN:
-        return  # the parent asked us to ignore SIGTERM: keep it so
-    _PREVIOUS_HANDLERS[signal.SIGTERM] = previous
-    signal.signal(signal.SIGTERM, _remove_live_temps)
+def committed_outputs() -> list[Path]:
+    """The files this process has written so far (complete, renamed into place), in order."""
+    return list(_COMMITTED)
 
 
 class AtomicOutput:
@@ -112,23 +118,29 @@ class AtomicOutput:
 
     Args:
         target: the file to write; its folder must exist.
+        replace: whether the target (and each companion) may replace an existing file. Without it the
+            commit creates them only if absent — checked under the folder lock and, where the file system
+            has hard links, by the link itself — so of two processes writing the same output one wins
+            and the other gets an OutputError.
     """
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, *, replace: bool = True) -> None:
         self.target = target
         self.folder = output_folder(target)
-        _guard_signals()
+        self.replace = replace
+        guard_signals()
         self.tmp = self._temp_for(target)
         self._companions: list[tuple[Path, Path]] = []
         self._committed = False
 
     def _temp_for(self, target: Path) -> Path:
-        try:
-            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TEMP_SUFFIX, dir=self.folder)
-        except OSError as exc:
-            raise disk_error(target, exc) from None
-        tmp = Path(name)
-        _LIVE_TEMPS.add(tmp)
+        with signals_deferred():  # a temp must never exist unregistered: the handler would miss it
+            try:
+                fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TEMP_SUFFIX, dir=self.folder)
+            except OSError as exc:
+                raise disk_error(target, exc) from None
+            tmp = Path(name)
+            LIVE_TEMPS.add(tmp)
         try:
             # mkstemp creates files readable by the owner only; give the output the permissions a plain
             # open() would, as a file written by torch.save or a shell redirection has.
@@ -161,15 +173,57 @@ class AtomicOutput:
             handle.write(data.encode("utf-8") if isinstance(data, str) else data)
 
     def commit(self) -> None:
-        """fsync every temporary file, rename each over its target, then fsync the folder."""
-        for tmp in (self.tmp, *(t for t, _ in self._companions)):
+        """fsync every temporary file, put each in place of its target, then fsync the folder.
+
+        The renames run under the folder lock with interrupts held back, so an output and its companions
+        appear together or not at all.
+
+        Raises:
+            OutputError: without ``replace``, a target appeared while the output was being written.
+        """
+        pairs = [(self.tmp, self.target), *self._companions]
+        for tmp, _ in pairs:
             _fsync_path(tmp)
-        os.replace(self.tmp, self.target)
-        for tmp, target in self._companions:
-            os.replace(tmp, target)
-        self._committed = True
-        self._forget()
+        with signals_deferred(), _folder_locked(self.folder):
+            if not self.replace:
+                self._refuse_existing([target for _, target in pairs])
+            placed: list[Path] = []
+            try:
+                for tmp, target in pairs:
+                    self._place(tmp, target)
+                    placed.append(target)
+            except BaseException:
+                for target in placed if not self.replace else []:
+                    target.unlink(missing_ok=True)  # created by this commit: undo, all or nothing
+                raise
+            self._committed = True
+            _COMMITTED.extend(placed)
+            self._forget()
         _fsync_folder(self.folder)
+
+    def _refuse_existing(self, targets: list[Path]) -> None:
+        for target in targets:
+            if os.path.lexists(target):
+                raise OutputError(
+                    "was created by another process while bnaudit was writing it",
+                    path=target,
+                    fix="nothing was written — pass --force to replace it, or choose another path",
+                )
+
+    def _place(self, tmp: Path, target: Path) -> None:
+        if self.replace:
+            os.replace(tmp, target)
+            return
+        try:
+            os.link(tmp, target)  # fails if the target exists: no other writer can be overwritten
+        except FileExistsError:
+            self._refuse_existing([target])
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+            os.replace(tmp, target)  # no hard links here; the check under the lock stands
+            return
+        tmp.unlink()
 
     def discard(self) -> None:
         """Remove every temporary file (safe to call twice)."""
@@ -178,7 +232,7 @@ class AtomicOutput:
         self._forget()
 
     def _forget(self) -> None:
-        _LIVE_TEMPS.difference_update((self.tmp, *(t for t, _ in self._companions)))
+        LIVE_TEMPS.difference_update((self.tmp, *(t for t, _ in self._companions)))
 
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:

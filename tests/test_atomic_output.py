@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
@@ -14,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from bnaudit import atomic_output
+from bnaudit import temp_registry
 from bnaudit.atomic_output import AtomicOutput, write_text_atomically
 from bnaudit.checkpoint import load_checkpoint, read_tensor
 from bnaudit.checkpoint.writer import TensorPatch, write_patched
 from bnaudit.cli import options
+from bnaudit.errors import OutputError
 from tests.conftest import REPO
 
 
@@ -96,7 +98,7 @@ def test_an_exception_mid_write_leaves_the_old_target_and_no_temp(tmp_path: Path
         raise RuntimeError("boom")
     assert target.read_bytes() == b"old" and not companion.exists()
     assert _leftovers(tmp_path) == []
-    assert not atomic_output._LIVE_TEMPS
+    assert not temp_registry.LIVE_TEMPS
 
 
 def test_a_failing_checkpoint_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -178,3 +180,27 @@ def test_sigterm_mid_write_leaves_no_temp_and_no_partial_target(
     if old is not None:
         assert target.read_bytes() == old
     np.testing.assert_equal(_leftovers(tmp_path), [])
+
+
+def test_without_replace_an_existing_companion_refuses_the_whole_output(tmp_path: Path) -> None:
+    target, companion = tmp_path / "out.pt", tmp_path / "out.pt.bnaudit.json"
+    companion.write_text("someone else's\n")
+    staged = AtomicOutput(target, replace=False)
+    with pytest.raises(OutputError, match="created by another process"), staged:
+        staged.write(b"new")
+        staged.add_companion(companion, "{}\n")
+        staged.commit()
+    assert not target.exists() and companion.read_text() == "someone else's\n"
+    assert _leftovers(tmp_path) == []
+
+
+def test_without_hard_links_a_new_output_is_still_written(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def no_links(*_args: object) -> None:
+        raise OSError(errno.EPERM, "hard links are not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    target = tmp_path / "out.pt"
+    with AtomicOutput(target, replace=False) as staged:
+        staged.write(b"new")
+        staged.commit()
+    assert target.read_bytes() == b"new" and _leftovers(tmp_path) == []

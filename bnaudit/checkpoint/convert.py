@@ -135,13 +135,14 @@ def _to_safetensors(
     patches: Sequence[TensorPatch],
     out: Path,
     metadata: Mapping[str, str],
-    companions: Companions | None,
+    writing: tuple[Companions | None, bool],
 ) -> WriteResult:
+    companions, replace = writing
     sd = _only_state_dict(ckpt, patches)
     new_bytes = {p.key: data for p, data in zip(patches, encode_patches(ckpt, patches), strict=True)}
     header, order = _safetensors_header(sd, metadata)
     ref_sha = _sha256(ckpt.path)
-    with AtomicOutput(out) as staged:
+    with AtomicOutput(out, replace=replace) as staged:
         with open(staged.tmp, "wb") as f:
             f.write(header)
             for key, ref in order:
@@ -162,8 +163,9 @@ def _ranges(patches: Sequence[TensorPatch], new_bytes: Mapping[str, bytes]) -> l
 
 
 def _to_torch(
-    ckpt: Checkpoint, patches: Sequence[TensorPatch], out: Path, companions: Companions | None
+    ckpt: Checkpoint, patches: Sequence[TensorPatch], out: Path, writing: tuple[Companions | None, bool]
 ) -> WriteResult:
+    companions, replace = writing
     try:
         import torch  # conversion to a torch file is the one write path that needs torch
     except ImportError:
@@ -182,7 +184,7 @@ def _to_torch(
         flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         tensors[key] = flat.reshape(ref.shape).clone()
     ref_sha = _sha256(ckpt.path)
-    with AtomicOutput(out) as staged:
+    with AtomicOutput(out, replace=replace) as staged:
         torch.save(tensors, staged.tmp)
         _verify_tensors(staged.tmp, "", dict(sd.tensors), new_bytes)
         result = WriteResult(
@@ -224,12 +226,14 @@ class Conversion:
         metadata: safetensors header metadata to write.
         companions: as for :func:`bnaudit.checkpoint.writer.write_patched`.
         dropped: receives one line per kind of content the conversion loses (before ``companions`` runs).
+        replace: as for :func:`bnaudit.checkpoint.writer.write_patched`.
     """
 
     to: FormatFamily | str
     metadata: Mapping[str, str] | None = None
     companions: Companions | None = None
     dropped: list[str] | None = None
+    replace: bool = False
 
 
 def _convert_to_safetensors(
@@ -237,7 +241,7 @@ def _convert_to_safetensors(
 ) -> WriteResult:
     notes = _dropped_from_torch(ckpt, _only_state_dict(ckpt, patches))
     companions = _noting(conversion.companions, notes, conversion.dropped)
-    return _to_safetensors(ckpt, patches, out, conversion.metadata or {}, companions)
+    return _to_safetensors(ckpt, patches, out, conversion.metadata or {}, (companions, conversion.replace))
 
 
 def _convert_to_torch(
@@ -246,7 +250,8 @@ def _convert_to_torch(
     notes = []
     if ckpt.metadata:
         notes.append(f"--to pt dropped the safetensors metadata ({', '.join(sorted(ckpt.metadata))})")
-    return _to_torch(ckpt, patches, out, _noting(conversion.companions, notes, conversion.dropped))
+    companions = _noting(conversion.companions, notes, conversion.dropped)
+    return _to_torch(ckpt, patches, out, (companions, conversion.replace))
 
 
 _CONVERTERS = {FormatFamily.SAFETENSORS: _convert_to_safetensors, FormatFamily.TORCH: _convert_to_torch}

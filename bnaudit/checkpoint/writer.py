@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bnaudit.atomic_output import AtomicOutput
 from bnaudit.checkpoint.formats import FormatSpec, format_spec
+from bnaudit.checkpoint.output_policy import OutputKind, PlannedOutput, check_outputs
 from bnaudit.checkpoint.patch_fixups import FixupPlan, data_start
 from bnaudit.checkpoint.patch_plan import ByteRange, TensorPatch, WriteResult, plan_patches
 from bnaudit.checkpoint.patch_verify import Expected, verify_bytes, verify_reload
@@ -17,7 +18,7 @@ from bnaudit.checkpoint.patch_verify import Expected, verify_bytes, verify_reloa
 from bnaudit.checkpoint.patch_verify import verification_failed as _verification_failed
 from bnaudit.checkpoint.patch_verify import verify_zip as _verify_zip
 from bnaudit.checkpoint.types import Checkpoint
-from bnaudit.errors import OutputError, UnsupportedFormatError
+from bnaudit.errors import UnsupportedFormatError
 
 __all__ = ["ByteRange", "TensorPatch", "WriteResult", "check_output_path", "plan_patches", "write_patched"]
 
@@ -31,6 +32,9 @@ Companions = Callable[[WriteResult], list[tuple[Path, str]]]
 def check_output_path(out: Path, inputs: list[Path], force: bool, companions: tuple[Path, ...] = ()) -> None:
     """Refuse outputs that would overwrite an input, an existing file without ``force``, or lack a folder.
 
+    The library's entry to :func:`bnaudit.checkpoint.output_policy.check_outputs` for a checkpoint and its
+    sidecar (the CLI checks every output of a command, reports included, the same way).
+
     Args:
         out: the checkpoint to write.
         inputs: every file read (never overwritten, even with ``force``).
@@ -40,27 +44,9 @@ def check_output_path(out: Path, inputs: list[Path], force: bool, companions: tu
     Raises:
         OutputError: the folder is missing, a target is a directory, an input, or exists without ``force``.
     """
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(
-            f"the folder {folder} does not exist", path=out, fix="create it or choose another -o path"
-        )
-    for target in (out, *companions):
-        if target.is_dir():
-            raise OutputError("is a directory", path=target, fix="pass a file name to -o")
-        if not target.exists():
-            continue
-        for src in inputs:
-            if src.exists() and os.path.samefile(target, src):
-                raise OutputError(
-                    f"is one of the inputs ({src})",
-                    path=target,
-                    fix=("bnaudit never writes over an input, even with --force — choose another -o path"),
-                )
-        if not force:
-            raise OutputError(
-                "already exists", path=target, fix="pass --force to replace it or choose another -o path"
-            )
+    planned = [PlannedOutput(out, OutputKind.CHECKPOINT, "-o")]
+    planned += [PlannedOutput(c, OutputKind.SIDECAR, "-o's sidecar") for c in companions]
+    check_outputs(planned, inputs, force=force)
 
 
 def _copy(src: Path, dst_fd: int, header: bytes | None) -> None:
@@ -176,6 +162,7 @@ def write_patched(
     *,
     metadata: Mapping[str, str] | None = None,
     companions: Companions | None = None,
+    replace: bool = False,
 ) -> WriteResult:
     """Write ``out``: a copy of the reference checkpoint with only the patched tensors' bytes changed.
 
@@ -193,6 +180,8 @@ def write_patched(
         metadata: entries to add to a safetensors header's ``__metadata__`` (ignored for torch files).
         companions: called with the result before the rename; the (path, text) files it returns are written
             and renamed together with ``out`` (the provenance sidecar).
+        replace: whether ``out`` and the companions may replace existing files (``--force``); without it a
+            file that appeared meanwhile (another process writing the same output) is an OutputError.
 
     Returns:
         The WriteResult.
@@ -208,7 +197,7 @@ def write_patched(
     assert spec.fixups is not None
     ranges = plan_patches(ckpt, patches)
     fixed = spec.fixups.plan(ckpt, ranges, metadata or {})
-    with AtomicOutput(out) as staged:
+    with AtomicOutput(out, replace=replace) as staged:
         _write_output(staged.tmp, ckpt, ranges, fixed, spec)
         ref_sha, out_sha = _verify(staged.tmp, ckpt, patches, ranges, fixed, spec)
         crc_names = tuple(e.name for e in fixed.crc_entries)

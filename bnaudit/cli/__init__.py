@@ -79,6 +79,15 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _written_before_interrupt() -> str:
+    from bnaudit.atomic_output import committed_outputs  # light: no NumPy
+
+    done = committed_outputs()
+    if not done:
+        return "nothing was written"
+    return f"wrote {', '.join(map(str, done))} (complete) before the interrupt; nothing else was written"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the command line and exit with bnaudit's exit code (never a traceback unless --debug)."""
     args = sys.argv[1:] if argv is None else argv
@@ -86,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=args, prog_name="bnaudit", standalone_mode=False)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        _fail("bnaudit: interrupted; nothing was written", EXIT_INTERRUPTED)
+        _fail(f"bnaudit: interrupted; {_written_before_interrupt()}", EXIT_INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -112,6 +112,10 @@ def average_command(
     an unsafe pickle, unusable statistics, parameters that differ) or a finding at or above --fail-on,
     2 usage or input error, 3 internal error, 130 interrupted.
     """
+    from bnaudit.cli.output_checks import check_repair_outputs
+
+    # Every output is checked before the ranks are read: a refused output costs nothing.
+    check_repair_outputs(None if options.dry_run else output, report_file, options.force, [options.reference])
     # The library is imported on use: --help and the other commands start without NumPy.
     from bnaudit.repair import average
 

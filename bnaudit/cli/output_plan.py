@@ -167,17 +167,15 @@ def _prepare(ctx: click.Context, formats: Sequence[str], outputs: Sequence[Path]
         plan.baseline = load_baseline(values["baseline"])
     plan.write_baseline = values.get("write_baseline")
     plan.plot = values.get("plot")
+    reports = [p for _, p in plan.targets if p is not None]
+    from bnaudit.cli.output_checks import check_report_outputs  # on use: it reads the files it checks
+
+    check_report_outputs(reports, plan.write_baseline, plan.plot, values.get("baseline"))
     if plan.plot is not None:
         from bnaudit.report.plot import check_plot_target
 
         check_plot_target(plan.plot)
-    files = [p for _, p in plan.targets if p is not None]
-    files += [p for p in (plan.write_baseline, plan.plot) if p is not None]
-    if len({p.resolve() for p in files}) != len(files):
-        raise UsageError(
-            "one file is given to two of -o, --write-baseline and --plot", fix="give each its own file"
-        )
-    plan.files = files
+    plan.files = reports + [p for p in (plan.write_baseline, plan.plot) if p is not None]
     return plan
 
 

@@ -113,14 +113,10 @@ def recalibrate_command(
     require("torch", where="bnaudit recalibrate")  # found, not imported: the workers import it
     if target.out is None and not target.dry_run:
         raise click.UsageError("give -o OUT (the recalibrated checkpoint to write) or --dry-run")
-    if target.out is not None and not target.dry_run:
-        # Checked before the workers start, so a bad -o costs nothing (imported here: NumPy comes with it).
-        from bnaudit.checkpoint.provenance import sidecar_path
-        from bnaudit.checkpoint.writer import check_output_path
+    # Checked before the workers start, so a bad output costs nothing (imported here: NumPy comes with it).
+    from bnaudit.cli.output_checks import check_repair_outputs
 
-        check_output_path(
-            target.out, [Path(checkpoint)], target.force, companions=(sidecar_path(target.out),)
-        )
+    check_repair_outputs(None if target.dry_run else target.out, report.report_file, target.force)
     launched = launch_if_asked(model.nproc)  # before anything imports torch: the workers do
     if launched is not None:
         return launched

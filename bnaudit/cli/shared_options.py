@@ -120,7 +120,8 @@ report_options = _compose(
         cls=OrderedOption,
         type=click.Path(dir_okay=False, path_type=Path),
         multiple=True,
-        help="Write the report of the --format before it to this file (an existing report is replaced); "
+        help="Write the report of the --format before it to this file (it may replace a report, never a "
+        "checkpoint or an input); "
         "without it, or with '-', the report goes to stdout.",
     ),
     _fail_on_option("Exit 1 when a finding is at least this severe."),

@@ -101,7 +101,9 @@ def average_checkpoints(
     if not options.dry_run and refused is None:
         assert out_path is not None
         record = _record(plan, pooled, rows, settings)
-        written, dropped = write_average(sources.reference, new_stats, out_path, prepared.fmt, record)
+        written, dropped = write_average(
+            sources.reference, new_stats, out_path, prepared.fmt, record, options.force
+        )
     outcome = _Outcome((*prepared.warnings, *dropped), refused, written, out_path)
     report = _report(pooled, rows, findings, settings, outcome)
     sidecar = sidecar_path(out_path) if written and out_path else None

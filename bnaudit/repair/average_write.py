@@ -58,7 +58,12 @@ def checked_output(out: str | Path | None, dry_run: bool, inputs: Sequence[Path]
 
 
 def write_average(
-    reference: Checkpoint, patches: Sequence[TensorPatch], out: Path, fmt: str, record: dict[str, Any]
+    reference: Checkpoint,
+    patches: Sequence[TensorPatch],
+    out: Path,
+    fmt: str,
+    record: dict[str, Any],
+    force: bool = False,
 ) -> tuple[WriteResult, list[str]]:
     """Write the patched copy (or, with another format, a converted one) and its provenance sidecar.
 
@@ -68,6 +73,7 @@ def write_average(
         out: the checkpoint to write; the sidecar goes next to it.
         fmt: ``pt`` or ``safetensors``.
         record: the sidecar's record of the merge (its ``method`` and ``inputs`` also go into the header).
+        force: ``--force``: replace an existing output (checked before, with :func:`checked_output`).
 
     Returns:
         (what was written, notes about what a conversion dropped).
@@ -88,10 +94,12 @@ def write_average(
 
     meta = header_entry("average", record["method"], len(record["inputs"]), None)
     if fmt == format_spec(reference.format).family.value:
-        return write_patched(reference, list(patches), out, metadata=meta, companions=companions), dropped
-    result = convert_checkpoint(
-        reference, list(patches), out, Conversion(fmt, metadata=meta, companions=companions, dropped=dropped)
-    )
+        written = write_patched(
+            reference, list(patches), out, metadata=meta, companions=companions, replace=force
+        )
+        return written, dropped
+    conversion = Conversion(fmt, metadata=meta, companions=companions, dropped=dropped, replace=force)
+    result = convert_checkpoint(reference, list(patches), out, conversion)
     for note in dropped:
         log.warning(note)
     return result, dropped

@@ -112,7 +112,7 @@ def recalibrate_checkpoint(
     report = _recalibration_report(str(path), ckpt, passes, None if target is None else str(out), settings)
     if target is None or not is_rank_zero():
         return CheckpointRecalibrationResult(report, None, None, False, tuple(passes))
-    _write(str(path), target, (ckpt, passes), spec, report)
+    _write(str(path), (target, write.force), (ckpt, passes), spec, report)
     return CheckpointRecalibrationResult(report, target, sidecar_path(target), False, tuple(passes))
 
 
@@ -186,12 +186,13 @@ def statistic_patches(passes: Sequence[StateDictPass]) -> list[TensorPatch]:
 
 def _write(
     checkpoint: str,
-    out: Path,
+    output: tuple[Path, bool],
     measured: tuple[Checkpoint, list[StateDictPass]],
     spec: CalibrationSpec,
     report: Report,
 ) -> None:
     ckpt, passes = measured
+    out, force = output
     options = spec.options
 
     def sidecar(result: WriteResult) -> list[tuple[Path, str]]:
@@ -214,4 +215,4 @@ def _write(
 
     world = passes[0].result.world_size if passes else 1
     write_patched(ckpt, statistic_patches(passes), out, metadata=header_entry("recalibrate", spec.method,
-                  world, None), companions=sidecar)  # fmt: skip
+                  world, None), companions=sidecar, replace=force)  # fmt: skip
