@@ -170,7 +170,9 @@ def _prepare(ctx: click.Context, formats: Sequence[str], outputs: Sequence[Path]
     reports = [p for _, p in plan.targets if p is not None]
     from bnaudit.cli.output_checks import check_report_outputs  # on use: it reads the files it checks
 
-    check_report_outputs(reports, plan.write_baseline, plan.plot, values.get("baseline"))
+    # A baseline --write-baseline replaces is not read (see above), so it is not an input either.
+    read_baseline = values.get("baseline") if plan.write_baseline is None else None
+    check_report_outputs(reports, plan.write_baseline, plan.plot, read_baseline)
     if plan.plot is not None:
         from bnaudit.report.plot import check_plot_target
 
