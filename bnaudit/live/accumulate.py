@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from bnaudit.bn.stats import ChannelStats
 from bnaudit.errors import InputError
@@ -61,6 +62,9 @@ class LayerAccumulator:
         self.sum_sq_vars: torch.Tensor | None = None
         no_batch = getattr(module, "_get_no_batch_dim", None)
         self.no_batch_dim: int | None = no_batch() if callable(no_batch) else None
+        # torch's InstanceNorm tracks the mean over instances of each instance's mean and unbiased variance
+        # (not the variance of all values): every instance is folded in as a call of its own.
+        self.per_instance = isinstance(module, _InstanceNorm)
 
     def check(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The input with its batch dimension and its count of values per channel; InputError if misshapen."""
@@ -80,9 +84,19 @@ class LayerAccumulator:
         x, n = self.check(x)
         if n == 0:
             return None
+        if self.per_instance:
+            self._add_instances(x, n // x.shape[0])
+            return None
         var, mean = moments(x.detach(), [0, *range(2, x.dim())])
         self._merge(n, mean.to(torch.float64), var.to(torch.float64))
         return mean, var
+
+    def _add_instances(self, x: torch.Tensor, per_instance: int) -> None:
+        """Fold in each instance (one sample's channel over its positions) as a call of its own."""
+        var, mean = moments(x.detach(), list(range(2, x.dim())))  # instances x channels
+        mean, var = mean.to(torch.float64), var.to(torch.float64)
+        for i in range(x.shape[0]):
+            self._merge(per_instance, mean[i], var[i])
 
     def add_kernel_moments(self, x: torch.Tensor, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         """Fold in one call's float32 (mean, biased variance) from BatchNorm's own kernel (``x``: that input).

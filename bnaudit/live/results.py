@@ -172,7 +172,9 @@ def finalise(
         per_call: tuple[np.ndarray, np.ndarray] | tuple[None, None] = (None, None)
         after = (before_mean.copy(), before_var.copy())
         if s.reached:
-            pop, per_call, after = population.estimate(s), batch_mean.estimate(s), estimator.estimate(s)
+            pop, per_call = population.estimate(s), batch_mean.estimate(s)
+            # InstanceNorm's running statistics are, by torch's definition, averages over instances.
+            after = per_call if acc.per_instance else estimator.estimate(s)
         out.append(
             LayerRecalibration(
                 name=acc.name,
