@@ -92,11 +92,19 @@ class LayerAccumulator:
         return mean, var
 
     def _add_instances(self, x: torch.Tensor, per_instance: int) -> None:
-        """Fold in each instance (one sample's channel over its positions) as a call of its own."""
+        """Fold in each instance (one sample's channel over its positions) as a call of its own, at once."""
+        whole_var, whole_mean = moments(x.detach(), [0, *range(2, x.dim())])
+        # The population of all the values is the whole call's; the per-call sums are the instances'.
+        self._merge_population(
+            x.shape[0] * per_instance, whole_mean.to(torch.float64), whole_var.to(torch.float64)
+        )
+        self.calls += x.shape[0]
+        if per_instance == 1:
+            self.single_calls += x.shape[0]
+            return
         var, mean = moments(x.detach(), list(range(2, x.dim())))  # instances x channels
-        mean, var = mean.to(torch.float64), var.to(torch.float64)
-        for i in range(x.shape[0]):
-            self._merge(per_instance, mean[i], var[i])
+        mean, unbiased = mean.to(torch.float64), var.to(torch.float64) * per_instance / (per_instance - 1)
+        self._add_call_sums(mean.sum(0), unbiased.sum(0), (mean * mean).sum(0), (unbiased * unbiased).sum(0))
 
     def add_kernel_moments(self, x: torch.Tensor, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         """Fold in one call's float32 (mean, biased variance) from BatchNorm's own kernel (``x``: that input).
@@ -110,38 +118,45 @@ class LayerAccumulator:
         self._merge(n, mean.to(torch.float64), var.to(torch.float64))
 
     def _merge(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
-        m2 = var * n
+        self._merge_population(n, mean, var)
         self.calls += 1
-        if self.mean is None or self.m2 is None:
-            self.count, self.mean, self.m2 = float(n), mean, m2
-        else:
-            total = self.count + n
-            delta = mean - self.mean
-            # Chan et al.: merge (count, mean, M2) of the running total with this call's.
-            self.mean = self.mean + delta * (n / total)
-            self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
-            self.count = total
         if n == 1:
             # One value per channel has no unbiased variance: the per-call sums (batch-mean, the noise)
-            # leave the call out; the population statistics above keep its value.
+            # leave the call out; the population statistics keep its value.
             self.single_calls += 1
             return
-        self._add_call_moments(mean, m2 / (n - 1))
+        unbiased = var * n / (n - 1)
+        self._add_call_sums(mean, unbiased, mean * mean, unbiased * unbiased)
 
-    def _add_call_moments(self, mean: torch.Tensor, unbiased: torch.Tensor) -> None:
+    def _merge_population(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        m2 = var * n
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = float(n), mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        # Chan et al.: merge (count, mean, M2) of the running total with this call's.
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+        self.count = total
+
+    def _add_call_sums(
+        self, means: torch.Tensor, variances: torch.Tensor, sq_means: torch.Tensor, sq_vars: torch.Tensor
+    ) -> None:
+        """Add calls' means, unbiased variances and their squares (summed over the calls) to the sums."""
         if (
             self.sum_means is None
             or self.sum_vars is None
             or self.sum_sq_means is None
             or self.sum_sq_vars is None
         ):
-            self.sum_means, self.sum_vars = mean.clone(), unbiased
-            self.sum_sq_means, self.sum_sq_vars = mean * mean, unbiased * unbiased
+            self.sum_means, self.sum_vars = means.clone(), variances.clone()
+            self.sum_sq_means, self.sum_sq_vars = sq_means.clone(), sq_vars.clone()
             return
-        self.sum_means = self.sum_means + mean
-        self.sum_vars = self.sum_vars + unbiased
-        self.sum_sq_means = self.sum_sq_means + mean * mean
-        self.sum_sq_vars = self.sum_sq_vars + unbiased * unbiased
+        self.sum_means = self.sum_means + means
+        self.sum_vars = self.sum_vars + variances
+        self.sum_sq_means = self.sum_sq_means + sq_means
+        self.sum_sq_vars = self.sum_sq_vars + sq_vars
 
     def sums(self) -> LayerSums:
         """What was collected, as float64 NumPy sufficient statistics (one host copy per layer)."""
