@@ -37,6 +37,16 @@ from bnaudit.errors import BnauditError, InputError
 MAX_PICKLE_BYTES = 1 << 30
 
 
+class CorruptPickleError(InputError):
+    """A pickle is corrupt or truncated; ``globals`` are those it referenced before it broke.
+
+    A hostile file may name ``os.system`` and then end in garbage: the audit layer classifies these globals
+    so that a dangerous one is still reported (exit 1) rather than lost in a "corrupt file" error.
+    """
+
+    globals: tuple[GlobalRef, ...] = ()
+
+
 # Globals whose stand-in is the unpickler's method of the same name: torch's tensor rebuild functions.
 _REBUILDS: dict[str, tuple[str, ...]] = {
     "torch._utils": ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter"),
@@ -239,11 +249,13 @@ def inert_load(
         raise
     except _CORRUPT as exc:
         detail = one_line(f"{type(exc).__name__}: {exc}")
-        raise InputError(
+        error = CorruptPickleError(
             f"cannot read {source}: pickle is corrupt or truncated ({detail})",
             path=display,
             fix="re-save the checkpoint",
-        ) from None
+        )
+        error.globals = tuple(unpickler.globals)
+        raise error from None
     if unpickler.arrays:
         obj = settle_arrays(obj)
     return obj, unpickler.globals, unpickler.warnings
