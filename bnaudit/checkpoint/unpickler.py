@@ -28,6 +28,7 @@ from bnaudit.checkpoint.unpickler_globals import (
     normalise_global,
     one_line,
 )
+from bnaudit.checkpoint.unpickler_lengths import checked_dispatch, input_size
 from bnaudit.checkpoint.unpickler_numpy import NUMERIC_MODULES, NUMPY_MODULES, settle_arrays
 from bnaudit.checkpoint.unpickler_rebuild import InertBase
 from bnaudit.errors import BnauditError, InputError
@@ -157,7 +158,12 @@ class InertUnpickler(_InertBehaviour, pickle._Unpickler):
 
     It takes any pickle, including those :func:`c_unpickler_safe` refuses (a memo index far beyond the
     entries stored, an argument longer than the file), and reads from a stream without reading ahead.
+    A declared length over the input's size is refused before anything is allocated
+    (:mod:`bnaudit.checkpoint.unpickler_lengths`).
     """
+
+    dispatch = checked_dispatch(pickle._Unpickler.dispatch)
+    input_size: int | None = None
 
 
 class _FastInertUnpickler(_InertBehaviour, pickle.Unpickler):
@@ -243,6 +249,8 @@ def inert_load(
             unpickler_class = _FastInertUnpickler
         data = io.BytesIO(data)
     unpickler = unpickler_class(data, display=display, source=source, resolver=resolver)
+    if isinstance(unpickler, InertUnpickler):
+        unpickler.input_size = input_size(data)
     try:
         obj = unpickler.load()
     except BnauditError:

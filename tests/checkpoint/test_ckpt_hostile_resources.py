@@ -3,10 +3,16 @@ and the CLI must answer in well under 10 s, under 512 MiB of peak memory, withou
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import socket
+import zipfile
 from pathlib import Path
 
+import pytest
+
+from bnaudit.checkpoint.unpickler import inert_load
 from tests.checkpoint.hostile_helpers import run_bounded
 
 
@@ -46,3 +52,61 @@ def test_compare_refuses_a_fifo_rank(tmp_path: Path) -> None:
     _assert_refused(
         run_bounded("compare", str(tmp_path / "m_rank0.pt"), str(tmp_path / "m_rank1.pt")), "FIFO"
     )
+
+
+# ----- declared lengths ---------------------------------------------------------------------------------
+_FOUR_GIB = (4 << 30).to_bytes(8, "little")
+_HUGE_CLAIMS = {
+    "BYTEARRAY8": b"\x80\x05\x96" + _FOUR_GIB + b".",  # 12 bytes asking for a zeroed 4 GiB bytearray
+    "BINBYTES8": b"\x80\x04\x8e" + _FOUR_GIB + b".",
+    "BINUNICODE8": b"\x80\x04\x8d" + _FOUR_GIB + b".",
+    "FRAME": b"\x80\x04\x95" + _FOUR_GIB + b"N.",
+    "BINBYTES": b"\x80\x03B\xff\xff\xff\xff.",
+}
+
+
+def _torch_zip_with_pickle(tmp_path: Path, data_pkl: bytes, compress: bool = False) -> Path:
+    path = tmp_path / "model.pt"
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", method) as zf:
+        zf.writestr("archive/data.pkl", data_pkl)
+        zf.writestr("archive/byteorder", b"little")
+        zf.writestr("archive/version", b"3\n")
+    return path
+
+
+@pytest.mark.parametrize("opcode", sorted(_HUGE_CLAIMS))
+@pytest.mark.parametrize("container", ["plain-pickle", "torch-zip"])
+def test_a_declared_length_beyond_the_input_is_refused_before_allocating(tmp_path, opcode, container):
+    data = _HUGE_CLAIMS[opcode]
+    if container == "plain-pickle":
+        path = tmp_path / "model.pkl"
+        path.write_bytes(data)
+    else:
+        path = _torch_zip_with_pickle(tmp_path, data)
+    _assert_refused(run_bounded("inspect", str(path)), "corrupt or truncated", "claims")
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"\x80\x04\x8e" + (3).to_bytes(8, "little") + b"abc.", b"abc"),
+        (b"\x80\x05\x96" + (2).to_bytes(8, "little") + b"hi.", bytearray(b"hi")),
+        (b"\x80\x04\x8d" + (2).to_bytes(8, "little") + "é".encode() + b".", "é"),
+        (b"\x80\x04\x95" + (2).to_bytes(8, "little") + b"N.", None),
+        (b"\x80\x03B" + (1).to_bytes(4, "little") + b"z.", b"z"),
+        (b"\x80\x03X" + (1).to_bytes(4, "little") + b"z.", "z"),
+    ],
+)
+def test_lengths_that_fit_are_read_as_before(data, expected):
+    obj, _, _ = inert_load(io.BytesIO(data), display="x", source="x")  # a stream: the pure-Python unpickler
+    assert obj == expected and type(obj) is type(expected)
+
+
+def test_a_real_protocol5_pickle_streams_through_the_checked_opcodes(tmp_path):
+    obj = {"b": b"x" * 70_000, "a": bytearray(b"y" * 300), "s": "z" * 70_000}
+    path = tmp_path / "p.pkl"
+    path.write_bytes(pickle.dumps(obj, protocol=5))
+    with open(path, "rb") as f:
+        got, _, _ = inert_load(f, display="p", source="p")
+    assert got == obj
