@@ -110,3 +110,32 @@ def test_a_real_protocol5_pickle_streams_through_the_checked_opcodes(tmp_path):
     with open(path, "rb") as f:
         got, _, _ = inert_load(f, display="p", source="p")
     assert got == obj
+
+
+# ----- zip bombs ----------------------------------------------------------------------------------------
+def _bomb(tmp_path: Path, entry: str, inflated: int) -> Path:
+    """A torch zip whose ``entry`` is deflated zeros (a pickle of 0x00 bytes, which is no opcode)."""
+    path = tmp_path / "bomb.pt"
+    chunk = bytes(1 << 20)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        if entry != "archive/data.pkl":
+            zf.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        with zf.open(entry, "w", force_zip64=True) as member:
+            for _ in range(inflated // len(chunk)):
+                member.write(chunk)
+    return path
+
+
+@pytest.mark.parametrize("entry", ["archive/data.pkl", "archive/byteorder"])
+def test_a_zip_bomb_entry_stops_at_the_inflate_budget(tmp_path, entry):
+    path = _bomb(tmp_path, entry, 768 << 20)  # under the 1 GiB pickle limit, a few hundred kB on disk
+    assert path.stat().st_size < 4 << 20
+    _assert_refused(run_bounded("inspect", str(path)), "zip bomb", "byte budget", entry)
+
+
+def test_a_compressed_pickle_within_the_budget_is_read(tmp_path):
+    data = pickle.dumps({"epoch": 7, "note": "x" * 100_000}, protocol=2)
+    path = _torch_zip_with_pickle(tmp_path, data, compress=True)
+    result = run_bounded("inspect", str(path))
+    result.assert_bounded()
+    assert "zip bomb" not in result.stderr and "corrupt" not in result.stderr
