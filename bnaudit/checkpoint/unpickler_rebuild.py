@@ -15,7 +15,7 @@ from bnaudit.checkpoint.unpickler_globals import (
     StorageResolver,
     StorageType,
     int_tuple,
-    one_line,
+    summary,
 )
 from bnaudit.checkpoint.unpickler_numpy import NumpyDtype, PendingArray, inline_tensor
 from bnaudit.errors import InputError
@@ -97,7 +97,7 @@ class InertBase:
             raise InputError(
                 (
                     f"{self.source}: tensor on storage '{storage.key}' has an invalid offset, "
-                    f"size or stride ({offset!r}, {size!r}, {stride!r})"
+                    f"size or stride ({summary(offset)}, {summary(size)}, {summary(stride)})"
                 ),
                 path=self.display,
                 fix="the file is corrupt — re-save it",
@@ -175,13 +175,11 @@ class InertBase:
             # the class is already an inert placeholder (recorded by find_class); the source is only text.
             return pid[1]
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
-            self._warn(f"unknown persistent id {one_line(repr(pid), 80)} kept as a placeholder")
+            self._warn(f"unknown persistent id {summary(pid)} kept as a placeholder")
             return self._placeholder("persistent_load", "id", pid)
         stype, key, numel = pid[1], pid[2], pid[4]
         if not (isinstance(stype, StorageType) and isinstance(key, str) and isinstance(numel, int)):
-            self._warn(
-                f"storage id {one_line(repr(pid), 80)} names no known storage type; kept as a placeholder"
-            )
+            self._warn(f"storage id {summary(pid)} names no known storage type; kept as a placeholder")
             return self._placeholder("persistent_load", "storage", pid)
         if self.resolver is None:
             self._warn("a plain pickle refers to torch storages it does not contain; they are skipped")
@@ -199,7 +197,7 @@ class InertBase:
         parts = int_tuple(view[1:]) if isinstance(view, tuple) and len(view) == 3 else None
         if parts is None or not isinstance(view[0], str):
             raise InputError(
-                f"storage '{root.key}' has an invalid view {view!r}",
+                f"storage '{root.key}' has an invalid view {summary(view)}",
                 path=self.display,
                 fix="the file is corrupt — re-save it",
             )

@@ -139,3 +139,70 @@ def test_a_compressed_pickle_within_the_budget_is_read(tmp_path):
     result = run_bounded("inspect", str(path))
     result.assert_bounded()
     assert "zip bomb" not in result.stderr and "corrupt" not in result.stderr
+
+
+# ----- exponential structures in messages ---------------------------------------------------------------
+def _memo(op: bytes, index: int) -> bytes:
+    return op + bytes([index])  # BINPUT (q) / BINGET (h): one-byte memo indices
+
+
+def _shared_list_dag(levels: int) -> bytes:
+    """Opcodes leaving on the stack a list whose every level holds the level below twice (through the memo):
+    a few hundred bytes whose expansion (repr, a naive walk) has 2**levels leaves."""
+    out = [b"]", _memo(b"q", 0)]  # EMPTY_LIST, BINPUT 0
+    for level in range(1, levels):
+        # POP the level below (it stays in the memo), then MARK, BINGET it twice, LIST, BINPUT.
+        out += [b"0(", _memo(b"h", level - 1), _memo(b"h", level - 1), b"l", _memo(b"q", level)]
+    return b"".join(out)
+
+
+def _persistent_dag_pickle() -> bytes:
+    # {"state": <persistent id that is the DAG>}; BINPERSID asks the unpickler to describe the id.
+    return b"\x80\x02}(X\x05\x00\x00\x00state" + _shared_list_dag(60) + b"Qu."
+
+
+def _tensor_with_dag_size() -> bytes:
+    """torch._utils._rebuild_tensor_v2(<storage>, 0, <DAG size>, (1,)): an invalid size, reported."""
+    storage = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+    args = b"(" + storage + b"K\x00" + _shared_list_dag(60) + b"K\x01\x85" + b"t"
+    return b"\x80\x02}X\x04\x00\x00\x00bn.wctorch._utils\n_rebuild_tensor_v2\n" + args + b"Rs."
+
+
+@pytest.mark.parametrize("container", ["plain-pickle", "torch-zip"])
+def test_a_persistent_id_dag_is_summarised_not_expanded(tmp_path, container):
+    data = _persistent_dag_pickle()
+    assert len(data) < 1024
+    if container == "plain-pickle":
+        path = tmp_path / "model.pkl"
+        path.write_bytes(data)
+    else:
+        path = _torch_zip_with_pickle(tmp_path, data)
+    result = run_bounded("inspect", str(path))
+    result.assert_bounded()
+    assert result.returncode in (0, 1), result.stderr
+    assert "persistent id" in result.stderr and len(result.stderr) < 2000
+
+
+def test_an_invalid_tensor_size_that_is_a_dag_is_summarised(tmp_path):
+    path = _torch_zip_with_pickle(tmp_path, _tensor_with_dag_size())
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("archive/data/0", bytes(16))
+    result = run_bounded("inspect", str(path))
+    _assert_refused(result, "invalid offset, size or stride", "<list of 2>")
+    assert len(result.stderr) < 1000
+
+
+def test_summary_bounds_every_kind_of_value():
+    from bnaudit.checkpoint.types import Placeholder
+    from bnaudit.checkpoint.unpickler_globals import summary
+
+    dag: list = []
+    for _ in range(200):
+        dag = [dag, dag]
+    assert summary(dag) == "[[<list of 2>, <list of 2>], [<list of 2>, <list of 2>]]"
+    assert summary(tuple(range(10))) == "(0, 1, 2, 3, ...)"
+    assert summary({"a": 1}) == "{'a': 1}"
+    assert summary("x" * 100) == repr("x" * 40) + "..."
+    assert summary(1 << 10_000) == "<int of 10001 bits>"
+    assert summary(Placeholder("os", "system")) == "<os.system>"
+    assert summary(3) == "3" and summary(None) == "None"
