@@ -206,3 +206,58 @@ def test_summary_bounds_every_kind_of_value():
     assert summary(1 << 10_000) == "<int of 10001 bits>"
     assert summary(Placeholder("os", "system")) == "<os.system>"
     assert summary(3) == "3" and summary(None) == "None"
+
+
+# ----- graph walks --------------------------------------------------------------------------------------
+def _text(s: str) -> bytes:
+    return b"X" + len(s).to_bytes(4, "little") + s.encode()  # BINUNICODE
+
+
+def _module_dag_pickle(levels: int) -> bytes:
+    """torch.save(model) of a module whose every level's ``_modules`` names the next level twice (through
+    the memo): 2**levels paths to the leaf in a few kB."""
+    cls = 255  # memo slot of the module class
+    out = [b"\x80\x02ctorch.nn.modules.container\nSequential\n", _memo(b"q", cls), b"0"]
+    for level in reversed(range(levels)):
+        children = b""
+        if level < levels - 1:
+            child = _memo(b"h", level + 1)
+            children = b"(" + _text("a") + child + _text("b") + child + b"u"
+        state = b"}(" + _text("_parameters") + b"}" + _text("_buffers") + b"}" + _text("_modules") + b"}"
+        out += [_memo(b"h", cls), b")\x81", state, children, b"ub", _memo(b"q", level)]
+        if level:
+            out.append(b"0")
+    return b"".join(out) + b"."
+
+
+def test_a_module_dag_is_walked_once_per_module(tmp_path):
+    data = _module_dag_pickle(64)
+    assert len(data) < 8192
+    path = _torch_zip_with_pickle(tmp_path, data)
+    result = run_bounded("inspect", str(path))
+    result.assert_bounded()
+    assert result.returncode in (0, 1), result.stderr
+
+
+def test_a_shared_container_dag_is_searched_once(tmp_path):
+    # [[[...]]]: each level a list of 200 references to the level below, four levels: 1.6e9 paths.
+    out = [b"\x80\x02}q\x00"]
+    for level in range(1, 5):
+        out += [b"0(", _memo(b"h", level - 1) * 200, b"l", _memo(b"q", level)]
+    path = tmp_path / "model.pkl"
+    path.write_bytes(b"".join(out) + b".")
+    result = run_bounded("inspect", str(path))
+    result.assert_bounded()
+    assert result.returncode in (0, 1), result.stderr
+
+
+def test_a_shared_module_is_flattened_at_its_first_place():
+    from bnaudit.checkpoint.discover import module_state_dict
+    from bnaudit.checkpoint.types import Placeholder, StorageRef, TensorRef
+
+    tensor = TensorRef(StorageRef(Path("x"), "0", 0, 4, "float32"), "float32", (1,), (1,), 0, False)
+    leaf = Placeholder("torch.nn", "BatchNorm2d")
+    leaf.state = {"_parameters": {"weight": tensor}, "_buffers": {}, "_modules": {}}
+    top = Placeholder("torch.nn", "Sequential")
+    top.state = {"_parameters": {}, "_buffers": {}, "_modules": {"a": leaf, "b": leaf}}
+    assert module_state_dict(top) == {"a.weight": tensor}
