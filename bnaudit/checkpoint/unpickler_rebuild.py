@@ -20,6 +20,9 @@ from bnaudit.checkpoint.unpickler_globals import (
 from bnaudit.checkpoint.unpickler_numpy import NumpyDtype, PendingArray, inline_tensor
 from bnaudit.errors import InputError
 
+# No checkpoint names more than a few hundred distinct globals (module classes, tensor machinery).
+MAX_PLACEHOLDER_CLASSES = 10_000
+
 
 class InertBase:
     """State and tensor handling shared by both inert unpicklers (see :mod:`bnaudit.checkpoint.unpickler`).
@@ -64,11 +67,20 @@ class InertBase:
         """
         key = (module, name)
         cls = self._classes.get(key)
+        if cls is None and len(self._classes) >= MAX_PLACEHOLDER_CLASSES:
+            # A class object costs kilobytes: a pickle naming 300,000 globals would take gigabytes. Past the
+            # cap the rest share one class (every global is still recorded in ``globals``).
+            self._warn(
+                f"the pickle names more than {MAX_PLACEHOLDER_CLASSES} distinct globals; the objects of the "
+                "rest are one kind of placeholder"
+            )
+            key = ("<globals>", "<over the limit>")
+            cls = self._classes.get(key)
         if cls is None:
             cls = type(
-                "Placeholder_" + name.replace(".", "_")[:80],
+                "Placeholder_" + key[1].replace(".", "_")[:80],
                 (PlaceholderObject,),
-                {"placeholder_module": module, "placeholder_name": name, "factory": self.placeholder_class},
+                {"placeholder_module": key[0], "placeholder_name": key[1], "factory": self.placeholder_class},
             )
             self._classes[key] = cls
         return cls

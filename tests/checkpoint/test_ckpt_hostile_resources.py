@@ -261,3 +261,30 @@ def test_a_shared_module_is_flattened_at_its_first_place():
     top = Placeholder("torch.nn", "Sequential")
     top.state = {"_parameters": {}, "_buffers": {}, "_modules": {"a": leaf, "b": leaf}}
     assert module_state_dict(top) == {"a.weight": tensor}
+
+
+# ----- many globals -------------------------------------------------------------------------------------
+def test_three_hundred_thousand_distinct_globals_stay_bounded(tmp_path):
+    out = [b"\x80\x02"]
+    out += [b"cmod%d\nf\n0" % i for i in range(300_000)]  # GLOBAL then POP, 300,000 times
+    path = tmp_path / "model.pkl"
+    path.write_bytes(b"".join(out) + b"ccollections\nOrderedDict\n)R.")
+    result = run_bounded("inspect", str(path))
+    result.assert_bounded()
+    assert result.returncode in (0, 1), result.stderr
+    assert "more than 10000 distinct globals" in result.stderr
+
+
+def test_unknown_globals_past_the_cap_are_counted_and_every_dangerous_one_is_listed():
+    from bnaudit.bn.pickle_policy import MAX_LISTED_GLOBALS, pickle_findings
+    from bnaudit.checkpoint.types import GlobalRef
+    from bnaudit.report.model import FindingKind, Severity
+
+    refs = [GlobalRef(f"mod{i}", "f", "data.pkl") for i in range(MAX_LISTED_GLOBALS + 50)]
+    refs += [GlobalRef("os", "system", "data.pkl"), GlobalRef("posix", "system", "data.pkl")]
+    findings = pickle_findings(refs, "x.pt")
+    unsafe = [f for f in findings if f.kind is FindingKind.UNSAFE_PICKLE]
+    assert sorted(f.tensor for f in unsafe) == ["os.system", "posix.system"]
+    warned = [f for f in findings if f.severity is Severity.WARN]
+    assert len(warned) == MAX_LISTED_GLOBALS + 1
+    assert "50 more unknown globals" in warned[-1].message
