@@ -14,12 +14,19 @@ from tests.conftest import REPO
 MAX_SECONDS = 10.0
 MAX_RSS_MIB = 512.0
 
+# The peak is the child's own VmHWM: ru_maxrss survives fork and exec on Linux, so a child of a large
+# pytest process would report the parent's peak; a new address space starts its high-water mark afresh.
 _CODE = (
     "import resource, sys\n"
     "from bnaudit.cli import main\n"
     "code = 0\n"
     "try:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n    code = exc.code\n"
-    "print('peak-rss-mib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n"
+    "try:\n"
+    "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+    "    peak = int(hwm.split()[1]) / 1024\n"
+    "except (OSError, IndexError):\n"
+    "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+    "print('peak-rss-mib', peak, file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 
