@@ -133,3 +133,21 @@ class NonFiniteStatisticsError(InputError):
         self.layer = layer
         self.channel = channel
         self.state_dict: str | None = None
+
+
+class UnsafePickleError(InputError):
+    """A pickle references a dangerous callable and then turned out corrupt or truncated (exit 1).
+
+    The dangerous global is the finding that matters: it is the first line of the message, and the parse
+    error (``parse_error``) the second, so neither is lost and the CLI exits 1 as for an ``unsafe-pickle``
+    finding; nothing is written.
+    """
+
+    exit_code = 1
+
+    def __init__(self, problem: str, *, path: str, fix: str, parse_error: InputError) -> None:
+        super().__init__(problem, path=path, fix=fix)
+        self.parse_error = parse_error
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.parse_error}"

@@ -52,6 +52,7 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOption
         never-updated, malformed-layer, no-batchnorm, unsafe-pickle, suspicious-pickle and no-checksum.
 
     Raises:
+        UnsafePickleError: the pickle is corrupt after referencing a dangerous callable (exit 1).
         InputError: the file cannot be read, ``key`` or ``layer`` is not found.
     """
     display = str(path)

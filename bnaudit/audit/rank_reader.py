@@ -15,7 +15,8 @@ from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.rank_files import RankFile
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
-from bnaudit.errors import InputError, ModelMismatchError
+from bnaudit.checkpoint.unpickler import CorruptPickleError
+from bnaudit.errors import InputError, ModelMismatchError, UnsafePickleError
 from bnaudit.report.model import Finding, FindingKind
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,24 @@ class UnsafeUnreadableRank(Exception):
 
 
 def load_logged(path: str | Path, display: str) -> Checkpoint:
-    """Load a checkpoint inertly and log its reader's warnings under the name the user gave."""
-    ckpt = load_checkpoint(path)
+    """Load a checkpoint inertly and log its reader's warnings under the name the user gave.
+
+    Raises:
+        UnsafePickleError: the pickle is corrupt but referenced a dangerous callable before it broke.
+        InputError: the file cannot be read.
+    """
+    try:
+        ckpt = load_checkpoint(path)
+    except CorruptPickleError as exc:
+        unsafe = [f for f in pickle_findings(exc.globals, display) if f.kind is FindingKind.UNSAFE_PICKLE]
+        if not unsafe:
+            raise
+        raise UnsafePickleError(
+            "unsafe-pickle: " + "; ".join(f.message for f in unsafe),
+            path=display,
+            fix="do not torch.load it",
+            parse_error=exc,
+        ) from None
     for warning in ckpt.warnings:
         log.warning("%s: %s", display, warning)
     return ckpt

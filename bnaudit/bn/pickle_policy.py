@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from fnmatch import fnmatchcase
 
 from bnaudit.checkpoint.types import GlobalRef
 from bnaudit.report.model import Finding, FindingKind, Severity
@@ -104,18 +105,30 @@ DANGEROUS_GLOBALS = frozenset(
 _WILDCARDS = frozenset("*?[")
 
 
-def _matches(qualname: str, entries: Iterable[str]) -> bool:
-    for entry in entries:
-        if entry.endswith(".*"):
-            module = entry[:-2]
-            if qualname.startswith(module + "."):
-                return True
-        elif _WILDCARDS.isdisjoint(entry):
-            if qualname == entry:  # a plain name: fnmatch would compile a pattern for it
-                return True
-        elif fnmatchcase(qualname, entry):
+@functools.cache
+def _index(
+    entries: frozenset[str] | tuple[str, ...],
+) -> tuple[frozenset[str], frozenset[str], re.Pattern[str]]:
+    """``entries`` as plain names, ``module.*`` modules and one regex of the other patterns, built once."""
+    modules = frozenset(e[:-2] for e in entries if e.endswith(".*"))
+    plain = frozenset(e for e in entries if not e.endswith(".*") and _WILDCARDS.isdisjoint(e))
+    patterns = [
+        fnmatch.translate(e) for e in entries if not e.endswith(".*") and not _WILDCARDS.isdisjoint(e)
+    ]
+    return plain, modules, re.compile("|".join(patterns) if patterns else "(?!)")
+
+
+def _matches(qualname: str, entries: frozenset[str] | tuple[str, ...]) -> bool:
+    # Set lookups, not a scan of every entry: a hostile pickle can name hundreds of thousands of globals.
+    plain, modules, patterns = _index(entries)
+    if qualname in plain:
+        return True
+    dot = qualname.find(".")
+    while dot >= 0:  # "module.*" covers qualname when a prefix up to one of its dots is that module
+        if qualname[:dot] in modules:
             return True
-    return False
+        dot = qualname.find(".", dot + 1)
+    return patterns.match(qualname) is not None
 
 
 @functools.lru_cache(maxsize=4096)  # every rank of a job references the same few globals
@@ -145,15 +158,20 @@ def global_uses(refs: Iterable[GlobalRef]) -> list[GlobalUse]:
     sources: dict[str, list[str]] = {}
     parts: dict[str, tuple[str, str]] = {}
     for ref in refs:
-        sources.setdefault(ref.qualname, [])
-        if ref.source not in sources[ref.qualname]:
-            sources[ref.qualname].append(ref.source)
-        parts[ref.qualname] = (ref.module, ref.name)
+        qualname = ref.qualname
+        seen = sources.get(qualname)
+        if seen is None:
+            seen = sources[qualname] = []
+            parts[qualname] = (ref.module, ref.name)
+        if ref.source not in seen:
+            seen.append(ref.source)
     order = {Safety.DANGEROUS: 0, Safety.UNKNOWN: 1, Safety.BENIGN: 2, Safety.SAFE: 3}
     uses = [GlobalUse(q, classify_global(*parts[q]), tuple(s)) for q, s in sources.items()]
     return sorted(uses, key=lambda u: (order[u.safety], u.qualname))
 
 
+# Unknown and benign globals listed as findings per file; the rest are counted in one finding.
+MAX_LISTED_GLOBALS = 100
 # What a global of each judgement makes of a file: the finding's severity, kind and message.
 _PICKLE_FINDINGS = {
     Safety.DANGEROUS: (
@@ -186,11 +204,24 @@ def pickle_findings(refs: Iterable[GlobalRef], file: str) -> list[Finding]:
     known-benign classes ``suspicious-pickle`` notes (info). Nothing was executed to find them.
     """
     out = []
+    listed: dict[Safety, int] = {}
     for use in global_uses(refs):
         judged = _PICKLE_FINDINGS.get(use.safety)
-        if judged is not None:
-            severity, kind, message = judged
+        if judged is None:
+            continue
+        severity, kind, message = judged
+        listed[use.safety] = listed.get(use.safety, 0) + 1
+        # Every dangerous global is a finding; unknown and benign ones are listed up to a cap, then
+        # counted: a hostile pickle naming 300,000 classes makes one finding, not 300,000.
+        if use.safety is Safety.DANGEROUS or listed[use.safety] <= MAX_LISTED_GLOBALS:
             out.append(
                 Finding(severity, kind, message.format(name=use.qualname), file=file, tensor=use.qualname)
             )
+    for safety, count in listed.items():
+        if safety is not Safety.DANGEROUS and count > MAX_LISTED_GLOBALS:
+            severity, kind, _ = _PICKLE_FINDINGS[safety]
+            more = count - MAX_LISTED_GLOBALS
+            text = f"the pickle references {more} more {safety.value} globals (the first "
+            text += f"{MAX_LISTED_GLOBALS} are listed)"
+            out.append(Finding(severity, kind, text, file=file))
     return out

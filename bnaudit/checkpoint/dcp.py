@@ -31,7 +31,7 @@ from bnaudit.checkpoint.types import (
     TensorRef,
 )
 from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, inert_load
-from bnaudit.checkpoint.unpickler_globals import int_tuple
+from bnaudit.checkpoint.unpickler_globals import int_tuple, summary
 from bnaudit.checkpoint.zipdir import LOCAL_SIGNATURE
 from bnaudit.errors import InputError
 
@@ -87,8 +87,9 @@ class _DcpReader:
             offsets, sizes = int_tuple(cf.get("offsets")), int_tuple(cf.get("sizes"))
             if offsets is None or sizes is None or len(offsets) != len(shape) or len(sizes) != len(shape):
                 raise InputError(
-                    f"tensor '{fqn}' has a chunk with invalid offsets or sizes ({cf.get('offsets')!r}, "
-                    f"{cf.get('sizes')!r}); {METADATA_FILE} is corrupt",
+                    "tensor '{}' has a chunk with invalid offsets or sizes ({}, {}); {} is corrupt".format(
+                        fqn, summary(cf.get("offsets")), summary(cf.get("sizes")), METADATA_FILE
+                    ),
                     path=self.folder,
                 )
             where = meta.storage.get((fqn, offsets))

@@ -9,7 +9,7 @@ from typing import Any
 
 from bnaudit.checkpoint.types import ITEMSIZE, GlobalRef, Placeholder
 from bnaudit.checkpoint.unpickler import inert_load_file
-from bnaudit.checkpoint.unpickler_globals import DtypeMarker, int_tuple
+from bnaudit.checkpoint.unpickler_globals import DtypeMarker, int_tuple, summary
 from bnaudit.errors import InputError
 
 METADATA_FILE = ".metadata"
@@ -89,7 +89,7 @@ def _storage_entry(folder: Path, index: Any, info: Any) -> tuple[StorageKey, Sto
     if not (isinstance(fqn, str) and isinstance(rel, str) and sizes_ok):
         raise InputError(
             f"{METADATA_FILE} has a storage_data entry without a file name, offset and length "
-            f"({fqn!r}, {rel!r}, {start!r}, {length!r}); it is corrupt",
+            f"({summary(fqn)}, {summary(rel)}, {summary(start)}, {summary(length)}); it is corrupt",
             path=folder,
             fix="re-save it",
         )
@@ -147,7 +147,7 @@ def tensor_dtype(folder: Path, fqn: str, properties: Any) -> str:
     if isinstance(value, DtypeMarker) and value.name in ITEMSIZE:
         return value.name
     raise InputError(
-        f"tensor '{fqn}' has dtype {value!r} in {METADATA_FILE}, not a torch dtype bnaudit reads",
+        f"tensor '{fqn}' has dtype {summary(value)} in {METADATA_FILE}, not a torch dtype bnaudit reads",
         path=folder,
         fix=CONVERT,
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -62,8 +64,12 @@ def detect_format(path: str | Path) -> ContainerFormat:
                 path=path,
                 fix=_EXPECTED,
             )
-        file_size = path.stat().st_size
-        with open(path, "rb") as f:
+        file_size = _regular_file_size(path)
+        # O_NONBLOCK: a FIFO swapped in after the check still cannot make the open wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise _not_regular(path, os.fstat(f.fileno()).st_mode)
             head = f.read(_SNIFF_BYTES)
     except FileNotFoundError:
         raise InputError("no such file or directory", path=path, fix="check the path") from None
@@ -72,6 +78,28 @@ def detect_format(path: str | Path) -> ContainerFormat:
     except OSError as exc:
         raise InputError(f"cannot be read ({exc.strerror})", path=path, fix="check the path") from None
     return _format_of(path, head, file_size)
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+
+
+def _not_regular(path: Path, mode: int) -> InputError:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return InputError(
+        f"is {kind}, not a regular file: bnaudit reads checkpoints from files only, so it is not read",
+        path=path,
+        fix="save the checkpoint to a file and pass that",
+    )
+
+
+def _regular_file_size(path: Path) -> int:
+    """The size of a regular file; anything else (FIFO, device, socket) is refused before it is opened,
+    since reading a FIFO waits for a writer and a device may never end."""
+    mode = path.stat()
+    if not stat.S_ISREG(mode.st_mode):
+        raise _not_regular(path, mode.st_mode)
+    return mode.st_size
 
 
 def _format_of(path: Path, head: bytes, file_size: int) -> ContainerFormat:

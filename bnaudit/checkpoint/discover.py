@@ -6,6 +6,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from bnaudit.checkpoint.types import Placeholder, StateDictRef, TensorRef
+from bnaudit.checkpoint.unpickler_globals import summary
 from bnaudit.errors import InputError
 
 MAX_DEPTH = 4
@@ -64,62 +65,96 @@ def _module_state(obj: Any) -> dict[str, Any] | None:
     return None
 
 
-def module_state_dict(obj: Any, prefix: str = "", depth: int = 0) -> dict[str, TensorRef]:
+def module_state_dict(
+    obj: Any, prefix: str = "", depth: int = 0, seen: set[int] | None = None
+) -> dict[str, TensorRef]:
     """Flatten a pickled module's parameters and persistent buffers the way ``state_dict()`` does.
 
     Args:
         obj: a Placeholder of an ``nn.Module`` (``torch.save(model)``).
         prefix: key prefix of this module (``layer1.0.``).
-        depth: nesting level, bounded to stop cyclic or hostile module graphs.
+        depth: nesting level, bounded to stop hostile module graphs.
+        seen: ids of the modules already flattened. A module reached a second time (shared, or a hostile
+            graph whose every level names the next one twice, 2**64 paths in a few kB) is not walked again,
+            so the walk visits each module once.
 
     Returns:
         Key -> TensorRef, parameters then buffers then children, like ``nn.Module.state_dict``.
     """
+    seen = set() if seen is None else seen
     state = _module_state(obj)
-    if state is None or depth > 64:
+    if state is None or depth > 64 or id(obj) in seen:
         return {}
+    seen.add(id(obj))
     result: dict[str, TensorRef] = {}
     skip = state.get("_non_persistent_buffers_set") or set()
     skip_names = set(skip.items if isinstance(skip, Placeholder) else skip)
     for group in ("_parameters", "_buffers"):
-        members = state[group]
-        for name, value in members.items() if isinstance(members, Mapping) else ():
+        for name, value in _named(state[group]):
             if isinstance(value, TensorRef) and not (group == "_buffers" and name in skip_names):
                 result[f"{prefix}{name}"] = value
-    children = state["_modules"]
-    for name, child in children.items() if isinstance(children, Mapping) else ():
-        result.update(module_state_dict(child, f"{prefix}{name}.", depth + 1))
+    for name, child in _named(state["_modules"]):
+        result.update(module_state_dict(child, f"{prefix}{name}.", depth + 1, seen))
     return result
 
 
-def _walk(obj: Any, path: tuple[Any, ...], depth: int) -> Iterator[StateDictRef]:
-    name = "/".join(str(p) for p in path)
-    if is_state_dict(obj):
-        yield StateDictRef(name, path, {k: v for k, v in obj.items() if isinstance(v, TensorRef)})
-        return
-    if _module_state(obj) is not None:
-        tensors = module_state_dict(obj)
+def _named(members: Any) -> Iterator[tuple[str, Any]]:
+    # Module attribute names are strings; a hostile key (a tuple holding itself) is never formatted.
+    for name, value in members.items() if isinstance(members, Mapping) else ():
+        if isinstance(name, str):
+            yield name, value
+
+
+class _Search:
+    """One search's memory: the containers already searched, and what each candidate was found to hold.
+
+    Every object is judged once and every container searched once, however often the pickle's memo shares
+    it: the search costs the size of the object graph, not the number of its paths.
+    """
+
+    def __init__(self) -> None:
+        self.searched: set[int] = set()
+        self.found: dict[int, dict[str, TensorRef] | None] = {}
+
+    def tensors(self, obj: Any) -> dict[str, TensorRef] | None:
+        """A state dict's (or module's) tensors, or None when ``obj`` is neither."""
+        key = id(obj)
+        if key not in self.found:
+            if is_state_dict(obj):
+                self.found[key] = {k: v for k, v in obj.items() if isinstance(v, TensorRef)}
+            elif _module_state(obj) is not None:
+                self.found[key] = module_state_dict(obj)
+            else:
+                self.found[key] = None
+        return self.found[key]
+
+
+def _walk(obj: Any, path: tuple[Any, ...], depth: int, search: _Search) -> Iterator[StateDictRef]:
+    tensors = search.tensors(obj)
+    if tensors is not None:
         if tensors:
-            yield StateDictRef(name, path, tensors)
+            yield StateDictRef("/".join(p if isinstance(p, str) else summary(p) for p in path), path, tensors)
         return
-    if depth >= MAX_DEPTH:
+    if depth >= MAX_DEPTH or not isinstance(obj, Mapping | list | tuple) or id(obj) in search.searched:
         return
+    search.searched.add(id(obj))
     if isinstance(obj, Mapping):
         if _is_optimizer_state(obj):
             return
         for key, value in obj.items():
             if not (isinstance(key, str) and key in _SKIP_KEYS):
-                yield from _walk(value, (*path, key), depth + 1)
-    elif isinstance(obj, list | tuple):
+                yield from _walk(value, (*path, key), depth + 1, search)
+    else:
         for index, value in enumerate(obj):
-            yield from _walk(value, (*path, index), depth + 1)
+            yield from _walk(value, (*path, index), depth + 1, search)
 
 
 def find_state_dicts(root: Any, source: str = "checkpoint") -> list[StateDictRef]:
     """Every state dict in a rebuilt checkpoint, outermost first.
 
     Searches the top level, nested mappings and lists (depth up to ``MAX_DEPTH``), never inside a state
-    dict already found, never in optimizer or scheduler state; whole pickled modules are flattened.
+    dict already found, never in optimizer or scheduler state; whole pickled modules are flattened. A
+    container the pickle shares is searched once, at its first place.
 
     Args:
         root: ``Checkpoint.root``.
@@ -132,7 +167,7 @@ def find_state_dicts(root: Any, source: str = "checkpoint") -> list[StateDictRef
         InputError: the object graph is too deeply nested to search.
     """
     try:
-        return list(_walk(root, (), 0))
+        return list(_walk(root, (), 0, _Search()))
     except RecursionError:
         raise InputError(
             "object graph is nested too deeply to search", path=source, fix="re-save a plain state dict"

@@ -9,6 +9,7 @@ from typing import Any
 
 from bnaudit.checkpoint.types import ITEMSIZE, Checkpoint, ContainerFormat, StorageRef
 from bnaudit.checkpoint.unpickler import inert_load
+from bnaudit.checkpoint.unpickler_globals import summary
 from bnaudit.errors import InputError, UnsupportedFormatError
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -27,7 +28,8 @@ def _check_preamble(path: Path, f: BufferedReader) -> None:
     protocol, _, _ = inert_load(f, display=str(path), source="protocol version pickle")
     if protocol != LEGACY_PROTOCOL:
         raise UnsupportedFormatError(
-            f"legacy torch protocol version {protocol!r} is not supported (expected {LEGACY_PROTOCOL})",
+            f"legacy torch protocol version {summary(protocol)} is not supported "
+            f"(expected {LEGACY_PROTOCOL})",
             path=path,
             fix="load and re-save it with a recent torch",
         )

@@ -14,6 +14,11 @@ from bnaudit.checkpoint.zipentries import ZipEntry, locate_entries, read_member
 from bnaudit.errors import InputError, UnsupportedFormatError
 
 _TRUNCATED = "the file is truncated or corrupt — re-save it or copy it again"
+# A compressed member read whole (data.pkl, byteorder) may inflate to at most this many times the file's
+# size, or INFLATE_FLOOR bytes for a small file: a zip bomb (a few MB deflating to gigabytes) is refused
+# from its declared size before anything is inflated, and inflating never outputs more than that size.
+INFLATE_RATIO = 4
+INFLATE_FLOOR = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,22 @@ def archive_prefix(path: Path, names: list[str]) -> str:
     return candidates[0]
 
 
+def inflate_budget(file_size: int) -> int:
+    """The most bytes a compressed member of a ``file_size``-byte archive may inflate to."""
+    return max(INFLATE_FLOOR, INFLATE_RATIO * file_size)
+
+
 def _member(path: Path, fd: int, entry: ZipEntry) -> bytes:
+    budget = inflate_budget(os.fstat(fd).st_size)
+    if entry.compressed and entry.size > budget:
+        raise InputError(
+            f"zip entry inflates to {entry.size} bytes, over the {budget} byte budget for a file of this "
+            f"size ({INFLATE_RATIO} times its size, at least {INFLATE_FLOOR} bytes): a zip bomb or not a "
+            "checkpoint",
+            path=path,
+            where=entry.name,
+            fix="re-save the checkpoint with torch.save (which stores its entries uncompressed)",
+        )
     try:
         return read_member(fd, entry)
     except ZipFormatError as exc:

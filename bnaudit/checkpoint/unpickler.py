@@ -28,6 +28,7 @@ from bnaudit.checkpoint.unpickler_globals import (
     normalise_global,
     one_line,
 )
+from bnaudit.checkpoint.unpickler_lengths import checked_dispatch, input_size
 from bnaudit.checkpoint.unpickler_numpy import NUMERIC_MODULES, NUMPY_MODULES, settle_arrays
 from bnaudit.checkpoint.unpickler_rebuild import InertBase
 from bnaudit.errors import BnauditError, InputError
@@ -35,6 +36,16 @@ from bnaudit.errors import BnauditError, InputError
 # A state dict pickle is a few bytes per tensor; anything this large is not a checkpoint we should trust
 # with our memory.
 MAX_PICKLE_BYTES = 1 << 30
+
+
+class CorruptPickleError(InputError):
+    """A pickle is corrupt or truncated; ``globals`` are those it referenced before it broke.
+
+    A hostile file may name ``os.system`` and then end in garbage: the audit layer classifies these globals
+    so that a dangerous one is still reported (exit 1) rather than lost in a "corrupt file" error.
+    """
+
+    globals: tuple[GlobalRef, ...] = ()
 
 
 # Globals whose stand-in is the unpickler's method of the same name: torch's tensor rebuild functions.
@@ -147,7 +158,12 @@ class InertUnpickler(_InertBehaviour, pickle._Unpickler):
 
     It takes any pickle, including those :func:`c_unpickler_safe` refuses (a memo index far beyond the
     entries stored, an argument longer than the file), and reads from a stream without reading ahead.
+    A declared length over the input's size is refused before anything is allocated
+    (:mod:`bnaudit.checkpoint.unpickler_lengths`).
     """
+
+    dispatch = checked_dispatch(pickle._Unpickler.dispatch)
+    input_size: int | None = None
 
 
 class _FastInertUnpickler(_InertBehaviour, pickle.Unpickler):
@@ -233,17 +249,21 @@ def inert_load(
             unpickler_class = _FastInertUnpickler
         data = io.BytesIO(data)
     unpickler = unpickler_class(data, display=display, source=source, resolver=resolver)
+    if isinstance(unpickler, InertUnpickler):
+        unpickler.input_size = input_size(data)
     try:
         obj = unpickler.load()
     except BnauditError:
         raise
     except _CORRUPT as exc:
         detail = one_line(f"{type(exc).__name__}: {exc}")
-        raise InputError(
+        error = CorruptPickleError(
             f"cannot read {source}: pickle is corrupt or truncated ({detail})",
             path=display,
             fix="re-save the checkpoint",
-        ) from None
+        )
+        error.globals = tuple(unpickler.globals)
+        raise error from None
     if unpickler.arrays:
         obj = settle_arrays(obj)
     return obj, unpickler.globals, unpickler.warnings

@@ -6,6 +6,7 @@ import _compat_pickle
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, ClassVar
 
 from bnaudit.checkpoint.types import Placeholder, StorageRef
@@ -149,6 +150,40 @@ def normalise_global(module: str, name: str) -> tuple[str, str]:
     if (module, name) in _compat_pickle.NAME_MAPPING:
         return _compat_pickle.NAME_MAPPING[(module, name)]
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+_SHOWN_ITEMS = 4
+_SHOWN_CHARS = 40
+
+
+def summary(value: Any, depth: int = 2) -> str:
+    """A short description of a value a file built: at most a few items of each container, ``depth`` levels.
+
+    Messages never ``repr`` what a pickle built: a list holding itself twice per level through the memo is a
+    few hundred bytes of pickle whose ``repr`` is exponentially long (or runs past the recursion limit), and
+    an int of millions of digits takes long to print. This costs at most ``_SHOWN_ITEMS ** depth`` steps.
+    """
+    if value is None or isinstance(value, bool | float):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 128 else f"<int of {value.bit_length()} bits>"
+    if isinstance(value, str | bytes | bytearray):
+        text = repr(value[:_SHOWN_CHARS])
+        return text + ("..." if len(value) > _SHOWN_CHARS else "")
+    if isinstance(value, Placeholder):
+        return f"<{one_line(value.qualname, _SHOWN_CHARS)}>"
+    if isinstance(value, tuple | list | dict | set | frozenset):
+        if depth <= 0:
+            return f"<{type(value).__name__} of {len(value)}>"
+        if isinstance(value, dict):
+            pairs = islice(value.items(), _SHOWN_ITEMS)
+            shown = [f"{summary(k, depth - 1)}: {summary(v, depth - 1)}" for k, v in pairs]
+        else:
+            shown = [summary(v, depth - 1) for v in islice(value, _SHOWN_ITEMS)]
+        more = ", ..." if len(value) > _SHOWN_ITEMS else ""
+        brackets = "()" if isinstance(value, tuple) else "[]" if isinstance(value, list) else "{}"
+        return f"{brackets[0]}{', '.join(shown)}{more}{brackets[1]}"
+    return f"<{one_line(type(value).__name__, _SHOWN_CHARS)}>"
 
 
 def one_line(text: str, limit: int = 200) -> str:

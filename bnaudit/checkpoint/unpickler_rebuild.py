@@ -15,10 +15,13 @@ from bnaudit.checkpoint.unpickler_globals import (
     StorageResolver,
     StorageType,
     int_tuple,
-    one_line,
+    summary,
 )
 from bnaudit.checkpoint.unpickler_numpy import NumpyDtype, PendingArray, inline_tensor
 from bnaudit.errors import InputError
+
+# No checkpoint names more than a few hundred distinct globals (module classes, tensor machinery).
+MAX_PLACEHOLDER_CLASSES = 10_000
 
 
 class InertBase:
@@ -64,11 +67,20 @@ class InertBase:
         """
         key = (module, name)
         cls = self._classes.get(key)
+        if cls is None and len(self._classes) >= MAX_PLACEHOLDER_CLASSES:
+            # A class object costs kilobytes: a pickle naming 300,000 globals would take gigabytes. Past the
+            # cap the rest share one class (every global is still recorded in ``globals``).
+            self._warn(
+                f"the pickle names more than {MAX_PLACEHOLDER_CLASSES} distinct globals; the objects of the "
+                "rest are one kind of placeholder"
+            )
+            key = ("<globals>", "<over the limit>")
+            cls = self._classes.get(key)
         if cls is None:
             cls = type(
-                "Placeholder_" + name.replace(".", "_")[:80],
+                "Placeholder_" + key[1].replace(".", "_")[:80],
                 (PlaceholderObject,),
-                {"placeholder_module": module, "placeholder_name": name, "factory": self.placeholder_class},
+                {"placeholder_module": key[0], "placeholder_name": key[1], "factory": self.placeholder_class},
             )
             self._classes[key] = cls
         return cls
@@ -97,7 +109,7 @@ class InertBase:
             raise InputError(
                 (
                     f"{self.source}: tensor on storage '{storage.key}' has an invalid offset, "
-                    f"size or stride ({offset!r}, {size!r}, {stride!r})"
+                    f"size or stride ({summary(offset)}, {summary(size)}, {summary(stride)})"
                 ),
                 path=self.display,
                 fix="the file is corrupt — re-save it",
@@ -175,13 +187,11 @@ class InertBase:
             # the class is already an inert placeholder (recorded by find_class); the source is only text.
             return pid[1]
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
-            self._warn(f"unknown persistent id {one_line(repr(pid), 80)} kept as a placeholder")
+            self._warn(f"unknown persistent id {summary(pid)} kept as a placeholder")
             return self._placeholder("persistent_load", "id", pid)
         stype, key, numel = pid[1], pid[2], pid[4]
         if not (isinstance(stype, StorageType) and isinstance(key, str) and isinstance(numel, int)):
-            self._warn(
-                f"storage id {one_line(repr(pid), 80)} names no known storage type; kept as a placeholder"
-            )
+            self._warn(f"storage id {summary(pid)} names no known storage type; kept as a placeholder")
             return self._placeholder("persistent_load", "storage", pid)
         if self.resolver is None:
             self._warn("a plain pickle refers to torch storages it does not contain; they are skipped")
@@ -199,7 +209,7 @@ class InertBase:
         parts = int_tuple(view[1:]) if isinstance(view, tuple) and len(view) == 3 else None
         if parts is None or not isinstance(view[0], str):
             raise InputError(
-                f"storage '{root.key}' has an invalid view {view!r}",
+                f"storage '{root.key}' has an invalid view {summary(view)}",
                 path=self.display,
                 fix="the file is corrupt — re-save it",
             )
