@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 from tests.conftest import REPO
 
-# Every hostile file must be dealt with in well under this (the files are at most a few MB).
-MAX_SECONDS = 10.0
+# A hang guard, not a speed test (timings are measured in benchmarks/, never asserted tightly): the
+# documented bound is 10 s on a quiet machine (SECURITY.md); a loaded CI machine gets 6x the room. What the
+# unbounded reader did was hang or take minutes, which this still catches.
+MAX_SECONDS = 60.0
 MAX_RSS_MIB = 512.0
 
 # The peak is the child's own VmHWM: ru_maxrss survives fork and exec on Linux, so a child of a large
