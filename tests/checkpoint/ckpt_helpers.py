@@ -157,3 +157,17 @@ def write_zip64_variants(src: Path, dst: Path) -> None:
     out += struct.pack("<4sLQL", b"PK\x06\x07", 0, z64_eocd, 1)
     out += struct.pack("<4sHHHHLLH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
     dst.write_bytes(bytes(out))
+
+
+def small_bn_model() -> torch.nn.Module:
+    """A conv net with an affine and a non-affine BatchNorm2d, run once in train mode so the statistics
+    move off their reset values."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, bias=False),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4, affine=False)),
+    )
+    model(torch.randn(2, 3, 5, 5))
+    return model

@@ -12,18 +12,11 @@ from ckpt_helpers import assert_same_tensor
 
 from bnaudit.checkpoint import find_state_dicts, load_checkpoint, select_state_dicts
 from bnaudit.errors import InputError
+from tests.checkpoint.ckpt_helpers import small_bn_model
 
 
 def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, bias=False),
-        torch.nn.BatchNorm2d(4),
-        torch.nn.ReLU(),
-        torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4, affine=False)),
-    )
-    model(torch.randn(2, 3, 5, 5))
-    return model
+    return small_bn_model()
 
 
 def _optimizer_state(model: torch.nn.Module) -> dict[str, Any]:

@@ -20,18 +20,12 @@ from ckpt_helpers import assert_matches_torch, assert_same_tensor
 from bnaudit.bn.pickle_policy import Safety, classify_global
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.errors import InputError, UnsupportedFormatError
+from tests.checkpoint.ckpt_helpers import small_bn_model
 from tests.conftest import ShellPayload, call_main
 
 
 def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, bias=False),
-        torch.nn.BatchNorm2d(4),
-        torch.nn.ReLU(),
-        torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4, affine=False)),
-    )
-    model(torch.randn(2, 3, 5, 5))  # train mode: the statistics move off their reset values
+    model = small_bn_model()
     model.register_buffer("scratch", torch.ones(1), persistent=False)
     return model.eval()
 

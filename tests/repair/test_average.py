@@ -276,13 +276,7 @@ def test_overflowing_value_is_an_error_and_nothing_is_written(tmp_path, rng):
 def test_stored_nan_is_refused_naming_layer_and_channel(tmp_path, rng, capsys):
     states = rank_states(rng, n=3)
     states[1]["layer1.bn.running_var"][4] = float("nan")
-    for r, sd in enumerate(states):
-        torch.save({"model": sd}, tmp_path / f"c_rank{r}.pt")
-    out = tmp_path / "avg.pt"
-    code, stdout, err = call_main(
-        capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(out), "--format", "json"
-    )
-    doc = json.loads(stdout)
+    code, doc, err, _ = _average_json(capsys, tmp_path, states)
     errors = [(f["kind"], f["layer"], f["channel"]) for f in doc["findings"] if f["severity"] == "error"]
     assert code == 1 and doc["verdict"] == "fail" and doc["average"]["refused"]
     assert ("nonfinite", "layer1.bn", 4) in errors and all(e[1:] == ("layer1.bn", 4) for e in errors)
@@ -296,13 +290,7 @@ def test_stored_nan_is_refused_naming_layer_and_channel(tmp_path, rng, capsys):
 def test_counter_mismatch_warns_and_keeps_reference_counter(tmp_path, rng, capsys):
     states = rank_states(rng, n=2)
     states[1]["stem.bn.num_batches_tracked"] = torch.tensor(99)
-    for r, sd in enumerate(states):
-        torch.save({"model": sd}, tmp_path / f"c_rank{r}.pt")
-    out = tmp_path / "avg.pt"
-    code, stdout, _ = call_main(
-        capsys, "average", str(tmp_path / "c_rank*.pt"), "-o", str(out), "--format", "json"
-    )
-    doc = json.loads(stdout)
+    code, doc, _, out = _average_json(capsys, tmp_path, states)
     assert code == 0 and doc["findings"][0]["kind"] == "counter-mismatch"
     assert int(torch.load(out)["model"]["stem.bn.num_batches_tracked"]) == 100
     assert (
@@ -519,3 +507,15 @@ def test_option_errors_name_the_option_and_the_fix(tmp_path, rng):
     with pytest.raises(UsageError) as exc:
         average_checkpoints(paths, None)
     assert exc.value.fields.where == "-o" and "--dry-run" in (exc.value.fields.fix or "")
+
+
+def _average_json(capsys, folder, states):
+    """Save ``states`` as ranks c_rank{r}.pt in ``folder``, average them with a JSON report:
+    (exit code, report, stderr, the output path)."""
+    for r, sd in enumerate(states):
+        torch.save({"model": sd}, folder / f"c_rank{r}.pt")
+    out = folder / "avg.pt"
+    code, stdout, err = call_main(
+        capsys, "average", str(folder / "c_rank*.pt"), "-o", str(out), "--format", "json"
+    )
+    return code, json.loads(stdout), err, out
