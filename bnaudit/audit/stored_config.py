@@ -71,7 +71,7 @@ def _walk(fields: Mapping[Any, Any], where: str, depth: int) -> Iterator[StoredS
     for key, value in fields.items():
         if not isinstance(key, str):
             continue
-        if (key in FLAGS and isinstance(value, bool | int | float | str)) or (key in FLAGS and value is None):
+        if key in FLAGS and (value is None or isinstance(value, bool | int | float | str)):
             yield StoredSetting(f"{where}.{key}", value)
             continue
         nested = _fields(value)
