@@ -145,7 +145,7 @@ class UnsafePickleError(InputError):
 
     exit_code = 1
 
-    def __init__(self, problem: str, *, path: str, fix: str, parse_error: InputError) -> None:
+    def __init__(self, problem: str, *, path: str, fix: str, parse_error: BnauditError) -> None:
         super().__init__(problem, path=path, fix=fix)
         self.parse_error = parse_error
 

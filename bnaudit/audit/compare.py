@@ -11,7 +11,13 @@ from typing import Any
 from bnaudit.audit.causes import RankEvidence, compare_cause
 from bnaudit.audit.compare_rows import COMPARE_COLUMNS, GateLevels, divergence_rows
 from bnaudit.audit.options import CompareOptions
-from bnaudit.audit.rank_reader import OpenedRank, UnsafeUnreadableRank, model_signature, open_rank
+from bnaudit.audit.rank_reader import (
+    OpenedRank,
+    UnsafeUnreadableRank,
+    model_signature,
+    open_rank,
+    unsafe_findings,
+)
 from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks
 from bnaudit.audit.scan_plan import ScanPlan, ScanTexts, no_batchnorm_error, scan_layers
 from bnaudit.audit.stored_config import stored_training
@@ -19,7 +25,7 @@ from bnaudit.bn.layers import find_bn_layers, is_ignored
 from bnaudit.bn.layerstats import layer_problem
 from bnaudit.checkpoint.formats import ContainerFormat, format_spec
 from bnaudit.checkpoint.rank_files import RankFile, resolve_rank_files
-from bnaudit.errors import InputError, UsageError
+from bnaudit.errors import InputError, NoBatchNormError, UsageError
 from bnaudit.report.model import Finding, FindingKind, InputInfo, Report, Severity, sort_findings
 from bnaudit.report.sections import Cause, Command
 
@@ -73,7 +79,14 @@ def compare_ranks(
     warnings += _dcp_notes(pooled.inputs)
     findings = list(pooled.findings)
     if not plan.layers:
-        findings.append(_no_batchnorm(plan, options))
+        try:
+            findings.append(_no_batchnorm(plan, options))
+        except NoBatchNormError as exc:
+            unsafe = unsafe_findings(first.ckpt, files[0].display)
+            if not unsafe:
+                raise
+            # An unsafe pickle is the verdict (exit 1), not the missing layers it comes with.
+            return _unsafe_report(UnsafeUnreadableRank(files[0], first.ckpt, unsafe, exc), files)
     measured = measure_ranks(plan, pooled)
     limits = GateLevels(options.warn_kl, options.error_kl, options.flat_factor)
     pool = (pooled.equal.mean, pooled.equal.pooled_var)

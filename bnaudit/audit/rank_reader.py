@@ -16,7 +16,7 @@ from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.rank_files import RankFile
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
 from bnaudit.checkpoint.unpickler import CorruptPickleError
-from bnaudit.errors import InputError, ModelMismatchError, UnsafePickleError
+from bnaudit.errors import BnauditError, InputError, ModelMismatchError, UnsafePickleError
 from bnaudit.report.model import Finding, FindingKind
 
 log = logging.getLogger(__name__)
@@ -90,15 +90,24 @@ def load_logged(path: str | Path, display: str) -> Checkpoint:
         unsafe = [f for f in pickle_findings(exc.globals, display) if f.kind is FindingKind.UNSAFE_PICKLE]
         if not unsafe:
             raise
-        raise UnsafePickleError(
-            "unsafe-pickle: " + "; ".join(f.message for f in unsafe),
-            path=display,
-            fix="do not torch.load it",
-            parse_error=exc,
-        ) from None
+        raise unsafe_error(unsafe, display, exc) from None
     for warning in ckpt.warnings:
         log.warning("%s: %s", display, warning)
     return ckpt
+
+
+def unsafe_findings(ckpt: Checkpoint, display: str) -> list[Finding]:
+    """The ``unsafe-pickle`` findings of a checkpoint's pickles."""
+    return [f for f in pickle_findings(ckpt.globals, display) if f.kind is FindingKind.UNSAFE_PICKLE]
+
+
+def unsafe_error(unsafe: Sequence[Finding], display: str, error: BnauditError) -> UnsafePickleError:
+    """The exit-1 error for an input whose pickle is unsafe and that ``error`` then stopped.
+
+    The unsafe pickle is what matters (first line), the error it ran into the second line.
+    """
+    message = "unsafe-pickle: " + "; ".join(f.message for f in unsafe)
+    return UnsafePickleError(message, path=display, fix="do not torch.load it", parse_error=error)
 
 
 def model_signature(sd: StateDictRef) -> Signature:
@@ -137,7 +146,7 @@ def open_rank(rf: RankFile, key: str | None, names: Sequence[str] | None) -> Ope
     try:
         return OpenedRank(ckpt, select_rank_state_dicts(ckpt, rf, key, names))
     except InputError as exc:
-        unsafe = [f for f in pickle_findings(ckpt.globals, rf.display) if f.kind is FindingKind.UNSAFE_PICKLE]
+        unsafe = unsafe_findings(ckpt, rf.display)
         if unsafe:
             raise UnsafeUnreadableRank(rf, ckpt, unsafe, exc) from exc
         raise

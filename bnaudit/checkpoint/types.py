@@ -224,6 +224,9 @@ class GlobalRef:
     module: str
     name: str
     source: str  # the pickle it came from, e.g. "archive/data.pkl" or ".metadata"
+    # How torch.load would call it: the opcode or helper of its first call ("REDUCE", "INST",
+    # "copyreg._reconstructor", ...); "" when it is only named or instantiated with __new__.
+    call: str = ""
 
     @property
     def qualname(self) -> str:

@@ -9,8 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bnaudit.checkpoint.pickle_allowlist import allowed
 from bnaudit.checkpoint.pickle_scan import c_unpickler_safe
 from bnaudit.checkpoint.types import ITEMSIZE, GlobalRef
+from bnaudit.checkpoint.unpickler_calls import USE_UNKNOWN, called_global, tracked_dispatch, with_calls
 from bnaudit.checkpoint.unpickler_globals import (
     DATA_BUILTINS,
     MAX_ALLOC,
@@ -69,6 +71,7 @@ class _InertBehaviour(InertBase):
         if (module, name) not in self._seen:
             self._seen.add((module, name))
             self.globals.append(GlobalRef(module, name, self.source))
+        self.note_named_call((module, name))
         return self._resolve(module, name)
 
     def _resolve(self, module: str, name: str) -> Any:
@@ -129,6 +132,9 @@ class _InertBehaviour(InertBase):
         return self._placeholder("_codecs", "encode", obj, encoding, *rest)
 
     def _reconstructor(self, cls: Any, base: Any, state: Any) -> Any:
+        # copyreg._reconstructor runs base.__init__(obj, state) unless base is object.
+        if called_global(base) != ("builtins", "object"):
+            self.note_call(base, "copyreg._reconstructor")
         if isinstance(cls, type) and issubclass(cls, PlaceholderObject):
             obj = cls.__new__(cls)
             if state is not None:
@@ -144,6 +150,7 @@ class _InertBehaviour(InertBase):
         return self._placeholder("copyreg", "__newobj__", cls, *args)
 
     def _newobj_ex(self, cls: Any, args: Any, kwargs: Any) -> Any:
+        self.note_call(cls, "copyreg.__newobj_ex__")
         if isinstance(cls, type) and issubclass(cls, PlaceholderObject) and isinstance(kwargs, dict):
             return cls.__new__(cls, *tuple(args), **kwargs)
         return self._placeholder("copyreg", "__newobj_ex__", cls, args, kwargs)
@@ -162,7 +169,7 @@ class InertUnpickler(_InertBehaviour, pickle._Unpickler):
     (:mod:`bnaudit.checkpoint.unpickler_lengths`).
     """
 
-    dispatch = checked_dispatch(pickle._Unpickler.dispatch)
+    dispatch = tracked_dispatch(checked_dispatch(pickle._Unpickler.dispatch))
     input_size: int | None = None
 
 
@@ -234,25 +241,44 @@ def inert_load(
     Raises:
         InputError: the pickle is corrupt, truncated, too large, or refers to storages that are missing.
     """
-    unpickler_class: type[InertUnpickler | _FastInertUnpickler] = InertUnpickler
+    fast = False
     if isinstance(data, bytes | bytearray):
         if len(data) > MAX_PICKLE_BYTES:
-            raise InputError(
-                (
-                    f"{source} is {len(data)} bytes, over the {MAX_PICKLE_BYTES} byte limit for a "
-                    "checkpoint pickle"
-                ),
-                path=display,
-                fix="save a state dict instead",
-            )
-        if c_unpickler_safe(bytes(data)):  # bytes() of bytes is the same object, no copy
-            unpickler_class = _FastInertUnpickler
+            limit = f"over the {MAX_PICKLE_BYTES} byte limit for a checkpoint pickle"
+            raise InputError(f"{source} is {len(data)} bytes, {limit}", path=display, fix="save a state dict")
+        fast = c_unpickler_safe(bytes(data))  # bytes() of bytes is the same object, no copy
         data = io.BytesIO(data)
+    try:
+        obj, unpickler = _run(data, fast, display=display, source=source, resolver=resolver)
+        rerun = fast and not all(allowed(g.module, g.name) for g in unpickler.globals)
+    except CorruptPickleError:
+        if not fast:
+            raise
+        rerun = True
+    if rerun:
+        # How a global outside the allowlist is used decides the verdict; only the pure-Python unpickler
+        # can tell, so such a pickle is read once more with it (a rare case: user classes, attacks).
+        data.seek(0)
+        obj, unpickler = _run(data, False, display=display, source=source, resolver=resolver)
+    if unpickler.arrays:
+        obj = settle_arrays(obj)
+    return obj, with_calls(unpickler.globals, unpickler.calls, ""), unpickler.warnings
+
+
+def _run(
+    data: io.BufferedIOBase | io.BytesIO,
+    fast: bool,
+    *,
+    display: str,
+    source: str,
+    resolver: StorageResolver | None,
+) -> tuple[Any, InertUnpickler | _FastInertUnpickler]:
+    unpickler_class = _FastInertUnpickler if fast else InertUnpickler
     unpickler = unpickler_class(data, display=display, source=source, resolver=resolver)
     if isinstance(unpickler, InertUnpickler):
         unpickler.input_size = input_size(data)
     try:
-        obj = unpickler.load()
+        return unpickler.load(), unpickler
     except BnauditError:
         raise
     except _CORRUPT as exc:
@@ -262,8 +288,6 @@ def inert_load(
             path=display,
             fix="re-save the checkpoint",
         )
-        error.globals = tuple(unpickler.globals)
+        # A global whose use the pickle never reached might have been called by torch.load.
+        error.globals = tuple(with_calls(unpickler.globals, unpickler.calls, USE_UNKNOWN))
         raise error from None
-    if unpickler.arrays:
-        obj = settle_arrays(obj)
-    return obj, unpickler.globals, unpickler.warnings

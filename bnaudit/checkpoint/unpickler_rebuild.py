@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bnaudit.checkpoint.types import ITEMSIZE, GlobalRef, Placeholder, StorageRef, TensorRef
+from bnaudit.checkpoint.unpickler_calls import CallLog
 from bnaudit.checkpoint.unpickler_globals import (
     TENSOR_TYPES,
     DtypeMarker,
@@ -24,7 +25,7 @@ from bnaudit.errors import InputError
 MAX_PLACEHOLDER_CLASSES = 10_000
 
 
-class InertBase:
+class InertBase(CallLog):
     """State and tensor handling shared by both inert unpicklers (see :mod:`bnaudit.checkpoint.unpickler`).
 
     torch's tensor rebuild functions become lazy :class:`TensorRef` s into the file; storages are located
@@ -49,6 +50,7 @@ class InertBase:
         self._classes: dict[tuple[str, str], type[PlaceholderObject]] = {}
         self._storages: dict[str, StorageRef] = {}
         self.arrays = 0  # NumPy arrays rebuilt, each an inline storage
+        self.calls = {}
         self._special: dict[tuple[str, str], Any] = self._special_globals()
 
     def _special_globals(self) -> dict[tuple[str, str], Any]:
@@ -144,6 +146,7 @@ class InertBase:
         )
         if plain and callable(func) and getattr(func, "__self__", None) is self and isinstance(args, tuple):
             return func(*args)
+        self.note_call(func, "torch._tensor._rebuild_from_type_v2")  # torch calls func(*args)
         type_name = (
             new_type.qualname if isinstance(new_type, Placeholder) else getattr(new_type, "__name__", "?")
         )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bnaudit.audit.rank_reader import OpenedRank, UnsafeUnreadableRank, select_rank_state_dicts
+from bnaudit.audit.rank_reader import OpenedRank, UnsafeUnreadableRank, select_rank_state_dicts, unsafe_error
 from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks
 from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.bn.stats import MergeMethod
@@ -85,7 +85,7 @@ def average_checkpoints(
     """
     prepared = prepare_average(checkpoints, out, options)
     plan, sources, method, out_path = prepared.plan, prepared.sources, prepared.method, prepared.out
-    pooled, measured = _scan(plan, sources)
+    pooled, measured = _scan(plan, sources, options.allow_unsafe_input)
     if options.reference is not None:
         pooled = _with_reference_findings(pooled, sources)
     merged = merged_layers(plan, pooled, method)
@@ -113,8 +113,9 @@ def average_checkpoints(
     )
 
 
-def _scan(plan: AveragePlan, sources: Sources) -> tuple[PoolResult, MeasureResult]:
-    """Both passes of the rank scan (an unsafe, unreadable rank is the layout error it causes)."""
+def _scan(plan: AveragePlan, sources: Sources, allow_unsafe: bool) -> tuple[PoolResult, MeasureResult]:
+    """Both passes of the rank scan; a rank that is unsafe and unreadable is the unsafe-pickle error
+    (exit 1), or with ``--allow-unsafe-input`` the layout error it causes."""
     rank0 = sources.files[0]
     first = OpenedRank(
         sources.rank0, select_rank_state_dicts(sources.rank0, rank0, None, plan.scan.state_dicts)
@@ -123,7 +124,9 @@ def _scan(plan: AveragePlan, sources: Sources) -> tuple[PoolResult, MeasureResul
         pooled = pool_ranks(plan.scan, first)
         return pooled, measure_ranks(plan.scan, pooled)
     except UnsafeUnreadableRank as exc:
-        raise exc.error from None
+        if allow_unsafe:
+            raise exc.error from None
+        raise unsafe_error(exc.findings, exc.rf.display, exc.error) from None
 
 
 def _with_reference_findings(pooled: PoolResult, sources: Sources) -> PoolResult:

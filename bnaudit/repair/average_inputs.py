@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnaudit.audit.rank_reader import load_logged
+from bnaudit.audit.rank_reader import load_logged, unsafe_error, unsafe_findings
 from bnaudit.audit.scan_plan import RankWeights
 from bnaudit.bn.stats import MergeMethod
 from bnaudit.checkpoint.rank_files import RankFile, resolve_rank_files
-from bnaudit.errors import UsageError
+from bnaudit.errors import BnauditError, InputError, UsageError
 from bnaudit.repair.average_plan import AveragePlan, Sources, plan_average
 from bnaudit.repair.average_write import checked_output, output_format
 from bnaudit.repair.options import AverageOptions
@@ -50,9 +50,30 @@ def prepare_average(
     ref_path = Path(options.reference) if options.reference is not None else files[0].path
     out_path = checked_output(out, options.dry_run, [f.path for f in files] + [ref_path], options.force)
     sources = _sources(files, options.reference)
-    fmt = output_format(sources.reference, options.to, sources.reference_display)
-    plan = plan_average(sources, options.key, options.ignore, options.eps, weights)
+    try:
+        fmt = output_format(sources.reference, options.to, sources.reference_display)
+        plan = plan_average(sources, options.key, options.ignore, options.eps, weights)
+    except (InputError, UsageError) as exc:
+        raise_unsafe_first(sources, exc, options.allow_unsafe_input)
+        raise
     return PreparedAverage(plan, sources, method, out_path, fmt, tuple(warnings))
+
+
+def raise_unsafe_first(sources: Sources, error: BnauditError, allow_unsafe: bool) -> None:
+    """Raise the exit-1 unsafe-pickle error when an input the error stopped has an unsafe pickle.
+
+    A file an attacker built may also lack BatchNorm layers or be of a kind bnaudit cannot write; the
+    unsafe pickle is the verdict, not those. With ``--allow-unsafe-input`` the error stands as it is.
+    """
+    if allow_unsafe:
+        return
+    for ckpt, display in (
+        (sources.rank0, sources.files[0].display),
+        (sources.reference, sources.reference_display),
+    ):
+        unsafe = unsafe_findings(ckpt, display)
+        if unsafe:
+            raise unsafe_error(unsafe, display, error) from None
 
 
 def _resolve_method(method: MergeMethod | str) -> MergeMethod:
