@@ -12,6 +12,7 @@ import numpy as np
 
 from bnaudit.audit.layer_rows import finite_max, finite_min, no_layer_named
 from bnaudit.audit.options import InspectOptions
+from bnaudit.audit.precision import precision_findings
 from bnaudit.audit.rank_reader import load_logged
 from bnaudit.bn.health import health_findings
 from bnaudit.bn.layers import BnLayer, find_bn_layers, is_ignored
@@ -65,7 +66,7 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOption
     channel_rows: list[dict[str, Any]] = []
     for sd in sds:
         for bn in (x for x in find_bn_layers(sd.tensors) if not is_ignored(x.name, options.ignore)):
-            row, layer_findings = _inspect_layer(sd, bn, options.eps, display)
+            row, layer_findings = _inspect_layer(sd, bn, options, display)
             rows.append(row)
             findings.extend(layer_findings)
             if options.layer is not None and bn.name == options.layer and not channel_rows:
@@ -83,6 +84,8 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOption
             "key": options.key,
             "ignore": list(options.ignore),
             "layer": options.layer,
+            # Only when chosen: reports of a default run keep their settings.
+            **({"deploy_dtype": options.deploy_dtype.value} if options.deploy_dtype else {}),
         },
         layers=tuple(rows),
         findings=sort_findings(findings),
@@ -140,7 +143,9 @@ def _row_severity(findings: Iterable[Finding]) -> Severity:
     return Severity.OK if worst is Severity.INFO else worst
 
 
-def _inspect_layer(sd: StateDictRef, bn: BnLayer, eps: float, display: str) -> tuple[LayerRow, list[Finding]]:
+def _inspect_layer(
+    sd: StateDictRef, bn: BnLayer, options: InspectOptions, display: str
+) -> tuple[LayerRow, list[Finding]]:
     problem = layer_problem(sd, bn)
     mean_ref = sd.tensors[bn.running_mean]
     channels = mean_ref.shape[0] if mean_ref.shape else 1
@@ -156,7 +161,10 @@ def _inspect_layer(sd: StateDictRef, bn: BnLayer, eps: float, display: str) -> t
         )
         return LayerRow(bn.name, sd.name, Severity.ERROR, channels, {}), [finding]
     stats = read_layer(sd, bn, display)
-    found = health_findings(stats, eps, file=display, state_dict=sd.name, layer=bn.name)
+    found = health_findings(stats, options.eps, file=display, state_dict=sd.name, layer=bn.name)
+    found += precision_findings(
+        stats, options.eps, options.deploy_dtype, file=display, state_dict=sd.name, layer=bn.name
+    )
     with np.errstate(invalid="ignore"):
         metrics: dict[str, float | int | None] = {
             "mean_abs_max": finite_max(np.abs(stats.mean)),

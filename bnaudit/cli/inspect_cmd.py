@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from bnaudit.audit.options import InspectOptions
+from bnaudit.bn.deploy_dtype import DeployDtype
 from bnaudit.cli.bundles import option_bundle
 from bnaudit.cli.options import (
     emit_report,
@@ -24,6 +25,13 @@ INSPECT_OPTIONS = (
     layer_option,
     click.option(
         "--security", is_flag=True, help="List every global the file's pickles reference, classified."
+    ),
+    click.option(
+        "--deploy-dtype",
+        type=click.Choice([d.value for d in DeployDtype]),
+        default=None,
+        help="The dtype the model is deployed in: statistics (and the folded scale and shift) that "
+        "overflow or underflow it are errors. Default: fp16 is checked, as warnings.",
     ),
 )
 
