@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 
 from bnaudit.audit.layer_rows import finite_max, finite_min, no_layer_named
-from bnaudit.audit.model_checks import ReadStateDict, model_findings
+from bnaudit.audit.model_checks import model_findings
 from bnaudit.audit.options import InspectOptions
 from bnaudit.audit.precision import precision_findings
 from bnaudit.audit.rank_reader import load_logged
+from bnaudit.audit.read_state import ReadStateDict
 from bnaudit.bn.health import health_findings
 from bnaudit.bn.layers import BnLayer, find_bn_layers, is_ignored
 from bnaudit.bn.layerstats import LayerStats, layer_problem, read_layer
