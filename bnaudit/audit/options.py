@@ -45,6 +45,28 @@ class InspectOptions:
 
 
 @dataclass(frozen=True)
+class DiffOptions:
+    """What ``diff`` reads and which layers must not change.
+
+    Attributes:
+        key: the state dict in both files (default: the first one with BatchNorm layers in each).
+        eps: BatchNorm's eps, added to every variance before the KL, shift and variance ratio.
+        ignore: glob patterns of layer names to leave out.
+        frozen: glob patterns of layers meant to be frozen: any change of their statistics, counter or
+            affine parameters is a ``frozen-changed`` error.
+    """
+
+    key: str | None = None
+    eps: float = DEFAULT_EPS
+    ignore: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("ignore", "frozen"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+@dataclass(frozen=True)
 class CompareOptions:
     """What ``compare`` reads and how it judges it.
 
