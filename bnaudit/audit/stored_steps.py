@@ -8,6 +8,7 @@ Nothing here runs code: the values are plain numbers or tensors of the inert tre
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,16 +39,16 @@ class StoredSteps:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, TensorRef) and value.numel == 1:
+    """A finite, non-negative count stored as a number or a one-value tensor; None for anything else."""
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, TensorRef) and value.numel == 1:
         try:
-            return float(read_tensor(value).reshape(-1)[0])
-        except (InputError, ValueError):  # a tensor the readers refuse is no evidence
+            number = float(read_tensor(value).reshape(-1)[0])
+        except (InputError, ValueError, OverflowError):  # a tensor the readers refuse is no evidence
             return None
-    return None
+    return number if number is not None and math.isfinite(number) and number >= 0 else None
 
 
 def _optimizers(top: Mapping[Any, Any]) -> Iterator[tuple[str, Mapping[Any, Any]]]:
@@ -60,19 +61,21 @@ def _optimizers(top: Mapping[Any, Any]) -> Iterator[tuple[str, Mapping[Any, Any]
 
 
 def _group_steps(where: str, optimizer: Mapping[Any, Any]) -> Iterator[StoredSteps]:
+    """The step of each parameter group: that of its first parameter with a ``step`` (a group's parameters
+    step together; one read per group keeps a large optimizer state cheap)."""
     state, groups = optimizer.get("state"), optimizer.get("param_groups")
     if not isinstance(state, Mapping) or not isinstance(groups, list):
         return
     for g, group in enumerate(groups):
-        params = group.get("params", []) if isinstance(group, Mapping) else []
-        steps = [
-            _number(state[p].get("step"))
-            for p in params
-            if isinstance(p, int) and isinstance(state.get(p), Mapping)
-        ]
-        found = [s for s in steps if s is not None]
-        if found:
-            yield StoredSteps(f"{where} param_groups[{g}] step", int(max(found)))
+        params = group.get("params") if isinstance(group, Mapping) else None
+        if not isinstance(params, list | tuple):
+            continue
+        for p in params:
+            entry = state.get(p) if isinstance(p, int) else None
+            step = _number(entry.get("step")) if isinstance(entry, Mapping) else None
+            if step is not None:
+                yield StoredSteps(f"{where} param_groups[{g}] step", int(step))
+                break
 
 
 def _steps_per_epoch(top: Mapping[Any, Any]) -> int | None:

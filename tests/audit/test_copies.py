@@ -153,3 +153,21 @@ def test_every_format_carries_the_finding(tmp_path, capsys, fmt):
         assert [f["state_dict"] for f in json.loads(out)["findings"] if f["kind"] == "stale-copy"] == [
             "state_dict_ema"
         ]
+
+
+def test_lightning_averaging_callback_state_is_a_copy(tmp_path):
+    # Lightning's StochasticWeightAveraging keeps its averaged model under callbacks/<name>/average_model_state.
+    model, ema = _ema_run(copy_buffers=True)
+    path = tmp_path / "lightning.ckpt"
+    callbacks = {
+        "StochasticWeightAveraging{'swa_lrs': 0.01}": {
+            "n_averaged": 3,
+            "average_model_state": ema.state_dict(),
+        }
+    }
+    torch.save(
+        {"epoch": 2, "global_step": STEPS, "state_dict": model.state_dict(), "callbacks": callbacks}, path
+    )
+    (finding,) = _stale(path)
+    assert finding.state_dict.endswith("/average_model_state")
+    assert "averaged (SWA) copy" in finding.message and "not recomputed after averaging" in finding.message

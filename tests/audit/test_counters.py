@@ -150,3 +150,48 @@ def test_json_report_validates(tmp_path, capsys):
     assert "counter-anomaly" in REPORT_SCHEMA["properties"]["findings"]["items"]["properties"]["kind"]["enum"]
     assert [f["layer"] for f in doc["findings"] if f["kind"] == "counter-anomaly"] == ["block.1"]
     assert {r["name"]: r["severity"] for r in doc["layers"]}["block.1"] == "warn"
+
+
+def test_lightning_layout_with_optimizer_states_and_global_step(tmp_path):
+    model, opt = _train(reentrant=True)
+    path = tmp_path / "l.ckpt"
+    torch.save(
+        {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "global_step": STEPS}, path
+    )
+    steps = stored_steps(load_checkpoint(path).root)
+    assert [(s.where, s.steps) for s in steps] == [
+        ("optimizer_states[0] param_groups[0] step", STEPS),
+        ("global_step", STEPS),
+    ]
+    (finding,) = _counter_findings(path)
+    assert finding.layer == "block.1" and "twice" in finding.message
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "markdown", "junit", "sarif", "github"])
+def test_every_format_carries_the_counter_and_precision_findings(tmp_path, capsys, fmt):
+    model, opt = _train(reentrant=True)
+    sd = model.state_dict()
+    sd["stem.1.running_var"][0] = 1e6  # a channel fp16 cannot hold
+    path = tmp_path / "r.pt"
+    torch.save({"model": sd, "optimizer": opt.state_dict()}, path)
+    code, out, _ = call_main(capsys, "inspect", str(path), "--format", fmt, "--deploy-dtype", "fp16")
+    assert code == 1
+    for kind in ("counter-anomaly", "precision-overflow"):
+        assert kind in out or "".join(p.capitalize() for p in kind.split("-")) in out, kind
+
+
+@pytest.mark.parametrize(
+    "root",
+    [
+        {"optimizer": {"state": {0: {"step": float("nan")}}, "param_groups": [{"params": 7}]}},
+        {"optimizer": {"state": {0: {"step": float("inf")}}, "param_groups": [{"params": [0]}]}},
+        {"optimizer": {"state": [1, 2], "param_groups": "x"}, "global_step": -3, "epoch": "e"},
+        {"optimizer_states": [None, {"state": {}, "param_groups": [None]}], "global_step": True},
+    ],
+)
+def test_odd_stored_values_are_no_evidence(tmp_path, root):
+    model, _ = _train(reentrant=False, optimizer="sgd")
+    path = tmp_path / "odd.pt"
+    torch.save({"model": model.state_dict(), **root}, path)
+    assert stored_steps(load_checkpoint(path).root) == []
+    assert _counter_findings(path) == []
