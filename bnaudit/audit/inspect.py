@@ -13,7 +13,7 @@ import numpy as np
 from bnaudit.audit.layer_rows import finite_max, finite_min, no_layer_named
 from bnaudit.audit.model_checks import model_findings
 from bnaudit.audit.options import InspectOptions
-from bnaudit.audit.precision import precision_findings
+from bnaudit.audit.precision import checkpoint_precision_findings
 from bnaudit.audit.rank_reader import load_logged
 from bnaudit.audit.read_state import ReadStateDict
 from bnaudit.bn.health import health_findings
@@ -71,7 +71,7 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOption
     for sd in sds:
         layers: list[tuple[BnLayer, LayerStats]] = []
         for bn in (x for x in find_bn_layers(sd.tensors) if not is_ignored(x.name, options.ignore)):
-            row, layer_findings, stats = _inspect_layer(sd, bn, options, display)
+            row, layer_findings, stats = _inspect_layer(sd, bn, options.eps, display)
             rows.append(row)
             findings.extend(layer_findings)
             if stats is not None:
@@ -79,6 +79,7 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOption
             if options.layer is not None and bn.name == options.layer and not channel_rows:
                 channel_rows = _inspect_channels(read_layer(sd, bn, display))
         read.append(ReadStateDict(sd, tuple(layers)))
+    findings += checkpoint_precision_findings(read, options.eps, options.deploy_dtype, display)
     findings += model_findings(ckpt, read, display)
     rows = _with_model_findings(rows, findings)
     if not rows:
@@ -171,7 +172,7 @@ def _with_model_findings(rows: list[LayerRow], findings: list[Finding]) -> list[
 
 
 def _inspect_layer(
-    sd: StateDictRef, bn: BnLayer, options: InspectOptions, display: str
+    sd: StateDictRef, bn: BnLayer, eps: float, display: str
 ) -> tuple[LayerRow, list[Finding], LayerStats | None]:
     problem = layer_problem(sd, bn)
     mean_ref = sd.tensors[bn.running_mean]
@@ -188,10 +189,7 @@ def _inspect_layer(
         )
         return LayerRow(bn.name, sd.name, Severity.ERROR, channels, {}), [finding], None
     stats = read_layer(sd, bn, display)
-    found = health_findings(stats, options.eps, file=display, state_dict=sd.name, layer=bn.name)
-    found += precision_findings(
-        stats, options.eps, options.deploy_dtype, file=display, state_dict=sd.name, layer=bn.name
-    )
+    found = health_findings(stats, eps, file=display, state_dict=sd.name, layer=bn.name)
     with np.errstate(invalid="ignore"):
         metrics: dict[str, float | int | None] = {
             "mean_abs_max": finite_max(np.abs(stats.mean)),

@@ -18,12 +18,14 @@ The rules (README "Deploy precision"):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from bnaudit.bn.deploy_dtype import DeployDtype
 from bnaudit.bn.layerstats import LayerStats
+from bnaudit.bn.stats import segment_sums
 
 
 @dataclass(frozen=True)
@@ -75,27 +77,67 @@ class CastProblem:
     cast_value: float
 
 
-def _quantities(stats: LayerStats, eps: float) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(name, values, reference scale or None for relative) of the five quantities a deployment stores."""
+def _affine(stats: LayerStats) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's weight and bias, as a layer without them computes (1 and 0)."""
     weight = stats.weight if stats.weight is not None else np.ones_like(stats.mean)
     bias = stats.bias if stats.bias is not None else np.zeros_like(stats.mean)
+    return weight, bias
+
+
+def _quantities(
+    mean: np.ndarray, var: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float
+) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(name, values, reference scale or None for relative) of the five quantities a deployment stores."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        std = np.sqrt(stats.var + eps)
+        std = np.sqrt(var + eps)
         scale = weight / std
-        shift = bias - stats.mean * scale
+        shift = bias - mean * scale
     return [
-        ("running_mean", stats.mean, std),
-        ("running_var", stats.var, None),
-        ("running_var + eps", stats.var + eps, None),
+        ("running_mean", mean, std),
+        ("running_var", var, None),
+        ("running_var + eps", var + eps, None),
         ("folded scale weight/sqrt(var+eps)", scale, None),
         ("folded shift bias - mean*scale", shift, np.abs(weight)),
     ]
+
+
+def _out_of_range(values: np.ndarray, reference: np.ndarray | None, limits: DtypeLimits) -> np.ndarray:
+    """Values outside the dtype's normal range that may lose more than the bound: a superset of those
+    :func:`_problem` reports. A subnormal is off by at most half its spacing, ``min_normal * unit_roundoff``,
+    so an additive value whose reference scale is above that / bound cannot lose too much."""
+    with np.errstate(invalid="ignore"):
+        magnitude = np.abs(values)
+        low = (magnitude < limits.min_normal) & (values != 0)
+        if reference is not None:
+            low &= reference * RELATIVE_BOUND < limits.min_normal * limits.unit_roundoff
+        flags: np.ndarray = (magnitude > limits.max_finite) | low
+    return flags
+
+
+def layers_to_check(stats: Sequence[LayerStats], eps: float, dtype: DeployDtype) -> list[int]:
+    """The layers for which :func:`cast_problems` may find something; for the others it returns [].
+
+    One vectorised pass over every layer's channels: nearly every layer has all its values in the normal
+    range, and checking them one by one costs a few dozen NumPy calls per layer.
+    """
+    if not stats:
+        return []
+    affine = [_affine(s) for s in stats]
+    mean, var = np.concatenate([s.mean for s in stats]), np.concatenate([s.var for s in stats])
+    weight, bias = np.concatenate([w for w, _ in affine]), np.concatenate([b for _, b in affine])
+    flags = np.zeros(mean.shape, dtype=bool)
+    for _, values, reference in _quantities(mean, var, weight, bias, eps):
+        flags |= _out_of_range(values, reference, LIMITS[dtype])
+    counts = segment_sums(flags, [s.channels for s in stats])
+    return [i for i in range(len(stats)) if counts[i]]
 
 
 def _problem(
     name: str, values: np.ndarray, reference: np.ndarray | None, dtype: DeployDtype
 ) -> CastProblem | None:
     limits, bound = LIMITS[dtype], RELATIVE_BOUND
+    if not _out_of_range(values, reference, limits).any():
+        return None
     casted = cast(values, dtype)
     finite = np.isfinite(values)
     over = finite & ~np.isfinite(casted)
@@ -121,7 +163,7 @@ def cast_problems(stats: LayerStats, eps: float, dtype: DeployDtype) -> list[Cas
     ``var + eps`` is not reported again when ``running_var`` itself has the same problem.
     """
     out: list[CastProblem] = []
-    for name, values, reference in _quantities(stats, eps):
+    for name, values, reference in _quantities(stats.mean, stats.var, *_affine(stats), eps):
         problem = _problem(name, values, reference, dtype)
         repeated = any(
             p.overflow == getattr(problem, "overflow", None) for p in out if p.quantity == "running_var"
