@@ -171,3 +171,29 @@ def test_lightning_averaging_callback_state_is_a_copy(tmp_path):
     (finding,) = _stale(path)
     assert finding.state_dict.endswith("/average_model_state")
     assert "averaged (SWA) copy" in finding.message and "not recomputed after averaging" in finding.message
+
+
+def test_the_command_in_the_message_fixes_the_copy(tmp_path, capsys):
+    model = _model()
+    swa = AveragedModel(model, use_buffers=False)
+    _train(model, lambda: swa.update_parameters(model))
+    path = tmp_path / "swa.pt"
+    torch.save({"model": model.state_dict(), "swa_model": swa.state_dict()}, path)
+    (finding,) = _stale(path)
+    spec = tmp_path / "spec.py"
+    spec.write_text(
+        "import torch\n"
+        "from tests.audit.test_copies import _batches, _model\n"
+        "def build():\n    return _model()\n"
+        "def data():\n    return _batches()\n"
+    )
+    command = finding.message.split("bnaudit ", 1)[1].split()  # recalibrate FILE --key KEY --model ... -o OUT
+    fixed = tmp_path / "fixed.pt"
+    argv = [
+        w.replace("MODULE:FACTORY", f"{spec}:build").replace("MODULE:LOADER", f"{spec}:data") for w in command
+    ]
+    argv[-1] = str(fixed)
+    assert argv[:4] == ["recalibrate", str(path), "--key", "swa_model"]
+    code, _, err = call_main(capsys, *argv, "--quiet")
+    assert code == 0, err
+    assert _stale(fixed) == []
