@@ -48,8 +48,9 @@ def inspect_command(
     options: InspectOptions,
 ) -> int:
     """Check the BatchNorm statistics of each CHECKPOINT: NaN/Inf, negative or tiny variance, layers never
-    updated, malformed layers — and what the file's pickle would import or run if torch.load-ed (nothing of
-    it is executed here).
+    updated, malformed layers, statistics that do not survive the deploy dtype, update counters that
+    disagree with each other or the stored steps, stale EMA/SWA copies — and what the file's pickle would
+    import or run if torch.load-ed (nothing of it is executed here).
 
     CHECKPOINT is a torch file (.pt/.pth/.ckpt/.bin), a .safetensors file or a sharded index (*.index.json);
     quoted glob patterns are expanded.
