@@ -97,7 +97,9 @@ def _changes(base: LayerStats, new: LayerStats, metrics: dict[str, float | int |
         out.append(f"num_batches_tracked {base.num_batches_tracked} -> {new.num_batches_tracked}")
     for attr, key in (("weight", "weight_change"), ("bias", "bias_change")):
         a, b = getattr(base, attr), getattr(new, attr)
-        if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b, equal_nan=True)):
+        if (a is None) != (b is None):
+            out.append(f"{attr} (in one checkpoint only)")
+        elif a is not None and not np.array_equal(a, b, equal_nan=True):
             out.append(f"{attr} (max |change| {_text(metrics[key])})")
     return out
 

@@ -179,3 +179,13 @@ def test_cli_baseline_config_and_bad_input(tmp_path, capsys, monkeypatch):
     torch.save(other, tmp_path / "other.pt")
     code, _, err = call_main(capsys, "--no-config", "diff", "base.pt", "other.pt")
     assert code == 2 and "the same BatchNorm layers" in err
+
+
+def test_affine_in_one_checkpoint_only_is_a_change(tmp_path, capsys):
+    with_affine = torch.nn.BatchNorm1d(3).state_dict()
+    without = torch.nn.BatchNorm1d(3, affine=False).state_dict()
+    torch.save(with_affine, tmp_path / "a.pt")
+    torch.save(without, tmp_path / "b.pt")
+    (finding,) = diff_checkpoints(tmp_path / "a.pt", tmp_path / "b.pt", DiffOptions(frozen=("*",))).findings
+    changed = finding.message.split("changed: ")[1].split(" — ")[0]
+    assert changed == "weight (in one checkpoint only); bias (in one checkpoint only)"

@@ -149,3 +149,16 @@ def test_cli_exit_codes_and_config(tmp_path, capsys, monkeypatch):
     (tmp_path / "pyproject.toml").write_text('[tool.bnaudit]\ndeploy-dtype = "int8"\n')
     code, _, err = call_main(capsys, "inspect", str(path))
     assert code == 2 and "deploy-dtype" in err
+
+
+def test_bf16_overflow_near_float32_max(tmp_path):
+    bn = torch.nn.BatchNorm1d(2)
+    bn.running_var[1] = 3.3999e38  # a float32 that bfloat16 rounds up to inf
+    assert torch.isinf(bn.running_var.to(torch.bfloat16)[1]) and torch.isfinite(bn.running_var[1])
+    path = tmp_path / "big.pt"
+    torch.save(bn.state_dict(), path)
+    bf16 = inspect_checkpoint(path, InspectOptions(deploy_dtype="bf16"))
+    (finding,) = [f for f in bf16.findings if f.kind is FindingKind.PRECISION_OVERFLOW]
+    assert (finding.severity, finding.channel) == (Severity.ERROR, 1) and "bfloat16" in finding.message
+    fp32 = inspect_checkpoint(path, InspectOptions(deploy_dtype="fp32"))
+    assert not [f for f in fp32.findings if f.kind is FindingKind.PRECISION_OVERFLOW]
