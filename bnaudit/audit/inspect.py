@@ -11,8 +11,11 @@ from typing import Any
 import numpy as np
 
 from bnaudit.audit.layer_rows import finite_max, finite_min, no_layer_named
+from bnaudit.audit.model_checks import model_findings
 from bnaudit.audit.options import InspectOptions
+from bnaudit.audit.precision import checkpoint_precision_findings
 from bnaudit.audit.rank_reader import load_logged
+from bnaudit.audit.read_state import ReadStateDict
 from bnaudit.bn.health import health_findings
 from bnaudit.bn.layers import BnLayer, find_bn_layers, is_ignored
 from bnaudit.bn.layerstats import LayerStats, layer_problem, read_layer
@@ -49,7 +52,8 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOption
 
     Returns:
         A Report with one row per layer and findings of kinds nonfinite, negative-variance, tiny-variance,
-        never-updated, malformed-layer, no-batchnorm, unsafe-pickle, suspicious-pickle and no-checksum.
+        never-updated, malformed-layer, no-batchnorm, unsafe-pickle, suspicious-pickle, no-checksum,
+        precision-overflow, precision-underflow, counter-anomaly and stale-copy.
 
     Raises:
         UnsafePickleError: the pickle is corrupt after referencing a dangerous callable (exit 1).
@@ -63,13 +67,21 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOption
     if ckpt.crc32_absent:
         findings.append(_no_checksum_finding(display))
     channel_rows: list[dict[str, Any]] = []
+    read: list[ReadStateDict] = []
     for sd in sds:
+        layers: list[tuple[BnLayer, LayerStats]] = []
         for bn in (x for x in find_bn_layers(sd.tensors) if not is_ignored(x.name, options.ignore)):
-            row, layer_findings = _inspect_layer(sd, bn, options.eps, display)
+            row, layer_findings, stats = _inspect_layer(sd, bn, options.eps, display)
             rows.append(row)
             findings.extend(layer_findings)
+            if stats is not None:
+                layers.append((bn, stats))
             if options.layer is not None and bn.name == options.layer and not channel_rows:
                 channel_rows = _inspect_channels(read_layer(sd, bn, display))
+        read.append(ReadStateDict(sd, tuple(layers)))
+    findings += checkpoint_precision_findings(read, options.eps, options.deploy_dtype, display)
+    findings += model_findings(ckpt, read, display)
+    rows = _with_model_findings(rows, findings)
     if not rows:
         findings.append(_no_batchnorm_finding(display, sds))
     if options.layer is not None and not channel_rows:
@@ -78,12 +90,7 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOption
     return Report(
         command=Command.INSPECT,
         inputs=(InputInfo(display, ckpt.format, None, tuple(s.name for s in sds)),),
-        settings={
-            "eps": options.eps,
-            "key": options.key,
-            "ignore": list(options.ignore),
-            "layer": options.layer,
-        },
+        settings=_settings(options),
         layers=tuple(rows),
         findings=sort_findings(findings),
         headline="var_min",
@@ -92,6 +99,14 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOption
         columns=INSPECT_COLUMNS,
         globals=_globals_listing(ckpt) if options.security else None,
     )
+
+
+def _settings(options: InspectOptions) -> dict[str, Any]:
+    settings: dict[str, Any] = {"eps": options.eps, "key": options.key}
+    settings.update(ignore=list(options.ignore), layer=options.layer)
+    if options.deploy_dtype is not None:  # only when chosen: reports of a default run keep their settings
+        settings["deploy_dtype"] = options.deploy_dtype.value
+    return settings
 
 
 def inspect_checkpoints(
@@ -140,7 +155,25 @@ def _row_severity(findings: Iterable[Finding]) -> Severity:
     return Severity.OK if worst is Severity.INFO else worst
 
 
-def _inspect_layer(sd: StateDictRef, bn: BnLayer, eps: float, display: str) -> tuple[LayerRow, list[Finding]]:
+def _with_model_findings(rows: list[LayerRow], findings: list[Finding]) -> list[LayerRow]:
+    """Rows raised to the worst warning or error about their layer (the counter and copy findings are made
+    after the rows)."""
+    worst: dict[tuple[str, str | None], Severity] = {}
+    for f in findings:
+        key = (f.state_dict or "", f.layer)
+        counts = f.severity in (Severity.WARN, Severity.ERROR)
+        if counts and f.severity.rank > worst.get(key, Severity.OK).rank:
+            worst[key] = f.severity
+    out = []
+    for row in rows:
+        severity = worst.get((row.state_dict, row.name), Severity.OK)
+        out.append(replace(row, severity=severity) if severity.rank > row.severity.rank else row)
+    return out
+
+
+def _inspect_layer(
+    sd: StateDictRef, bn: BnLayer, eps: float, display: str
+) -> tuple[LayerRow, list[Finding], LayerStats | None]:
     problem = layer_problem(sd, bn)
     mean_ref = sd.tensors[bn.running_mean]
     channels = mean_ref.shape[0] if mean_ref.shape else 1
@@ -154,7 +187,7 @@ def _inspect_layer(sd: StateDictRef, bn: BnLayer, eps: float, display: str) -> t
             state_dict=sd.name,
             layer=bn.name,
         )
-        return LayerRow(bn.name, sd.name, Severity.ERROR, channels, {}), [finding]
+        return LayerRow(bn.name, sd.name, Severity.ERROR, channels, {}), [finding], None
     stats = read_layer(sd, bn, display)
     found = health_findings(stats, eps, file=display, state_dict=sd.name, layer=bn.name)
     with np.errstate(invalid="ignore"):
@@ -164,7 +197,7 @@ def _inspect_layer(sd: StateDictRef, bn: BnLayer, eps: float, display: str) -> t
             "var_max": finite_max(stats.var),
             "num_batches_tracked": stats.num_batches_tracked,
         }
-    return LayerRow(bn.name, sd.name, _row_severity(found), stats.channels, metrics), found
+    return LayerRow(bn.name, sd.name, _row_severity(found), stats.channels, metrics), found, stats
 
 
 def _inspect_channels(stats: LayerStats) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bnaudit.bn.deploy_dtype import DeployDtype
 from bnaudit.defaults import (
     DEFAULT_DRIFT_ERROR_KL,
     DEFAULT_DRIFT_NOISE_RATIO,
@@ -26,6 +27,8 @@ class InspectOptions:
         ignore: glob patterns of layer names to leave out.
         layer: a layer name whose per-channel statistics are returned in ``Report.channel_rows``.
         security: list every global the file's pickles reference in ``Report.globals``.
+        deploy_dtype: the dtype the model is deployed in: statistics, ``var + eps`` and the folded scale
+            and shift that do not survive the cast are errors. None: fp16 is checked, as warnings.
     """
 
     key: str | None = None
@@ -33,9 +36,34 @@ class InspectOptions:
     ignore: tuple[str, ...] = ()
     layer: str | None = None
     security: bool = False
+    deploy_dtype: DeployDtype | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ignore", tuple(self.ignore))
+        dtype = self.deploy_dtype  # the command line gives the value as a string
+        object.__setattr__(self, "deploy_dtype", None if dtype is None else DeployDtype(dtype))
+
+
+@dataclass(frozen=True)
+class DiffOptions:
+    """What ``diff`` reads and which layers must not change.
+
+    Attributes:
+        key: the state dict in both files (default: the first one with BatchNorm layers in each).
+        eps: BatchNorm's eps, added to every variance before the KL, shift and variance ratio.
+        ignore: glob patterns of layer names to leave out.
+        frozen: glob patterns of layers meant to be frozen: any change of their statistics, counter or
+            affine parameters is a ``frozen-changed`` error.
+    """
+
+    key: str | None = None
+    eps: float = DEFAULT_EPS
+    ignore: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("ignore", "frozen"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from bnaudit.cli.average_cmd import average_command
 from bnaudit.cli.calibration_run import WORKER_ENTRY_KEY
 from bnaudit.cli.compare_cmd import compare_command
 from bnaudit.cli.config_cmd import apply_config, config_command
+from bnaudit.cli.diff_cmd import diff_command
 from bnaudit.cli.drift_cmd import drift_command
 from bnaudit.cli.inspect_cmd import inspect_command
 from bnaudit.cli.recalibrate_cmd import recalibrate_command
@@ -62,6 +63,7 @@ cli.add_command(compare_command)
 cli.add_command(average_command)
 cli.add_command(recalibrate_command)
 cli.add_command(drift_command)
+cli.add_command(diff_command)
 cli.add_command(config_command)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from bnaudit.audit.options import InspectOptions
+from bnaudit.bn.deploy_dtype import DeployDtype
 from bnaudit.cli.bundles import option_bundle
 from bnaudit.cli.options import (
     emit_report,
@@ -25,6 +26,13 @@ INSPECT_OPTIONS = (
     click.option(
         "--security", is_flag=True, help="List every global the file's pickles reference, classified."
     ),
+    click.option(
+        "--deploy-dtype",
+        type=click.Choice([d.value for d in DeployDtype]),
+        default=None,
+        help="The dtype the model is deployed in: statistics (and the folded scale and shift) that "
+        "overflow or underflow it are errors. Default: fp16 is checked, as warnings.",
+    ),
 )
 
 
@@ -40,8 +48,9 @@ def inspect_command(
     options: InspectOptions,
 ) -> int:
     """Check the BatchNorm statistics of each CHECKPOINT: NaN/Inf, negative or tiny variance, layers never
-    updated, malformed layers — and what the file's pickle would import or run if torch.load-ed (nothing of
-    it is executed here).
+    updated, malformed layers, statistics that do not survive the deploy dtype, update counters that
+    disagree with each other or the stored steps, stale EMA/SWA copies — and what the file's pickle would
+    import or run if torch.load-ed (nothing of it is executed here).
 
     CHECKPOINT is a torch file (.pt/.pth/.ckpt/.bin), a .safetensors file or a sharded index (*.index.json);
     quoted glob patterns are expanded.

@@ -34,10 +34,10 @@ def _spec_files(specs: Iterable[str | None]) -> list[Path]:
 
 
 def command_inputs(params: dict[str, Any], extra: Sequence[str | Path | None] = ()) -> list[str | Path]:
-    """Every input a command's parsed parameters name: checkpoints, model and data files, ``extra``."""
+    """Every input a command's parsed parameters name: checkpoints (diff's BASE too), model and data files,
+    ``extra``."""
     inputs: list[str | Path] = list(params.get("checkpoints") or ())
-    if params.get("checkpoint"):
-        inputs.append(params["checkpoint"])
+    inputs += [params[name] for name in ("base", "checkpoint") if params.get(name)]  # diff's BASE
     inputs += _spec_files([params.get("model_spec"), params.get("data_spec")])
     return inputs + [p for p in extra if p is not None]
 

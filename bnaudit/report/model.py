@@ -66,6 +66,11 @@ class FindingKind(str, Enum):
     UNREACHED_LAYER = "unreached-layer"
     NO_CHECKSUM = "no-checksum"
     SKIPPED_CALLS = "skipped-calls"
+    PRECISION_OVERFLOW = "precision-overflow"
+    PRECISION_UNDERFLOW = "precision-underflow"
+    COUNTER_ANOMALY = "counter-anomaly"
+    STALE_COPY = "stale-copy"
+    FROZEN_CHANGED = "frozen-changed"
 
 
 # The parts of a finding's location: a name (file, state dict, layer, tensor) or a number (rank, channel);

@@ -107,6 +107,36 @@ RULES: dict[FindingKind, tuple[str, str, str]] = {
         "estimate averages the other calls only.",
         "note",
     ),
+    FindingKind.PRECISION_OVERFLOW: (
+        "BatchNorm statistics overflow the deploy dtype",
+        "A running statistic or the scale/shift folded from it becomes infinite when the model is cast to "
+        "the deploy dtype (fp16: above 65504).",
+        "error",
+    ),
+    FindingKind.PRECISION_UNDERFLOW: (
+        "BatchNorm statistics underflow the deploy dtype",
+        "A running statistic or the scale/shift folded from it falls below the deploy dtype's normal range "
+        "and loses more than the documented bound (or becomes zero).",
+        "warning",
+    ),
+    FindingKind.COUNTER_ANOMALY: (
+        "BatchNorm update counters disagree with the training",
+        "num_batches_tracked differs between layers or from the step counts the checkpoint stores "
+        "(double forward, gradient accumulation, layers frozen or left in train mode).",
+        "warning",
+    ),
+    FindingKind.STALE_COPY: (
+        "An EMA/SWA copy's BatchNorm statistics do not belong to its weights",
+        "A second copy of the model holds statistics copied from the live model, still at their initial "
+        "values, or not recomputed after averaging.",
+        "warning",
+    ),
+    FindingKind.FROZEN_CHANGED: (
+        "A frozen BatchNorm layer changed",
+        "diff --frozen: the statistics, counter or affine parameters of a layer meant to be frozen differ "
+        "between the two checkpoints.",
+        "error",
+    ),
 }
 
 _SECURITY_SEVERITY = {FindingKind.UNSAFE_PICKLE: "9.0", FindingKind.SUSPICIOUS_PICKLE: "5.0"}

@@ -28,6 +28,7 @@ class Command(str, Enum):
     DRIFT = "drift"
     AVERAGE = "average"
     RECALIBRATE = "recalibrate"
+    DIFF = "diff"
 
 
 @dataclass(frozen=True)

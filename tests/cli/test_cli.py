@@ -138,13 +138,14 @@ def test_interrupt_exit_130(capsys, ranks, monkeypatch):
 
 
 def test_subprocess_never_imports_torch(tmp_path, rng):
-    """inspect and compare run without torch: make torch unimportable and run the real CLI."""
+    """inspect, compare and diff run without torch: make torch unimportable and run the real CLI."""
     paths = save_ranks(tmp_path, [bn_state(CHANNELS, rng, shift=r) for r in range(2)])
     blocker = tmp_path / "block"
     blocker.mkdir()
     (blocker / "torch.py").write_text("raise ImportError('torch is blocked in this test')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
-    for args in (["compare", *map(str, paths)], ["inspect", str(paths[0])], ["--help"]):
+    runs = (["compare", *map(str, paths)], ["inspect", str(paths[0])], ["diff", *map(str, paths)], ["--help"])
+    for args in runs:
         result = run_cli(*args, env=env)
         assert result.returncode in (0, 1), result.stderr
         assert "Traceback" not in result.stderr

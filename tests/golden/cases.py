@@ -74,6 +74,21 @@ def _cases() -> list[Case]:
             True,
         )
     )
+    for fmt in FORMATS:
+        cases.append(
+            Case(
+                f"diff-{fmt}",
+                (
+                    "diff",
+                    "fixtures/ddp_sync/ckpt_rank0.pt",
+                    "fixtures/ddp_nosync_sorted/ckpt_rank0.pt",
+                    "--frozen",
+                    "block1.*",
+                    "--format",
+                    fmt,
+                ),
+            )
+        )
     cases.append(Case("inspect-safetensors", ("inspect", "fixtures/ddp_sync/model_rank0.safetensors")))
     cases.append(Case("config", ("config",)))
     return cases
