@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-_CHILD = r'''
+_CHILD = r"""
 import json, os, signal, sys, tempfile, time, warnings
 warnings.simplefilter("ignore")
 import torch
@@ -60,7 +60,7 @@ def run_one(path, how, marker, timeout):
 
 jobs = json.load(sys.stdin)
 print(json.dumps({j["name"]: run_one(j["path"], j["load"], j["marker"], j["timeout"]) for j in jobs}))
-'''
+"""
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,9 @@ def _flagging(report: dict, name: str) -> list[dict]:
         for f in report["findings"]
         if f["severity"] == "error"
         and f["kind"] in kinds
-        and (f["kind"] == "ambiguous-archive" or any(e in f"{f['tensor']} {f['message']}" for e in case.expect))
+        and (
+            f["kind"] == "ambiguous-archive" or any(e in f"{f['tensor']} {f['message']}" for e in case.expect)
+        )
     ]
 
 
@@ -112,7 +114,9 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_case_executes_under_torch_load(corpus: dict[str, Proven], name: str) -> None:
     if name not in corpus:
         pytest.skip(f"needs {', '.join(CASES[name].requires)}")
-    assert corpus[name].verdict.executed, f"{name}: the payload did not run under torch.load; fix the generator"
+    assert corpus[name].verdict.executed, (
+        f"{name}: the payload did not run under torch.load; fix the generator"
+    )
 
 
 @pytest.mark.parametrize("name", [_param(n) for n in MALICIOUS])

@@ -78,7 +78,9 @@ def _containers(folder: Path, _m: str) -> Path:
     import torch
 
     extra = {
-        "meta": OrderedDict(shape=torch.Size([4, 3, 1, 1]), data_root=pathlib.PurePosixPath("/data/imagenet")),
+        "meta": OrderedDict(
+            shape=torch.Size([4, 3, 1, 1]), data_root=pathlib.PurePosixPath("/data/imagenet")
+        ),
         "saved_at": datetime.datetime(2024, 5, 1, 12, 30),
         "run_dir": pathlib.Path("runs/exp1"),
     }

@@ -30,8 +30,13 @@ def fit_and_save(folder: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = L.Trainer(
-            max_epochs=1, default_root_dir=str(folder), logger=False, enable_progress_bar=False,
-            enable_model_summary=False, accelerator="cpu", devices=1,
+            max_epochs=1,
+            default_root_dir=str(folder),
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
         )
         trainer.fit(Tiny(), loader)
     path = folder / "tiny.ckpt"

@@ -24,14 +24,33 @@ def local_record(member: Member, flags: int | None = None) -> bytes:
     raw = member.name.encode()
     size = len(member.data)
     fl = member.flags if flags is None else flags
-    header = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, fl, 0, 0, 0x21, member.real_crc, size, size, len(raw), 0)
+    header = struct.pack(
+        "<IHHHHHIIIHH", 0x04034B50, 20, fl, 0, 0, 0x21, member.real_crc, size, size, len(raw), 0
+    )
     return header + raw + member.data
 
 
 def central_record(member: Member, offset: int) -> bytes:
     raw = member.name.encode()
     size = len(member.data)
-    fields = (0x02014B50, 20, 20, member.flags, 0, 0, 0x21, member.real_crc, size, size, len(raw), 0, 0, 0, 0, 0)
+    fields = (
+        0x02014B50,
+        20,
+        20,
+        member.flags,
+        0,
+        0,
+        0x21,
+        member.real_crc,
+        size,
+        size,
+        len(raw),
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
     return struct.pack("<IHHHHHHIIIHHHHHII", *fields, offset) + raw
 
 

@@ -62,7 +62,9 @@ def _two_directories(folder: Path, m: str) -> Path:
         body += local_record(member)
     shift = len(body) - evil_directory_at  # zipfile adds this to every offset it reads
     benign = b"".join(central_record(x, o - shift) for x, o in zip(members, benign_offsets, strict=True))
-    return _write(folder, "zip-two-dirs", body + benign + end_record(len(members), len(benign), evil_directory_at))
+    return _write(
+        folder, "zip-two-dirs", body + benign + end_record(len(members), len(benign), evil_directory_at)
+    )
 
 
 @case("zip:member-after-end-record", "zip", SYSTEM, structure=True)
@@ -100,4 +102,6 @@ def _flag_local(folder: Path, m: str) -> Path:
         body += local_record(Member(member.name, data), flags=1 if member.name == name else 0)
     final = [Member(x.name, _evil(members, name, m)) if x.name == name else x for x in members]
     directory = b"".join(central_record(x, o) for x, o in zip(final, offsets, strict=True))
-    return _write(folder, "zip-flag-local", body + directory + end_record(len(final), len(directory), len(body)))
+    return _write(
+        folder, "zip-flag-local", body + directory + end_record(len(final), len(directory), len(body))
+    )
