@@ -32,6 +32,7 @@ SMOKE_CASES = [
     "torch.save:zip-default",
 ]
 PACKAGES = {
+    "fickling (overtly malicious only)": "fickling",
     "picklescan": "picklescan",
     "modelscan": "modelscan",
     "fickling": "fickling",

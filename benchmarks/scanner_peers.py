@@ -3,8 +3,9 @@
 - bnaudit: ``bnaudit inspect PATH`` exits 1.
 - picklescan: ``picklescan -p PATH`` exits 1 (dangerous globals found).
 - modelscan: ``modelscan -p PATH`` exits 1 (issues found).
-- fickling: its Python API, ``fickling.loader.scan_file`` / ``scan_zip_archive`` (every file of a folder),
-  severity above LIKELY_SAFE (its CLI reads only bare pickles).
+- fickling: its Python API, ``fickling.loader.scan_file`` / ``scan_zip_archive`` (every file of a folder;
+  its CLI reads only bare pickles): severity above LIKELY_SAFE; a second row counts only
+  LIKELY_OVERTLY_MALICIOUS and above.
 - modelaudit: one ``modelaudit scan -f json`` over every path; flagged when a ``critical`` issue is
   located in the path (warnings, which it gives every torch file, do not count).
 """
@@ -27,20 +28,20 @@ Outcome = tuple[dict[str, bool], float]
 _FICKLING = r"""
 import json, os, sys, zipfile
 from fickling.loader import scan_file, scan_zip_archive
-def unsafe(path):
+def severity(path):
     if zipfile.is_zipfile(path):
-        return any(not r.is_safe for r in scan_zip_archive(path, graceful=True).values())
-    return not scan_file(path, graceful=True).is_safe
+        return max((r.severity.value[0] for r in scan_zip_archive(path, graceful=True).values()), default=0)
+    return scan_file(path, graceful=True).severity.value[0]
 out = {}
 for path in sys.argv[1:]:
     files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
-    flagged = False
+    worst = 0
     for f in files:
         try:
-            flagged = flagged or unsafe(f)
+            worst = max(worst, severity(f))
         except Exception:
             pass
-    out[path] = flagged
+    out[path] = worst
 print(json.dumps(out))
 """
 
@@ -72,12 +73,24 @@ def run_modelscan(paths: Paths, bin_dir: Path | None) -> Outcome:
 
 
 def run_fickling(paths: Paths, bin_dir: Path | None) -> Outcome:
+    """Fickling's own gate: any severity above LIKELY_SAFE (what ``is_likely_safe`` answers)."""
+    return _fickling(paths, bin_dir, 1)
+
+
+def run_fickling_overt(paths: Paths, bin_dir: Path | None) -> Outcome:
+    """Fickling counting only LIKELY_OVERTLY_MALICIOUS and above: its default gate flags every torch file
+    (a torch import is a non-standard import), this row shows what it says without that rule."""
+    return _fickling(paths, bin_dir, 4)
+
+
+def _fickling(paths: Paths, bin_dir: Path | None, threshold: int) -> Outcome:
     start = time.perf_counter()
     python = str(bin_dir / "python") if bin_dir else sys.executable
     done = subprocess.run(
         [python, "-c", _FICKLING, *map(str, paths)], capture_output=True, text=True, timeout=1200
     )
-    return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - start
+    worst = json.loads(done.stdout.strip().splitlines()[-1])
+    return {p: w >= threshold for p, w in worst.items()}, time.perf_counter() - start
 
 
 def run_modelaudit(paths: Paths, bin_dir: Path | None) -> Outcome:
@@ -114,5 +127,6 @@ RUNNERS: dict[str, Callable[[Paths, Path | None], Outcome]] = {
     "picklescan": run_picklescan,
     "modelscan": run_modelscan,
     "fickling": run_fickling,
+    "fickling (overtly malicious only)": run_fickling_overt,
     "modelaudit": run_modelaudit,
 }

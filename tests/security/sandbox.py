@@ -40,7 +40,7 @@ def run_one(path, how, marker, timeout):
     if pid == 0:
         home = tempfile.mkdtemp(prefix="victim-")
         os.chdir(home)
-        os.environ["HOME"] = home
+        os.environ["HOME"] = os.environ["TMPDIR"] = tempfile.tempdir = home
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1); os.dup2(devnull, 2)
         signal.alarm(timeout)

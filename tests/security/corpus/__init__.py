@@ -8,11 +8,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.security.corpus import benign, callables, containers, opcodes, resolution, ziptricks
+from tests.security.corpus import (
+    benign,
+    callables,
+    containers,
+    opcodes,
+    resolution,
+    torch_callables,
+    ziptricks,
+)
 from tests.security.corpus.registry import CASES, Case
 
 __all__ = ["CASES", "Built", "Case", "build_corpus", "classes"]
-_MODULES = (callables, resolution, containers, opcodes, ziptricks, benign)
+_MODULES = (callables, torch_callables, resolution, containers, opcodes, ziptricks, benign)
 
 
 @dataclass(frozen=True)

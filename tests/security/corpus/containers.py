@@ -106,3 +106,11 @@ def _dcp_zip(folder: Path, m: str) -> Path:
     item = inner.read_bytes()
     inner.unlink()
     return redirect_bytes_item(save_dcp(folder / "dcp-item-zip"), item)
+
+
+@case("dcp:bytes-item-over-64MiB", "container", SYSTEM, load="dcp")
+def _dcp_large(folder: Path, m: str) -> Path:
+    # A protocol-0 payload, then padding past 64 MiB (a sparse hole): torch.load stops at the first STOP.
+    item = b"cos\nsystem\n(V" + touch_command(m).encode() + b"\ntR."
+    path = redirect_bytes_item(save_dcp(folder / "dcp-item-large"), item, length=(64 << 20) + 4096)
+    return path
