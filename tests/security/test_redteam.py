@@ -51,8 +51,6 @@ KNOWN_MISSES: set[str] = {
     "p0:GLOBAL-whole-data.pkl",
     "p0:INST-plain-file",
     "plain-pickle:.bin-extension",
-    "tail:payload-then-malformed",
-    "tail:payload-then-truncated",
     "tar:object-pickle",
     "tar:storages-pickle",
     "torch._inductor._reload_python_module",
@@ -95,18 +93,21 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _flagging(report: dict, name: str) -> list[dict]:
-    case = CASES[name]
-    kinds = {"unsafe-pickle", "ambiguous-archive"} if case.structure else {"unsafe-pickle"}
-    return [
-        f
-        for f in report["findings"]
-        if f["severity"] == "error"
-        and f["kind"] in kinds
-        and (
-            f["kind"] == "ambiguous-archive" or any(e in f"{f['tensor']} {f['message']}" for e in case.expect)
-        )
-    ]
+def _names_global(text: str, name: str) -> bool:
+    return any(e in text for e in CASES[name].expect)
+
+
+def _flagged(out: str, err: str, name: str) -> bool:
+    """An error finding naming the global in the JSON report, or, when the pickle also turned out malformed
+    (no report), the ``unsafe-pickle`` message naming it on stderr's first line (SECURITY.md)."""
+    kinds = {"unsafe-pickle", "ambiguous-archive"} if CASES[name].structure else {"unsafe-pickle"}
+    findings = json.loads(out)["findings"] if out.strip() else []
+    for f in findings:
+        if f["severity"] == "error" and f["kind"] in kinds:
+            if f["kind"] == "ambiguous-archive" or _names_global(f"{f['tensor']} {f['message']}", name):
+                return True
+    first = err.strip().splitlines()[0] if err.strip() else ""
+    return "unsafe-pickle" in first and _names_global(first, name)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -135,11 +136,11 @@ def test_every_command_flags_the_case(
     code, out, err = call_main(capsys, "inspect", str(built.path), "--format", "json")
     assert "Traceback" not in err and code != 3, err
     assert code == 1, f"inspect exit {code}: {err}"
-    assert _flagging(json.loads(out), name), out
+    assert _flagged(out, err, name), out + err
     ranks = [_copy(built.path, tmp_path / f"r{r}_{built.path.name}") for r in (0, 1)]
     code, out, err = call_main(capsys, "compare", *map(str, ranks), "--format", "json")
     assert "Traceback" not in err and code == 1, f"compare exit {code}: {err}"
-    assert _flagging(json.loads(out), name), out
+    assert _flagged(out, err, name), out + err
     target = tmp_path / "out" / "averaged.pt"
     target.parent.mkdir()
     code, out, err = call_main(capsys, "average", *map(str, ranks), "-o", str(target))
