@@ -13,14 +13,17 @@ TOUCH = "/usr/bin/touch"
 Payload = Callable[[str], bytes]
 
 
-def in_zip(name: str, expect: tuple[str, ...], protocol: int = 2) -> Callable[[Payload], Payload]:
-    """Register ``payload(marker)`` spliced into a torch zip's data.pkl as case ``name``."""
+def in_zip(
+    name: str, expect: tuple[str, ...], protocol: int = 2, requires: tuple[str, ...] = ()
+) -> Callable[[Payload], Payload]:
+    """Register ``payload(marker)`` spliced into a torch zip's data.pkl as case ``name`` (``requires``: the
+    modules the victim needs for the payload to run; without them the case is skipped)."""
 
     def register(payload: Payload) -> Payload:
         def build(folder: Path, marker: str) -> Path:
             return torch_zip_with(folder / f"{name}.pt", payload(marker), protocol)
 
-        case(name, "callable", expect)(build)
+        case(name, "callable", expect, requires=requires)(build)
         return payload
 
     return register

@@ -77,12 +77,12 @@ def _resolve_name(m: str) -> bytes:
     return system_call(m, call(glob("pkgutil", "resolve_name"), text("os:system")))
 
 
-@in_zip("idlelib.calltip.get_entity", ("idlelib.calltip.get_entity",))
+@in_zip("idlelib.calltip.get_entity", ("idlelib.calltip.get_entity",), requires=("idlelib",))
 def _idlelib(m: str) -> bytes:
     return call(glob("idlelib.calltip", "get_entity"), text(touch_source(m)))
 
 
-@in_zip("lib2to3.Grammar.loads", ("lib2to3.pgen2.grammar.Grammar.loads",), protocol=4)
+@in_zip("lib2to3.Grammar.loads", ("lib2to3.pgen2.grammar.Grammar.loads",), protocol=4, requires=("lib2to3",))
 def _lib2to3(m: str) -> bytes:
     grammar = call(glob("lib2to3.pgen2.grammar", "Grammar"))
     nested = raw_bytes(whole(system_call(m)))
@@ -99,7 +99,7 @@ def _cprofile(m: str) -> bytes:
     return call(glob("cProfile", "runctx"), text(touch_source(m)), dct(), dct())
 
 
-@in_zip("distutils.file_util.write_file", ("distutils.file_util.write_file",))
+@in_zip("distutils.file_util.write_file", ("distutils.file_util.write_file",), requires=("distutils",))
 def _write_file(m: str) -> bytes:
     return call(glob("distutils.file_util", "write_file"), text(m), lst(text("x")))
 

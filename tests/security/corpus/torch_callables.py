@@ -40,7 +40,7 @@ def _f2py(m: str) -> bytes:
     return call(glob("numpy.f2py.crackfortran", "_eval_scalar"), text(touch_source(m)), dct())
 
 
-@in_zip("aiohttp-module", ("aiohttp.helpers",))
+@in_zip("aiohttp-module", ("aiohttp.helpers",), requires=("aiohttp",))
 def _aiohttp(m: str) -> bytes:
     # aiohttp re-exports os at module level: the network library reaches os.system by an attribute walk.
     return system_call(m, attr(glob("aiohttp.helpers", "os"), "system"))
