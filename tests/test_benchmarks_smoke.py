@@ -20,6 +20,7 @@ from tests.conftest import REPO
         ("bench_compare.py", "ratio compare / torch.load full: median"),
         ("bench_ranks.py", "16 average"),
         ("bench_before_after.py", "per-round ratio average after / before: median"),
+        ("bench_scanners.py", "## Scanners on the red-team corpus"),
     ],
 )
 def test_benchmark_smoke(script: str, expected: str) -> None:
