@@ -300,7 +300,9 @@ def _same(a: object, b: object, exact: bool = True) -> bool:
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k], exact) for k in a)
     if isinstance(a, list | tuple):
         return (
-            isinstance(b, list | tuple) and len(a) == len(b) and all(_same(x, y, exact) for x, y in zip(a, b, strict=True))
+            isinstance(b, list | tuple)
+            and len(a) == len(b)
+            and all(_same(x, y, exact) for x, y in zip(a, b, strict=True))
         )
     if not exact and isinstance(a, float):
         return isinstance(b, float)  # optimizer state scalars and losses follow the float kernels too
