@@ -21,35 +21,6 @@ from tests.security.corpus import CASES, available
 # Cases current bnaudit gets wrong (in at least one of inspect, compare, average; for benign cases, a pickle
 # finding). strict=True: a case the classifier/reader work fixes fails here until its name is removed.
 KNOWN_MISSES: set[str] = {
-    # callables off the deny-list: a suspicious-pickle warning only, exit 0, and average writes the output
-    "_frozen_importlib.__import__",
-    "_functools.partial",
-    "_operator.attrgetter",
-    "_operator.methodcaller",
-    "aiohttp-module",
-    "bdb.Bdb.run",
-    "codecs.open",
-    "doctest.debug_script",
-    "idlelib.calltip.get_entity",
-    "imaplib.IMAP4_stream",
-    "io.FileIO",
-    "lib2to3.Grammar.loads",
-    "logging.FileHandler",
-    "logging.config.dictConfig-factory",
-    "numpy.f2py._eval_scalar",
-    "os.posix_spawn",
-    "os.spawnve",
-    "torch._inductor._reload_python_module",
-    "torch.datapipes.basichandlers-nested",
-    "torch.fx._forward_from_src",
-    "torch.utils.collect_env.run",
-    "uuid._get_command_stdout",
-    # dotted names classified as strings, not walked as torch walks them: exit 0
-    "walk:_rebuild_from_type_v2->os.system",
-    "walk:copyreg._reconstructor->Popen",
-    "walk:dcp-.metadata->os.system",
-    "walk:dcp.metadata->os.system",
-    "walk:nn.module->torch.os.system",
     # pickles torch reads and bnaudit does not: the legacy format's other pickles (exit 0), the tar format
     # ("unknown format", exit 2), a protocol-0 file ("text file", exit 2), DCP items not starting with
     # \x80 or past 64 MiB (exit 0)
@@ -62,21 +33,11 @@ KNOWN_MISSES: set[str] = {
     "p0:INST-plain-file",
     "dcp:bytes-item-over-64MiB",
     "dcp:bytes-item-protocol-0",
-    # inspect flags these; compare/average exit 2 ("no BatchNorm layers"; average: "cannot write" a DCP
-    # folder) instead of 1
-    "p0:GLOBAL-whole-data.pkl",
-    "plain-pickle:.bin-extension",
-    "dcp:bytes-item-torch-zip",
-    # opcodes the inert reader cannot follow: "cannot read ... corrupt", exit 2, global dropped
-    "ext:copyreg-extension-registry",
-    "newobj_ex:tuple-consumes-map",
     # zip read differently from torch: Data.pkl (exit 0); duplicate names, bad CRC, local-only flag (exit 2)
     "zip:Data.pkl-case",
     "zip:data.pkl-bad-crc",
     "zip:duplicate-data.pkl",
     "zip:encrypted-flag-local-header",
-    # benign: pathlib.PurePosixPath is a suspicious-pickle warning
-    "containers:OrderedDict-Size-pathlib-datetime",
 }
 
 PICKLE_KINDS = {"unsafe-pickle", "suspicious-pickle", "ambiguous-archive"}
