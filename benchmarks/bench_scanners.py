@@ -7,6 +7,10 @@ wall time per tool, and a per-class matrix.
 
     python benchmarks/bench_scanners.py --peers-bin /work/venvs/peers/bin
     python benchmarks/bench_scanners.py --smoke        # bnaudit alone on a few cases (CI)
+    python benchmarks/bench_scanners.py --tools bnaudit --keep-others   # rerun bnaudit, keep the peers' rows
+
+``--keep-others`` takes the rows of the tools not rerun from the results already written, provided they
+were measured on the same cases (the peers' verdicts do not depend on bnaudit's version).
 """
 
 from __future__ import annotations
@@ -136,15 +140,31 @@ def render(data: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _with_kept_rows(data: dict, previous_file: Path) -> dict:
+    """``data`` with the rows of the tools it lacks taken from ``previous_file`` (same cases only)."""
+    previous = json.loads(previous_file.read_text())
+    if previous["cases"] != data["cases"]:
+        raise SystemExit(f"{previous_file} was measured on other cases: rerun every tool")
+    kept = {t: r for t, r in previous["tools"].items() if t not in data["tools"]}
+    order = [t for t in previous["tools"] if t in data["tools"] or t in kept]
+    order += [t for t in data["tools"] if t not in order]
+    tools = {**kept, **data["tools"]}
+    return {**data, "tools": {t: tools[t] for t in order}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="bnaudit only, a few cases, results not written")
     parser.add_argument("--peers-bin", type=Path, help="bin/ of the venv holding the peer scanners")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scanners")
+    parser.add_argument("--tools", nargs="+", choices=list(RUNNERS), help="the tools to run (default: all)")
+    parser.add_argument("--keep-others", action="store_true", help="keep the other tools' written rows")
     args = parser.parse_args()
-    tools = ["bnaudit"] if args.smoke else list(RUNNERS)
+    tools = ["bnaudit"] if args.smoke else (args.tools or list(RUNNERS))
     with tempfile.TemporaryDirectory(prefix="bnaudit-redteam-") as tmp:
         data = _scan(Path(tmp), SMOKE_CASES if args.smoke else None, tools, args.peers_bin)
+    if args.keep_others and not args.smoke:
+        data = _with_kept_rows(data, args.out / "scanners.json")
     text = render(data)
     print(text)
     if not args.smoke:
