@@ -7,16 +7,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnaudit.bn.corrupt_pickle import load_or_unsafe
 from bnaudit.bn.layer_kind import InputKind
 from bnaudit.bn.layers import BnLayer, find_bn_layers, normalize_key
 from bnaudit.bn.layerstats import LayerStats, read_layers, read_layers_with_digest
 from bnaudit.bn.pickle_policy import pickle_findings
-from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.rank_files import RankFile
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
-from bnaudit.checkpoint.unpickler import CorruptPickleError
-from bnaudit.errors import InputError, ModelMismatchError, UnsafePickleError
+from bnaudit.errors import InputError, ModelMismatchError
 from bnaudit.report.model import Finding, FindingKind
 
 log = logging.getLogger(__name__)
@@ -84,18 +83,7 @@ def load_logged(path: str | Path, display: str) -> Checkpoint:
         UnsafePickleError: the pickle is corrupt but referenced a dangerous callable before it broke.
         InputError: the file cannot be read.
     """
-    try:
-        ckpt = load_checkpoint(path)
-    except CorruptPickleError as exc:
-        unsafe = [f for f in pickle_findings(exc.globals, display) if f.kind is FindingKind.UNSAFE_PICKLE]
-        if not unsafe:
-            raise
-        raise UnsafePickleError(
-            "unsafe-pickle: " + "; ".join(f.message for f in unsafe),
-            path=display,
-            fix="do not torch.load it",
-            parse_error=exc,
-        ) from None
+    ckpt = load_or_unsafe(path, display)
     for warning in ckpt.warnings:
         log.warning("%s: %s", display, warning)
     return ckpt

@@ -17,6 +17,7 @@ from bnaudit.audit.measured import (
     skipped_calls_finding,
     unreached_finding,
 )
+from bnaudit.bn.corrupt_pickle import load_or_unsafe
 from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.provenance import header_entry, sidecar_path, sidecar_text
@@ -126,7 +127,7 @@ def _nonfinite_refusal(display: str, exc: NonFiniteStatisticsError) -> Report:
 
 def _refusal(display: str, allow: bool) -> Report | None:
     """The report that refuses a checkpoint whose pickle references dangerous callables, or None."""
-    ckpt = load_checkpoint(display)
+    ckpt = load_or_unsafe(display, display)
     findings = pickle_findings(ckpt.globals, display)
     if allow or not any(f.kind is FindingKind.UNSAFE_PICKLE for f in findings):
         return None
