@@ -7,11 +7,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnaudit.bn.archive_policy import checkpoint_findings
 from bnaudit.bn.corrupt_pickle import load_or_unsafe
 from bnaudit.bn.layer_kind import InputKind
 from bnaudit.bn.layers import BnLayer, find_bn_layers, normalize_key
 from bnaudit.bn.layerstats import LayerStats, read_layers, read_layers_with_digest
-from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.rank_files import RankFile
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
@@ -114,6 +114,10 @@ def describe_model_difference(ref: Signature, other: Signature) -> str | None:
     return None
 
 
+# Findings that outrank a layout error: the file runs code (or may, through another reader) under torch.load.
+_UNSAFE_KINDS = (FindingKind.UNSAFE_PICKLE, FindingKind.AMBIGUOUS_ARCHIVE)
+
+
 def open_rank(rf: RankFile, key: str | None, names: Sequence[str] | None) -> OpenedRank:
     """Open a rank and pick its state dicts: by ``key`` (the first rank), else the planned ``names``.
 
@@ -125,7 +129,7 @@ def open_rank(rf: RankFile, key: str | None, names: Sequence[str] | None) -> Ope
     try:
         return OpenedRank(ckpt, select_rank_state_dicts(ckpt, rf, key, names))
     except InputError as exc:
-        unsafe = [f for f in pickle_findings(ckpt.globals, rf.display) if f.kind is FindingKind.UNSAFE_PICKLE]
+        unsafe = [f for f in checkpoint_findings(ckpt, rf.display) if f.kind in _UNSAFE_KINDS]
         if unsafe:
             raise UnsafeUnreadableRank(rf, ckpt, unsafe, exc) from exc
         raise

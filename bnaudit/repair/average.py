@@ -10,7 +10,7 @@ from typing import Any
 
 from bnaudit.audit.rank_reader import OpenedRank, UnsafeUnreadableRank, select_rank_state_dicts
 from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks
-from bnaudit.bn.pickle_policy import pickle_findings
+from bnaudit.bn.archive_policy import checkpoint_findings
 from bnaudit.bn.stats import MergeMethod
 from bnaudit.checkpoint.provenance import input_records, sidecar_path
 from bnaudit.checkpoint.writer import TensorPatch, WriteResult
@@ -127,7 +127,7 @@ def _scan(plan: AveragePlan, sources: Sources) -> tuple[PoolResult, MeasureResul
 
 
 def _with_reference_findings(pooled: PoolResult, sources: Sources) -> PoolResult:
-    extra = pickle_findings(sources.reference.globals, sources.reference_display)
+    extra = checkpoint_findings(sources.reference, sources.reference_display)
     return replace(pooled, findings=(*pooled.findings, *extra))
 
 

@@ -66,6 +66,7 @@ class FindingKind(str, Enum):
     UNREACHED_LAYER = "unreached-layer"
     NO_CHECKSUM = "no-checksum"
     SKIPPED_CALLS = "skipped-calls"
+    AMBIGUOUS_ARCHIVE = "ambiguous-archive"
 
 
 # The parts of a finding's location: a name (file, state dict, layer, tensor) or a number (rank, channel);
