@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bnaudit.bn.archive_policy import checkpoint_findings
-from bnaudit.bn.corrupt_pickle import load_or_unsafe
+from bnaudit.bn.corrupt_pickle import unsafe_or_corrupt
 from bnaudit.bn.layer_kind import InputKind
 from bnaudit.bn.layers import BnLayer, find_bn_layers, normalize_key
 from bnaudit.bn.layerstats import LayerStats, read_layers, read_layers_with_digest
+from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.rank_files import RankFile
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
+from bnaudit.checkpoint.unpickler import CorruptPickleError
 from bnaudit.errors import InputError, ModelMismatchError
 from bnaudit.report.model import Finding, FindingKind
 
@@ -83,7 +85,10 @@ def load_logged(path: str | Path, display: str) -> Checkpoint:
         UnsafePickleError: the pickle is corrupt but referenced a dangerous callable before it broke.
         InputError: the file cannot be read.
     """
-    ckpt = load_or_unsafe(path, display)
+    try:
+        ckpt = load_checkpoint(path)
+    except CorruptPickleError as exc:
+        raise unsafe_or_corrupt(exc, display) from None
     for warning in ckpt.warnings:
         log.warning("%s: %s", display, warning)
     return ckpt

@@ -99,7 +99,7 @@ def _zipfile_shift(fd: int, base: int, eocd_at: int) -> int:
             fields = ZIP64_END.unpack(record)
             size, offset = fields[8], fields[9]
             records_at = locator_at - ZIP64_END.size
-    return records_at - base - size - offset
+    return int(records_at - base - size - offset)
 
 
 def _zipfile_view(fd: int, directory: ZipDirectory, differences: list[str]) -> tuple[CentralRecord, ...]:
