@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 from bnaudit.checkpoint.legacy import LEGACY_MAGIC
+from bnaudit.checkpoint.torch_tar import is_torch_tar
 from bnaudit.checkpoint.types import ContainerFormat
 from bnaudit.checkpoint.unpickler import CorruptPickleError, inert_load
 from bnaudit.checkpoint.zipdir import END_SIGNATURE, LOCAL_SIGNATURE
@@ -125,6 +126,8 @@ def _format_of(path: Path, head: bytes, file_size: int) -> ContainerFormat:
         return ContainerFormat.TORCH_ZIP
     if head.startswith(END_SIGNATURE):
         raise InputError("is an empty zip archive, not a checkpoint", path=path, fix=_EXPECTED)
+    if is_torch_tar(path):  # torch.load tries every file that is not a zip as a tar first, as here
+        return ContainerFormat.TORCH_TAR
     if _is_legacy_torch(head):
         return ContainerFormat.TORCH_LEGACY
     if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:

@@ -15,6 +15,7 @@ class ContainerFormat(str, Enum):
 
     TORCH_ZIP = "torch-zip"
     TORCH_LEGACY = "torch-legacy"
+    TORCH_TAR = "torch-tar"
     PICKLE = "pickle"
     SAFETENSORS = "safetensors"
     HF_SHARDED = "hf-sharded"
