@@ -11,7 +11,7 @@ from bnaudit.checkpoint.types import Checkpoint, ContainerFormat, StorageRef
 from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, CorruptPickleError, inert_load
 from bnaudit.checkpoint.unpickler_globals import StorageResolver
 from bnaudit.checkpoint.zipdir import ZipDirectory, ZipFormatError, read_directory
-from bnaudit.checkpoint.zipentries import ZipEntry, entry_at, locate_entries, read_member
+from bnaudit.checkpoint.zipentries import ZipEntry, entry_at, local_name, locate_entries, read_member
 from bnaudit.checkpoint.zipviews import ArchiveViews, compare_views
 from bnaudit.errors import InputError, UnsupportedFormatError
 
@@ -180,9 +180,17 @@ def read_archive(
     limit = min(max_pickle, inflate_budget(os.fstat(fd).st_size))
     others = read_other_pickles(fd, views, pkl, directory.crc32_absent, limit)
     return TorchArchive(
-        prefix, entries, pkl.name, _member(path, fd, pkl, check_name=not views.differences),
-        directory.crc32_absent, views.differences, others,
+        prefix, entries, pkl.name, _member(path, fd, pkl, check_name=False),
+        directory.crc32_absent, (*views.differences, *_renamed(fd, pkl)), others,
     )  # fmt: skip
+
+
+def _renamed(fd: int, pkl: ZipEntry) -> tuple[str, ...]:
+    named = local_name(fd, pkl)
+    if named == pkl.name:
+        return ()
+    return (f"'{pkl.name}' is named '{named[:200]}' in its local header: Python's zipfile refuses to "
+            "read it, torch's reader reads it",)  # fmt: skip
 
 
 def _prefix_and_views(path: Path, fd: int, directory: ZipDirectory) -> tuple[str, ArchiveViews]:

@@ -177,6 +177,15 @@ def entry_at(fd: int, rec: CentralRecord, crc_stored: bool) -> ZipEntry:
     return _entry(rec, os.pread(fd, LOCAL.size, rec.header_offset), False, crc_stored)
 
 
+def local_name(fd: int, entry: ZipEntry) -> str:
+    """The name an entry's local header gives (zipfile refuses the entry when it is not the central one;
+    torch's reader never looks)."""
+    head = os.pread(fd, LOCAL.size, entry.header_offset)
+    name_len = struct.unpack_from("<H", head, 26)[0] if len(head) == LOCAL.size else 0
+    raw = os.pread(fd, name_len, entry.header_offset + LOCAL.size)
+    return raw.decode("utf-8" if entry.flags & FLAG_UTF8 else "cp437", errors="replace")
+
+
 def _stored_bytes(fd: int, entry: ZipEntry, check_name: bool = True) -> bytes:
     """The entry's stored bytes, read with its local header in one pread; the local name must match
     (unless ``check_name`` is False: torch's reader never compares it)."""

@@ -158,3 +158,21 @@ def test_a_clean_torch_save_is_not_ambiguous(tmp_path):
         result = run_cli("inspect", str(path), "--format", "json")
         assert result.returncode == 0, result.stderr
         assert "ambiguous-archive" not in result.stdout
+
+
+def test_a_local_header_naming_another_entry_is_read_as_torch_reads_it(tmp_path):
+    marker = tmp_path / "pwned"
+    members = _members(tmp_path)
+    pkl = next(n for n, _ in members if n.endswith("/data.pkl"))
+    data = bytearray(_zip([(n, payload(marker) if n == pkl else d) for n, d in members]))
+    local = data.find(pkl.encode())  # the local header's copy of the name comes before the central one
+    data[local + len(pkl) - len("data.pkl")] = ord("D")  # zipfile refuses the entry; torch reads it
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(bytes(data))
+    with zipfile.ZipFile(evil) as zf, pytest.raises(zipfile.BadZipFile):
+        zf.read(pkl)
+    assert runs_under_torch_load(evil, marker)
+    result = run_cli("inspect", str(evil), "--format", "json")
+    assert result.returncode == 1, result.stderr
+    kinds = {f["kind"] for f in json.loads(result.stdout)["findings"]}
+    assert {"ambiguous-archive", "unsafe-pickle"} <= kinds
