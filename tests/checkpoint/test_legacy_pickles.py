@@ -15,10 +15,10 @@ from tests.conftest import run_cli
 _NAMES = ["magic", "protocol", "sys_info", "main", "keys"]
 
 
-def _legacy(tmp_path: Path) -> Path:
+def _legacy(tmp_path: Path, protocol: int = 2) -> Path:
     path = tmp_path / "clean.pt"
     state = OrderedDict([("bn.running_mean", torch.zeros(3)), ("bn.running_var", torch.ones(3))])
-    torch.save(state, path, _use_new_zipfile_serialization=False)
+    torch.save(state, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
     return path
 
 
@@ -37,8 +37,12 @@ def test_a_payload_in_any_legacy_pickle_is_unsafe(tmp_path, which):
     assert "unsafe-pickle" in text and "system" in text
 
 
-def test_a_clean_legacy_file_has_no_pickle_finding(tmp_path):
-    result = run_cli("inspect", str(_legacy(tmp_path)), "--format", "json")
+@pytest.mark.parametrize("protocol", [1, 2, 5])
+def test_a_clean_legacy_file_of_any_protocol_is_read_without_pickle_finding(tmp_path, protocol):
+    result = run_cli("inspect", str(_legacy(tmp_path, protocol)), "--format", "json")
     assert result.returncode == 0, result.stderr
-    kinds = {f["kind"] for f in json.loads(result.stdout)["findings"]}
+    report = json.loads(result.stdout)
+    assert report["inputs"][0]["format"] == "torch-legacy"
+    assert [layer["name"] for layer in report["layers"]] == ["bn"]
+    kinds = {f["kind"] for f in report["findings"]}
     assert not kinds & {"unsafe-pickle", "suspicious-pickle", "ambiguous-archive"}
