@@ -69,7 +69,8 @@ def torch_folder(records: tuple[CentralRecord, ...]) -> str | None:
 
 def _data_pkl(records: tuple[CentralRecord, ...], folder: str) -> list[CentralRecord]:
     wanted = _fold(folder + "data.pkl")
-    return [r for r in records if _fold(r.name) == wanted]
+    # Only a name of the same length can fold to it: the others are not folded (thousands per archive).
+    return [r for r in records if len(r.name) == len(wanted) and _fold(r.name) == wanted]
 
 
 def _zipfile_end_record(fd: int, base: int, end: int) -> int | None:
