@@ -12,8 +12,8 @@ from bnaudit.audit.causes import drift_cause
 from bnaudit.audit.measured import DRIFT_COLUMNS, calibration_data, pass_layer_row, unreached_finding
 from bnaudit.audit.options import DriftThresholds
 from bnaudit.audit.stored_config import stored_training
+from bnaudit.bn.archive_policy import checkpoint_findings
 from bnaudit.bn.layers import is_ignored
-from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.checkpoint.types import Checkpoint
 from bnaudit.live.options import CalibrationSpec, ProgressCallback
 from bnaudit.live.passes import StateDictPass, run_passes
@@ -102,7 +102,7 @@ def _drift_report(
 ) -> Report:
     warn_kl, error_kl, ignore = thresholds.warn_kl, thresholds.error_kl, thresholds.ignore
     rows: list[LayerRow] = []
-    findings: list[Finding] = pickle_findings(ckpt.globals, display)
+    findings: list[Finding] = checkpoint_findings(ckpt, display)
     for p in passes:
         for layer in p.result.layers:
             if is_ignored(layer.name, ignore):

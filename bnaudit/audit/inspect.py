@@ -16,10 +16,11 @@ from bnaudit.audit.options import InspectOptions
 from bnaudit.audit.precision import checkpoint_precision_findings
 from bnaudit.audit.rank_reader import load_logged
 from bnaudit.audit.read_state import ReadStateDict
+from bnaudit.bn.archive_policy import checkpoint_findings
 from bnaudit.bn.health import health_findings
 from bnaudit.bn.layers import BnLayer, find_bn_layers, is_ignored
 from bnaudit.bn.layerstats import LayerStats, layer_problem, read_layer
-from bnaudit.bn.pickle_policy import global_uses, pickle_findings
+from bnaudit.bn.pickle_policy import global_uses
 from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.rank_files import expand_arguments
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
@@ -63,7 +64,7 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions = InspectOption
     ckpt = load_logged(path, display)
     sds = select_state_dicts(ckpt.state_dicts, options.key, source=str(ckpt.path))
     rows: list[LayerRow] = []
-    findings: list[Finding] = pickle_findings(ckpt.globals, display)
+    findings: list[Finding] = checkpoint_findings(ckpt, display)
     if ckpt.crc32_absent:
         findings.append(_no_checksum_finding(display))
     channel_rows: list[dict[str, Any]] = []

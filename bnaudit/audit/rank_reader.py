@@ -7,16 +7,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnaudit.bn.archive_policy import checkpoint_findings
+from bnaudit.bn.corrupt_pickle import unsafe_or_corrupt
 from bnaudit.bn.layer_kind import InputKind
 from bnaudit.bn.layers import BnLayer, find_bn_layers, normalize_key
 from bnaudit.bn.layerstats import LayerStats, read_layers, read_layers_with_digest
-from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.rank_files import RankFile
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
 from bnaudit.checkpoint.unpickler import CorruptPickleError
-from bnaudit.errors import BnauditError, InputError, ModelMismatchError, UnsafePickleError
+from bnaudit.errors import InputError, ModelMismatchError
 from bnaudit.report.model import Finding, FindingKind
 
 log = logging.getLogger(__name__)
@@ -87,27 +88,18 @@ def load_logged(path: str | Path, display: str) -> Checkpoint:
     try:
         ckpt = load_checkpoint(path)
     except CorruptPickleError as exc:
-        unsafe = [f for f in pickle_findings(exc.globals, display) if f.kind is FindingKind.UNSAFE_PICKLE]
-        if not unsafe:
-            raise
-        raise unsafe_error(unsafe, display, exc) from None
+        raise unsafe_or_corrupt(exc, display) from None
     for warning in ckpt.warnings:
         log.warning("%s: %s", display, warning)
     return ckpt
 
 
+_UNSAFE_KINDS = (FindingKind.UNSAFE_PICKLE, FindingKind.AMBIGUOUS_ARCHIVE)
+
+
 def unsafe_findings(ckpt: Checkpoint, display: str) -> list[Finding]:
-    """The ``unsafe-pickle`` findings of a checkpoint's pickles."""
-    return [f for f in pickle_findings(ckpt.globals, display) if f.kind is FindingKind.UNSAFE_PICKLE]
-
-
-def unsafe_error(unsafe: Sequence[Finding], display: str, error: BnauditError) -> UnsafePickleError:
-    """The exit-1 error for an input whose pickle is unsafe and that ``error`` then stopped.
-
-    The unsafe pickle is what matters (first line), the error it ran into the second line.
-    """
-    message = "unsafe-pickle: " + "; ".join(f.message for f in unsafe)
-    return UnsafePickleError(message, path=display, fix="do not torch.load it", parse_error=error)
+    """The findings that make a checkpoint unsafe: ``unsafe-pickle`` and ``ambiguous-archive``."""
+    return [f for f in checkpoint_findings(ckpt, display) if f.kind in _UNSAFE_KINDS]
 
 
 def model_signature(sd: StateDictRef) -> Signature:
@@ -135,6 +127,7 @@ def describe_model_difference(ref: Signature, other: Signature) -> str | None:
     return None
 
 
+# Findings that outrank a layout error: the file runs code (or may, through another reader) under torch.load.
 def open_rank(rf: RankFile, key: str | None, names: Sequence[str] | None) -> OpenedRank:
     """Open a rank and pick its state dicts: by ``key`` (the first rank), else the planned ``names``.
 

@@ -15,9 +15,9 @@ from bnaudit.audit.rank_findings import affine_findings, counter_findings, other
 from bnaudit.audit.rank_reader import OpenedRank, RankRead
 from bnaudit.audit.rank_stream import LayoutCache, read_rank, read_ranks
 from bnaudit.audit.scan_plan import ScanPlan
+from bnaudit.bn.archive_policy import checkpoint_findings
 from bnaudit.bn.health import health_findings, layers_to_check
 from bnaudit.bn.layerstats import LayerStats
-from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.bn.stats import Divergence, DivergenceAccumulator, MergeMethod, RankMerger
 from bnaudit.checkpoint.provenance import samples_from_metadata
 from bnaudit.checkpoint.types import Checkpoint
@@ -165,7 +165,7 @@ class _Pool:
         self.inputs.append(
             InputInfo(rf.display, read.ckpt.format, rf.rank, tuple(sd.name for sd in read.sds))
         )
-        self.findings.extend(pickle_findings(read.ckpt.globals, rf.display))
+        self.findings.extend(checkpoint_findings(read.ckpt, rf.display))
         if not self.weights:
             self.samples_recorded = _recorded_samples(read.ckpt) is not None
         weight = _rank_weight(plan, read, len(self.weights), self.samples_recorded)

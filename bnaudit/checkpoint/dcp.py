@@ -6,18 +6,21 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from bnaudit.checkpoint.dcp_bytes import scan_bytes_item
 from bnaudit.checkpoint.dcp_metadata import (
     CONVERT,
     METADATA_FILE,
     DcpMetadata,
     StoredItem,
     contiguous_strides,
+    foreign_globals,
     parse_metadata,
     placeholder_fields,
     read_metadata_pickle,
     tensor_dtype,
     unflatten,
 )
+from bnaudit.checkpoint.other_pickles import globals_of
 from bnaudit.checkpoint.torchzip import read_archive, storage_resolver
 from bnaudit.checkpoint.types import (
     ITEMSIZE,
@@ -35,7 +38,7 @@ from bnaudit.checkpoint.unpickler_globals import int_tuple, summary
 from bnaudit.checkpoint.zipdir import LOCAL_SIGNATURE
 from bnaudit.errors import InputError
 
-# A non-tensor item (epoch, a config dict) is a small torch.save'd object; anything bigger is not read.
+# A non-tensor item that is not a pickle is kept as raw bytes up to this size (pickles: scanned at any size).
 MAX_BYTES_ITEM = 64 << 20
 
 
@@ -56,6 +59,7 @@ class _DcpReader:
         self.warnings = warnings
         self._seen_globals = {g.qualname for g in globals_}
         self._sizes: dict[str, int] = {}
+        self.ambiguities: list[str] = []  # embedded archives torch and zipfile would read apart
 
     def item(self, fqn: str, entry: Any, meta: DcpMetadata) -> Any:
         """The lazy tensor or inert object stored under ``fqn``."""
@@ -209,8 +213,9 @@ class _DcpReader:
         root, refs, warnings = inert_load(
             archive.pickle, display=str(self.folder), source=source, resolver=resolver
         )
-        self._record(refs, dedupe=tensor)
+        self._record([*refs, *globals_of(archive.other_pickles, str(self.folder))], dedupe=tensor)
         self.warnings.extend(w for w in warnings if w not in self.warnings)
+        self.ambiguities.extend(f"'{fqn}' in '{where.label}': {a}" for a in archive.ambiguities)
         return root
 
     def _record(self, refs: list[GlobalRef], dedupe: bool) -> None:
@@ -224,24 +229,26 @@ class _DcpReader:
 
     def _bytes_item(self, fqn: str, where: StoredItem) -> Any:
         path = self._data_file(fqn, where)
-        if where.transformed or where.length > MAX_BYTES_ITEM:
+        if where.transformed:
             self.warnings.append(
-                f"{self.folder}: non-tensor item '{fqn}' ({where.label}, {where.length} bytes) is not read"
+                f"{self.folder}: non-tensor item '{fqn}' ({where.label}, {where.length} bytes) is stored "
+                "transformed (compressed) and is not read"
             )
             return Placeholder("torch.distributed.checkpoint", "unread_bytes_item", (fqn,))
-        data = _pread(path, where.length, where.offset)
-        if data[: len(LOCAL_SIGNATURE)] == LOCAL_SIGNATURE:
+        if _pread(path, len(LOCAL_SIGNATURE), where.offset) == LOCAL_SIGNATURE:
             return self._embedded(path, where, fqn, tensor=False)
-        if data[:1] == b"\x80":
-            root, refs, warnings = inert_load(data, display=str(self.folder), source=f"{where.label} ({fqn})")
-            self._record(refs, dedupe=False)
-            self.warnings.extend(warnings)
+        # dcp.load torch.loads every byte item, whatever its first byte and size: scan it as torch reads it.
+        label = f"{where.label} ({fqn})"
+        pickled, root, refs, warnings = scan_bytes_item(
+            path, where.offset, where.length, display=str(self.folder), source=label
+        )
+        self._record(refs, dedupe=False)
+        self.warnings.extend(warnings)
+        if pickled:
             return root
-        return data
-
-
-def _foreign_globals(refs: list[GlobalRef]) -> bool:
-    return any(not ref.module.startswith("torch.distributed.checkpoint") for ref in refs)
+        if where.length > MAX_BYTES_ITEM:
+            return Placeholder("torch.distributed.checkpoint", "unread_bytes_item", (fqn,))
+        return _pread(path, where.length, where.offset)
 
 
 def read_dcp(folder: Path) -> Checkpoint:
@@ -267,14 +274,12 @@ def read_dcp(folder: Path) -> Checkpoint:
         try:
             meta = parse_metadata(folder, meta_root)
         except InputError as exc:
-            if not _foreign_globals(refs):
+            if not foreign_globals(refs):
                 raise
             # Not DCP metadata but a pickle that imports other things (a payload): hand it to the security
             # audit instead of stopping at "corrupt", so the gate reports what it would run.
             reader.warnings.append(str(exc))
-            return Checkpoint(
-                folder, ContainerFormat.DCP, {}, [], globals=reader.globals, warnings=reader.warnings
-            )
+            return Checkpoint(folder, ContainerFormat.DCP, {}, [], reader.globals, warnings=reader.warnings)
         flat = {fqn: reader.item(fqn, entry, meta) for fqn, entry in meta.items.items()}
     # No BnauditError is an OSError, nor (DtypeOverflowError aside, which only writing raises) one of the
     # errors below: the reader's own errors pass through untouched.
@@ -289,4 +294,7 @@ def read_dcp(folder: Path) -> Checkpoint:
             fix="re-save the checkpoint",
         ) from None
     root = unflatten(flat, meta.planner_data, reader.warnings, folder)
-    return Checkpoint(folder, ContainerFormat.DCP, root, [], globals=reader.globals, warnings=reader.warnings)
+    return Checkpoint(
+        folder, ContainerFormat.DCP, root, [], reader.globals, warnings=reader.warnings,
+        ambiguities=reader.ambiguities,
+    )  # fmt: skip

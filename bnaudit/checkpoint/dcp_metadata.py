@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,3 +195,8 @@ def unflatten(flat: dict[str, Any], planner_data: Any, warnings: list[str], fold
             continue
         node[path[-1]] = value
     return root
+
+
+def foreign_globals(refs: Sequence[GlobalRef]) -> bool:
+    """Whether a metadata pickle names globals outside torch.distributed.checkpoint (a payload's mark)."""
+    return any(not ref.module.startswith("torch.distributed.checkpoint") for ref in refs)

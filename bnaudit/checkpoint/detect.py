@@ -9,8 +9,9 @@ import struct
 from pathlib import Path
 
 from bnaudit.checkpoint.legacy import LEGACY_MAGIC
+from bnaudit.checkpoint.torch_tar import is_torch_tar
 from bnaudit.checkpoint.types import ContainerFormat
-from bnaudit.checkpoint.unpickler import inert_load
+from bnaudit.checkpoint.unpickler import CorruptPickleError, inert_load
 from bnaudit.checkpoint.zipdir import END_SIGNATURE, LOCAL_SIGNATURE
 from bnaudit.errors import BnauditError, InputError
 
@@ -27,6 +28,20 @@ def _is_legacy_torch(head: bytes) -> bool:
     except BnauditError:
         return False
     return isinstance(first, int) and first == LEGACY_MAGIC
+
+
+def _reads_as_old_pickle(path: Path) -> bool:
+    """A protocol 0 or 1 pickle (no PROTO opcode): torch.load unpickles any file that is neither a zip nor
+    a tar, whatever its protocol, so one that parses (or names a global before it breaks) is a pickle to
+    scan, not a text file to refuse. The whole file is read as a stream: a text file breaks within bytes."""
+    try:
+        with open(path, "rb") as f:
+            inert_load(f, display="", source="sniff")
+    except CorruptPickleError as exc:
+        return bool(exc.globals)
+    except BnauditError:
+        return False
+    return True
 
 
 def _looks_like_safetensors(head: bytes, file_size: int) -> bool:
@@ -111,8 +126,12 @@ def _format_of(path: Path, head: bytes, file_size: int) -> ContainerFormat:
         return ContainerFormat.TORCH_ZIP
     if head.startswith(END_SIGNATURE):
         raise InputError("is an empty zip archive, not a checkpoint", path=path, fix=_EXPECTED)
+    if is_torch_tar(path):  # torch.load tries every file that is not a zip as a tar first, as here
+        return ContainerFormat.TORCH_TAR
+    if _is_legacy_torch(head):
+        return ContainerFormat.TORCH_LEGACY
     if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
-        return ContainerFormat.TORCH_LEGACY if _is_legacy_torch(head) else ContainerFormat.PICKLE
+        return ContainerFormat.PICKLE
     if _looks_like_safetensors(head, file_size):
         return ContainerFormat.SAFETENSORS
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -124,6 +143,8 @@ def _format_of(path: Path, head: bytes, file_size: int) -> ContainerFormat:
             path=path,
             fix=_EXPECTED,
         )
+    if _reads_as_old_pickle(path):
+        return ContainerFormat.PICKLE
     kind = "a text file" if _is_text(head) else f"an unknown format (first bytes {head[:8].hex()})"
     raise InputError(f"is {kind}, not a checkpoint", path=path, fix=_EXPECTED)
 

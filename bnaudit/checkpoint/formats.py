@@ -13,6 +13,7 @@ from bnaudit.checkpoint.patch_fixups import NoFixups, PatchFixups, SafetensorsHe
 from bnaudit.checkpoint.plain_pickle import read_pickle
 from bnaudit.checkpoint.safetensors_io import read_safetensors
 from bnaudit.checkpoint.sharded import read_sharded
+from bnaudit.checkpoint.torch_tar import read_torch_tar
 from bnaudit.checkpoint.torchzip import read_torch_zip
 from bnaudit.checkpoint.types import Checkpoint, ContainerFormat
 
@@ -68,6 +69,8 @@ FORMAT_SPECS: dict[ContainerFormat, FormatSpec] = {
                    notes="torch.save since 1.6: a zip of data.pkl and one raw storage per entry"),
         FormatSpec(ContainerFormat.TORCH_LEGACY, FormatFamily.TORCH, read_legacy, NoFixups(), shard=True,
                    notes="torch.save before 1.6 (legacy serialization): pickles, then raw storages"),
+        FormatSpec(ContainerFormat.TORCH_TAR, FormatFamily.OTHER, read_torch_tar, None,
+                   notes="torch.save before 1.0: a tar of storages, tensors, pickle (pickles scanned)"),
         FormatSpec(ContainerFormat.PICKLE, FormatFamily.OTHER, read_pickle, None,
                    notes="a plain pickle (tensors in it are not readable without torch)"),
         FormatSpec(ContainerFormat.SAFETENSORS, FormatFamily.SAFETENSORS, read_safetensors,

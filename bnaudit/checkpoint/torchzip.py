@@ -6,11 +6,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnaudit.checkpoint.other_pickles import globals_of, read_other_pickles
 from bnaudit.checkpoint.types import Checkpoint, ContainerFormat, StorageRef
-from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, inert_load
+from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, CorruptPickleError, inert_load
 from bnaudit.checkpoint.unpickler_globals import StorageResolver
-from bnaudit.checkpoint.zipdir import ZipFormatError, read_directory
-from bnaudit.checkpoint.zipentries import ZipEntry, locate_entries, read_member
+from bnaudit.checkpoint.zipdir import ZipDirectory, ZipFormatError, read_directory
+from bnaudit.checkpoint.zipentries import ZipEntry, entry_at, local_name, locate_entries, read_member
+from bnaudit.checkpoint.zipviews import ArchiveViews, compare_views
 from bnaudit.errors import InputError, UnsupportedFormatError
 
 _TRUNCATED = "the file is truncated or corrupt — re-save it or copy it again"
@@ -31,6 +33,9 @@ class TorchArchive:
         pickle_name: the ``<prefix>data.pkl`` entry.
         pickle: its bytes (CRC-32 checked, where the archive stores CRC-32s).
         crc32_absent: the archive stores no CRC-32s (``compute_crc32 = False``), so no bytes are verified.
+        ambiguities: where torch's reader and zipfile would read the archive differently
+            (:mod:`bnaudit.checkpoint.zipviews`).
+        other_pickles: (label, bytes) of every other pickle either reader could read as ``data.pkl``.
     """
 
     prefix: str
@@ -38,6 +43,8 @@ class TorchArchive:
     pickle_name: str
     pickle: bytes
     crc32_absent: bool = False
+    ambiguities: tuple[str, ...] = ()
+    other_pickles: tuple[tuple[str, bytes], ...] = ()
 
 
 # Entries only a torch.export archive (.pt2) holds: its format record (torch >= 2.6) or, before, its
@@ -83,7 +90,10 @@ def archive_prefix(path: Path, names: list[str]) -> str:
         InputError: the zip holds no ``<name>/data.pkl``, or several.
     """
     _refuse_programs(path, names)
-    candidates = [n[: -len("data.pkl")] for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    # Duplicates of one name count once: zipfile reads the last, and compare_views reports the others.
+    candidates = sorted(
+        {n[: -len("data.pkl")] for n in names if n.endswith("/data.pkl") and n.count("/") == 1}
+    )
     if len(candidates) != 1:
         found = "none" if not candidates else ", ".join(f"'{c}data.pkl'" for c in candidates)
         raise InputError(
@@ -101,7 +111,7 @@ def inflate_budget(file_size: int) -> int:
     return max(INFLATE_FLOOR, INFLATE_RATIO * file_size)
 
 
-def _member(path: Path, fd: int, entry: ZipEntry) -> bytes:
+def _member(path: Path, fd: int, entry: ZipEntry, *, check_name: bool = True) -> bytes:
     budget = inflate_budget(os.fstat(fd).st_size)
     if entry.compressed and entry.size > budget:
         raise InputError(
@@ -113,7 +123,7 @@ def _member(path: Path, fd: int, entry: ZipEntry) -> bytes:
             fix="re-save the checkpoint with torch.save (which stores its entries uncompressed)",
         )
     try:
-        return read_member(fd, entry)
+        return read_member(fd, entry, check_name=check_name)
     except ZipFormatError as exc:
         raise InputError(
             f"cannot read zip entry ({exc})",
@@ -146,10 +156,10 @@ def read_archive(
         directory = read_directory(fd, base, end)
     except ZipFormatError as exc:
         raise InputError(f"is not a complete zip archive ({exc})", path=path, fix=_TRUNCATED) from None
-    names = [rec.name for rec in directory.records]
-    prefix = archive_prefix(path, names)
+    prefix, views = _prefix_and_views(path, fd, directory)
     try:
         entries = locate_entries(fd, directory)
+        pkl = entries.get(prefix + "data.pkl") or entry_at(fd, views.pickles[0], not directory.crc32_absent)
     except ZipFormatError as exc:
         raise InputError(str(exc), path=path, fix=_TRUNCATED) from None
     byteorder = entries.get(prefix + "byteorder")
@@ -160,7 +170,6 @@ def read_archive(
             path=path,
             fix="load and re-save it on a little-endian machine",
         )
-    pkl = entries[prefix + "data.pkl"]
     if pkl.size > max_pickle:
         raise InputError(
             f"is {pkl.size} bytes, over the {max_pickle} byte limit for a checkpoint pickle",
@@ -168,7 +177,38 @@ def read_archive(
             where=pkl.name,
             fix="save a state dict instead",
         )
-    return TorchArchive(prefix, entries, pkl.name, _member(path, fd, pkl), directory.crc32_absent)
+    limit = min(max_pickle, inflate_budget(os.fstat(fd).st_size))
+    others = read_other_pickles(fd, views, pkl, directory.crc32_absent, limit)
+    return TorchArchive(
+        prefix, entries, pkl.name, _member(path, fd, pkl, check_name=False),
+        directory.crc32_absent, (*views.differences, *_renamed(fd, pkl)), others,
+    )  # fmt: skip
+
+
+def _renamed(fd: int, pkl: ZipEntry) -> tuple[str, ...]:
+    named = local_name(fd, pkl)
+    if named == pkl.name:
+        return ()
+    return (f"'{pkl.name}' is named '{named[:200]}' in its local header: Python's zipfile refuses to "
+            "read it, torch's reader reads it",)  # fmt: skip
+
+
+def _prefix_and_views(path: Path, fd: int, directory: ZipDirectory) -> tuple[str, ArchiveViews]:
+    """The archive folder and how torch's reader and zipfile see the archive. Where bnaudit's own view
+    (zipfile's) finds no ``<name>/data.pkl`` but torch's reader finds one, torch's is read."""
+    names = [rec.name for rec in directory.records]
+    try:
+        prefix: str | None = archive_prefix(path, names)
+    except UnsupportedFormatError:
+        raise
+    except InputError as exc:
+        refusal, prefix = exc, None
+    views = compare_views(fd, directory, None if prefix is None else prefix + "data.pkl")
+    if prefix is not None:
+        return prefix, views
+    if views.torch_folder is None or not views.pickles:
+        raise refusal
+    return views.torch_folder, views
 
 
 def storage_resolver(path: Path, archive: TorchArchive, label: str = "") -> StorageResolver:
@@ -219,17 +259,23 @@ def read_torch_zip(path: Path) -> Checkpoint:
         archive = read_archive(path, fd)
     finally:
         os.close(fd)
-    root, refs, warnings = inert_load(
-        archive.pickle,
-        display=str(path),
-        source=archive.pickle_name,
-        resolver=storage_resolver(path, archive),
-    )
+    other_globals = globals_of(archive.other_pickles, str(path))
+    try:
+        root, refs, warnings = inert_load(
+            archive.pickle,
+            display=str(path),
+            source=archive.pickle_name,
+            resolver=storage_resolver(path, archive),
+        )
+    except CorruptPickleError as exc:
+        exc.globals = (*exc.globals, *other_globals)
+        raise
     return Checkpoint(
         path,
         ContainerFormat.TORCH_ZIP,
         root,
-        globals=refs,
+        globals=[*refs, *(r for r in other_globals if r not in refs)],
         warnings=warnings,
         crc32_absent=archive.crc32_absent,
+        ambiguities=list(archive.ambiguities),
     )

@@ -15,6 +15,7 @@ class ContainerFormat(str, Enum):
 
     TORCH_ZIP = "torch-zip"
     TORCH_LEGACY = "torch-legacy"
+    TORCH_TAR = "torch-tar"
     PICKLE = "pickle"
     SAFETENSORS = "safetensors"
     HF_SHARDED = "hf-sharded"
@@ -269,6 +270,8 @@ class Checkpoint:
         warnings: non-fatal oddities met while reading (unknown rebuild functions, skipped objects).
         crc32_absent: a torch zip written without CRC-32s (``compute_crc32 = False``): its bytes were read
             unverified.
+        ambiguities: how torch.load and Python's zipfile would read the archive differently, one sentence
+            each (the ``ambiguous-archive`` finding); every pickle either could read was scanned.
     """
 
     path: Path
@@ -279,6 +282,7 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     crc32_absent: bool = False
+    ambiguities: list[str] = field(default_factory=list)
 
     def state_dict(self, name: str) -> StateDictRef:
         for sd in self.state_dicts:

@@ -32,7 +32,8 @@ FLAG_ENCRYPTED, FLAG_DESCRIPTOR, FLAG_UTF8 = 0x1, 0x8, 0x800
 _ZIP64_EXTRA = 0x0001
 _MAX32 = 0xFFFFFFFF
 _MAX_EXTRACT_VERSION = 63  # the newest zip feature level a reader is asked to support, as in zipfile
-_MAX_TAIL = END.size + 0xFFFF  # the end record plus the longest comment
+# The end record plus the longest comment, and the 4 KiB block by which miniz may search further back.
+_MAX_TAIL = END.size + 0xFFFF + 4096
 
 
 class ZipFormatError(ValueError):
@@ -63,6 +64,7 @@ class ZipDirectory:
         start: absolute offset of the central directory.
         raw: the bytes from ``start`` to ``end`` (the directory and the end records), as read.
         records: the records, in directory order.
+        announced: the entry count the end record states (torch's reader reads that many records).
     """
 
     base: int
@@ -70,6 +72,7 @@ class ZipDirectory:
     start: int
     raw: bytes
     records: tuple[CentralRecord, ...]
+    announced: int = -1
 
     @property
     def crc32_absent(self) -> bool:
@@ -97,25 +100,43 @@ def _read(fd: int, tail: bytes, tail_start: int, size: int, offset: int) -> byte
     return os.pread(fd, size, offset)
 
 
+def end_record_at(fd: int, base: int, end: int) -> int:
+    """Where the end record lies, found as torch's reader (miniz) finds it: the last signature with a whole
+    record after it, searched back from the end over the longest comment (and miniz's last 4 KiB block).
+
+    Raises:
+        ZipFormatError: no end record.
+    """
+    tail_len = min(end - base, _MAX_TAIL)
+    tail = os.pread(fd, tail_len, end - tail_len)
+    at = tail.rfind(END_SIGNATURE, 0, max(len(tail) - END.size + len(END_SIGNATURE), 0))
+    if at < 0:
+        raise ZipFormatError("no end-of-central-directory record")
+    return end - tail_len + at
+
+
 def directory_bounds(fd: int, base: int, end: int) -> tuple[int, int, int]:
     """(absolute offset, size, entry count) of the central directory, from the (ZIP64) end records.
+
+    The ZIP64 end record is the one just before its locator when one is there (as miniz and zipfile read
+    it), else where the locator points.
 
     Raises:
         ZipFormatError: no end record, a missing ZIP64 end record, or a directory past the end.
     """
-    tail_len = min(end - base, _MAX_TAIL)
-    tail_start = end - tail_len
-    tail = os.pread(fd, tail_len, tail_start)
-    at = tail.rfind(END_SIGNATURE)
-    if at < 0 or len(tail) - at < END.size:
-        raise ZipFormatError("no end-of-central-directory record")
-    _, _, _, _, count, size, offset, _ = END.unpack_from(tail, at)
-    locator_at = tail_start + at - ZIP64_LOCATOR.size
+    eocd_at = end_record_at(fd, base, end)
+    tail_start = max(eocd_at - ZIP64_LOCATOR.size - ZIP64_END.size, base)
+    tail = os.pread(fd, eocd_at + END.size - tail_start, tail_start)
+    _, _, _, _, count, size, offset, _ = END.unpack_from(tail, eocd_at - tail_start)
+    locator_at = eocd_at - ZIP64_LOCATOR.size
     if locator_at >= base:
         locator = _read(fd, tail, tail_start, ZIP64_LOCATOR.size, locator_at)
         if locator[:4] == ZIP64_LOCATOR_SIGNATURE:
-            record_at = base + ZIP64_LOCATOR.unpack(locator)[2]
-            record = _read(fd, tail, tail_start, ZIP64_END.size, record_at) if record_at < end else b""
+            record_at = locator_at - ZIP64_END.size
+            record = _read(fd, tail, tail_start, ZIP64_END.size, record_at) if record_at >= base else b""
+            if record[:4] != ZIP64_END_SIGNATURE:
+                record_at = base + ZIP64_LOCATOR.unpack(locator)[2]
+                record = _read(fd, tail, tail_start, ZIP64_END.size, record_at) if record_at < end else b""
             if len(record) != ZIP64_END.size or record[:4] != ZIP64_END_SIGNATURE:
                 raise ZipFormatError(f"the ZIP64 end record at byte {record_at} is missing")
             fields = ZIP64_END.unpack(record)
@@ -200,4 +221,4 @@ def read_directory(fd: int, base: int = 0, end: int | None = None, *, strict: bo
         raise ZipFormatError(
             f"the end record announces {count} entries but the central directory holds {len(records)}"
         )
-    return ZipDirectory(base, end, start, raw, records)
+    return ZipDirectory(base, end, start, raw, records, count)

@@ -168,17 +168,36 @@ def locate_entries(fd: int, directory: ZipDirectory, *, descriptors: bool = Fals
     return entries
 
 
-def _stored_bytes(fd: int, entry: ZipEntry) -> bytes:
-    """The entry's stored bytes, read with its local header in one pread; the local name must match."""
+def entry_at(fd: int, rec: CentralRecord, crc_stored: bool) -> ZipEntry:
+    """One record's entry, from its local header (for a record that a name does not single out).
+
+    Raises:
+        ZipFormatError: the local header is missing.
+    """
+    return _entry(rec, os.pread(fd, LOCAL.size, rec.header_offset), False, crc_stored)
+
+
+def local_name(fd: int, entry: ZipEntry) -> str:
+    """The name an entry's local header gives (zipfile refuses the entry when it is not the central one;
+    torch's reader never looks)."""
+    head = os.pread(fd, LOCAL.size, entry.header_offset)
+    name_len = struct.unpack_from("<H", head, 26)[0] if len(head) == LOCAL.size else 0
+    raw = os.pread(fd, name_len, entry.header_offset + LOCAL.size)
+    return raw.decode("utf-8" if entry.flags & FLAG_UTF8 else "cp437", errors="replace")
+
+
+def _stored_bytes(fd: int, entry: ZipEntry, check_name: bool = True) -> bytes:
+    """The entry's stored bytes, read with its local header in one pread; the local name must match
+    (unless ``check_name`` is False: torch's reader never compares it)."""
     if entry.flags & FLAG_ENCRYPTED:
         raise ZipFormatError(f"zip entry '{entry.name}' is encrypted")
     span = entry.data_offset + entry.stored_size - entry.header_offset
     raw = pread_exact(fd, span, entry.header_offset, f"zip entry '{entry.name}'")
     name_len = struct.unpack_from("<H", raw, 26)[0]
     local_name = raw[LOCAL.size : LOCAL.size + name_len].decode(
-        "utf-8" if entry.flags & FLAG_UTF8 else "cp437"
+        "utf-8" if entry.flags & FLAG_UTF8 else "cp437", errors="replace"
     )
-    if local_name != entry.name:
+    if check_name and local_name != entry.name:
         raise ZipFormatError(f"zip entry '{entry.name}' is named '{local_name}' in its local header")
     return raw[entry.data_offset - entry.header_offset :]
 
@@ -195,15 +214,15 @@ def _inflate(entry: ZipEntry, stored: bytes, limit: int) -> bytes:
         raise ZipFormatError(f"zip entry '{entry.name}' does not inflate ({exc})") from None
 
 
-def read_member(fd: int, entry: ZipEntry) -> bytes:
+def read_member(fd: int, entry: ZipEntry, *, check_name: bool = True) -> bytes:
     """A member's bytes, inflated when deflated, with its local name, size and CRC-32 checked (where the
     archive stores CRC-32s: see :attr:`ZipDirectory.crc32_absent`).
 
     Raises:
         ZipFormatError: an encrypted entry, an unknown compression method, a short or corrupt stream, a
-            local header naming another entry, or a CRC-32 that does not match.
+            local header naming another entry (when ``check_name``), or a CRC-32 that does not match.
     """
-    data = _inflate(entry, _stored_bytes(fd, entry), entry.size + 1)
+    data = _inflate(entry, _stored_bytes(fd, entry, check_name), entry.size + 1)
     if len(data) != entry.size:
         raise ZipFormatError(f"zip entry '{entry.name}' holds {len(data)} bytes, expected {entry.size}")
     if entry.crc_stored and zlib.crc32(data) != entry.crc:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bnaudit.checkpoint import load_checkpoint
+from bnaudit.bn.corrupt_pickle import load_or_unsafe
 from bnaudit.checkpoint.discover import select_state_dicts
 from bnaudit.checkpoint.types import Checkpoint, StateDictRef
 from bnaudit.errors import InputError, ModelMismatchError, NonFiniteStatisticsError
@@ -106,6 +106,7 @@ def run_passes(
         The checkpoint (for the writer) and one StateDictPass per fitting state dict.
 
     Raises:
+        UnsafePickleError: the pickle is corrupt after referencing a dangerous callable (exit 1).
         ModelMismatchError: no state dict fits the model (the message says why for the first).
         InputError / UsageError: bad specs, data or batches.
         NonFiniteStatisticsError: ``write`` and a layer's new statistics are NaN / Inf (its state dict named).
@@ -116,7 +117,8 @@ def run_passes(
     from bnaudit.live.specs import build_model, load_forward
 
     display = str(path)
-    ckpt = load_checkpoint(path)
+    # A dangerous global named before the pickle broke is still the finding (exit 1), as in inspect.
+    ckpt = load_or_unsafe(path, display)
     device = local_device(spec.options.device)
     ctx = current_context()
     forward = load_forward(spec.forward) if spec.forward else None

@@ -8,9 +8,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bnaudit.audit.rank_reader import OpenedRank, UnsafeUnreadableRank, select_rank_state_dicts, unsafe_error
+from bnaudit.audit.rank_reader import OpenedRank, UnsafeUnreadableRank, select_rank_state_dicts
 from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks
-from bnaudit.bn.pickle_policy import pickle_findings
+from bnaudit.bn.archive_policy import checkpoint_findings
+from bnaudit.bn.corrupt_pickle import unsafe_error
 from bnaudit.bn.stats import MergeMethod
 from bnaudit.checkpoint.provenance import input_records, sidecar_path
 from bnaudit.checkpoint.writer import TensorPatch, WriteResult
@@ -130,7 +131,7 @@ def _scan(plan: AveragePlan, sources: Sources, allow_unsafe: bool) -> tuple[Pool
 
 
 def _with_reference_findings(pooled: PoolResult, sources: Sources) -> PoolResult:
-    extra = pickle_findings(sources.reference.globals, sources.reference_display)
+    extra = checkpoint_findings(sources.reference, sources.reference_display)
     return replace(pooled, findings=(*pooled.findings, *extra))
 
 

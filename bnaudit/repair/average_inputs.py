@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnaudit.audit.rank_reader import load_logged, unsafe_error, unsafe_findings
+from bnaudit.audit.rank_reader import load_logged, unsafe_findings
 from bnaudit.audit.scan_plan import RankWeights
+from bnaudit.bn.corrupt_pickle import unsafe_error
 from bnaudit.bn.stats import MergeMethod
 from bnaudit.checkpoint.rank_files import RankFile, resolve_rank_files
 from bnaudit.errors import BnauditError, InputError, UsageError

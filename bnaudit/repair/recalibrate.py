@@ -17,7 +17,8 @@ from bnaudit.audit.measured import (
     skipped_calls_finding,
     unreached_finding,
 )
-from bnaudit.bn.pickle_policy import pickle_findings
+from bnaudit.bn.archive_policy import checkpoint_findings
+from bnaudit.bn.corrupt_pickle import load_or_unsafe
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.provenance import header_entry, sidecar_path, sidecar_text
 from bnaudit.checkpoint.types import Checkpoint
@@ -124,11 +125,15 @@ def _nonfinite_refusal(display: str, exc: NonFiniteStatisticsError) -> Report:
                   next_step="fix the calibration data or the model, then rerun")  # fmt: skip
 
 
+# Findings that refuse the write unless --allow-unsafe-input: a payload the output would carry along.
+_REFUSED_KINDS = (FindingKind.UNSAFE_PICKLE, FindingKind.AMBIGUOUS_ARCHIVE)
+
+
 def _refusal(display: str, allow: bool) -> Report | None:
     """The report that refuses a checkpoint whose pickle references dangerous callables, or None."""
-    ckpt = load_checkpoint(display)
-    findings = pickle_findings(ckpt.globals, display)
-    if allow or not any(f.kind is FindingKind.UNSAFE_PICKLE for f in findings):
+    ckpt = load_or_unsafe(display, display)
+    findings = checkpoint_findings(ckpt, display)
+    if allow or not any(f.kind in _REFUSED_KINDS for f in findings):
         return None
     return Report(Command.RECALIBRATE, (InputInfo(display, ckpt.format),), {}, (), sort_findings(findings),
                   next_step="rerun with --allow-unsafe-input to repair it anyway (the payload stays)",
@@ -144,7 +149,7 @@ def _recalibration_report(
 ) -> Report:
     """The before/after table of ``bnaudit recalibrate``: how far each layer moved (KL of new vs old)."""
     rows: list[LayerRow] = []
-    findings: list[Finding] = pickle_findings(ckpt.globals, display)
+    findings: list[Finding] = checkpoint_findings(ckpt, display)
     for p in passes:
         for layer in p.result.layers:
             if not layer.reached:

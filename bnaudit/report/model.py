@@ -71,6 +71,7 @@ class FindingKind(str, Enum):
     COUNTER_ANOMALY = "counter-anomaly"
     STALE_COPY = "stale-copy"
     FROZEN_CHANGED = "frozen-changed"
+    AMBIGUOUS_ARCHIVE = "ambiguous-archive"
 
 
 # The parts of a finding's location: a name (file, state dict, layer, tensor) or a number (rank, channel);

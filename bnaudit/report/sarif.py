@@ -137,9 +137,20 @@ RULES: dict[FindingKind, tuple[str, str, str]] = {
         "between the two checkpoints.",
         "error",
     ),
+    FindingKind.AMBIGUOUS_ARCHIVE: (
+        "The archive reads differently in torch.load and in Python's zipfile",
+        "torch.load's zip reader and Python's zipfile (used by scanners) would locate different members: "
+        "a scanner may pass one pickle while torch.load runs another. bnaudit scanned every pickle either "
+        "could read; do not trust or torch.load the file.",
+        "error",
+    ),
 }
 
-_SECURITY_SEVERITY = {FindingKind.UNSAFE_PICKLE: "9.0", FindingKind.SUSPICIOUS_PICKLE: "5.0"}
+_SECURITY_SEVERITY = {
+    FindingKind.UNSAFE_PICKLE: "9.0",
+    FindingKind.AMBIGUOUS_ARCHIVE: "8.0",
+    FindingKind.SUSPICIOUS_PICKLE: "5.0",
+}
 
 
 def _rule_name(kind: FindingKind) -> str:

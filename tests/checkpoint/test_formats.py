@@ -26,7 +26,7 @@ from bnaudit.checkpoint.writer import TensorPatch, write_patched
 from bnaudit.errors import InputError, UnsupportedFormatError
 
 # The strings reports print: the registry must not change them.
-REPORTED = {"torch-zip", "torch-legacy", "pickle", "safetensors", "hf-sharded", "dcp"}
+REPORTED = {"torch-zip", "torch-legacy", "torch-tar", "pickle", "safetensors", "hf-sharded", "dcp"}
 
 
 def test_every_format_has_one_spec_with_a_reader() -> None:

@@ -255,3 +255,23 @@ def test_drift_flags_an_unsafe_pickle_without_running_it(tmp_path):
     assert result.returncode == 1, result.stderr
     kinds = [f["kind"] for f in json.loads(result.stdout)["findings"]]
     assert kinds == ["unsafe-pickle"] and not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["recalibrate", "drift"])
+@pytest.mark.parametrize("how", ["truncated", "bad-opcode"])
+def test_a_broken_pickle_naming_os_system_is_unsafe_not_corrupt(tmp_path, command, how):
+    from tests.audit.test_unsafe_corrupt_pickle import _OS_SYSTEM, _broken
+    from tests.checkpoint.ckpt_helpers import rewrite_zip
+
+    with zipfile.ZipFile(SORTED0) as zf:
+        entry = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
+        original = zf.read(entry)
+    evil = tmp_path / "evil.pt"
+    rewrite_zip(SORTED0, evil, {entry: _broken(original, _OS_SYSTEM, how)})
+    out = ["-o", str(tmp_path / "out.pt")] if command == "recalibrate" else []
+    result = run_cli(command, str(evil), *MODEL, *(CALIB if command == "recalibrate" else HELDOUT), *out)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if "Traceback" not in line]
+    assert "unsafe-pickle" in lines[0] and "'os.system'" in lines[0], result.stderr
+    assert "corrupt or truncated" in lines[1] and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.pt").exists()
