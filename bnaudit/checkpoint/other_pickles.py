@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from bnaudit.checkpoint.types import GlobalRef
 from bnaudit.checkpoint.unpickler import CorruptPickleError, inert_load
 from bnaudit.checkpoint.zipdir import ZipFormatError
-from bnaudit.checkpoint.zipentries import ZipEntry, entry_at, read_member
+from bnaudit.checkpoint.zipentries import ZipEntry, entry_at, read_member, read_member_as_torch
 from bnaudit.checkpoint.zipviews import ArchiveViews
 from bnaudit.errors import BnauditError
 
@@ -47,3 +49,19 @@ def globals_of(pickles: tuple[tuple[str, bytes], ...], display: str) -> list[Glo
             continue
         found.extend(r for r in refs if r not in found)
     return found
+
+
+def refused_pickle_error(
+    fd: int, entry: ZipEntry, error: BnauditError, display: str, limit: int
+) -> CorruptPickleError:
+    """The error for a pickle entry the zip checks refuse (a bad CRC-32, an encryption flag), carrying the
+    globals torch.load would still meet: its reader checks neither, so the pickle is scanned as it reads it
+    (when it inflates to at most ``limit`` bytes: a zip bomb is not inflated to be scanned).
+    """
+    fields = error.fields
+    refused = CorruptPickleError(fields.problem, path=display, where=fields.where, fix=fields.fix)
+    if entry.size > limit:
+        return refused
+    with contextlib.suppress(ZipFormatError, BnauditError):  # unreadable to torch too: nothing it runs
+        refused.globals = tuple(globals_of(((entry.name, read_member_as_torch(fd, entry)),), display))
+    return refused

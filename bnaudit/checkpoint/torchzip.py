@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnaudit.checkpoint.other_pickles import globals_of, read_other_pickles
+from bnaudit.checkpoint.other_pickles import globals_of, read_other_pickles, refused_pickle_error
 from bnaudit.checkpoint.types import Checkpoint, ContainerFormat, StorageRef
 from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, CorruptPickleError, inert_load
 from bnaudit.checkpoint.unpickler_globals import StorageResolver
@@ -179,8 +179,12 @@ def read_archive(
         )
     limit = min(max_pickle, inflate_budget(os.fstat(fd).st_size))
     others = read_other_pickles(fd, views, pkl, directory.crc32_absent, limit)
+    try:
+        pickle = _member(path, fd, pkl, check_name=False)
+    except InputError as exc:
+        raise refused_pickle_error(fd, pkl, exc, str(path), limit) from None
     return TorchArchive(
-        prefix, entries, pkl.name, _member(path, fd, pkl, check_name=False),
+        prefix, entries, pkl.name, pickle,
         directory.crc32_absent, (*views.differences, *_renamed(fd, pkl)), others,
     )  # fmt: skip
 

@@ -186,10 +186,11 @@ def local_name(fd: int, entry: ZipEntry) -> str:
     return raw.decode("utf-8" if entry.flags & FLAG_UTF8 else "cp437", errors="replace")
 
 
-def _stored_bytes(fd: int, entry: ZipEntry, check_name: bool = True) -> bytes:
+def _stored_bytes(fd: int, entry: ZipEntry, check_name: bool = True, lenient: bool = False) -> bytes:
     """The entry's stored bytes, read with its local header in one pread; the local name must match
-    (unless ``check_name`` is False: torch's reader never compares it)."""
-    if entry.flags & FLAG_ENCRYPTED:
+    (unless ``check_name`` is False: torch's reader never compares it). ``lenient``: an encryption flag is
+    ignored, as torch's reader ignores a local header's flags."""
+    if entry.flags & FLAG_ENCRYPTED and not lenient:
         raise ZipFormatError(f"zip entry '{entry.name}' is encrypted")
     span = entry.data_offset + entry.stored_size - entry.header_offset
     raw = pread_exact(fd, span, entry.header_offset, f"zip entry '{entry.name}'")
@@ -228,6 +229,14 @@ def read_member(fd: int, entry: ZipEntry, *, check_name: bool = True) -> bytes:
     if entry.crc_stored and zlib.crc32(data) != entry.crc:
         raise ZipFormatError(f"Bad CRC-32 for zip entry '{entry.name}'")
     return data
+
+
+def read_member_as_torch(fd: int, entry: ZipEntry) -> bytes:
+    """A member's bytes as torch's reader takes them: no local name, encryption flag or CRC-32 checked.
+
+    Only for scanning what torch.load would unpickle from an entry :func:`read_member` refuses.
+    """
+    return _inflate(entry, _stored_bytes(fd, entry, check_name=False, lenient=True), entry.size)
 
 
 def inflate_prefix(fd: int, entry: ZipEntry, end: int) -> bytes:

@@ -18,28 +18,6 @@ from tests.conftest import call_main
 from tests.security.conftest import Proven
 from tests.security.corpus import CASES, available
 
-# Cases current bnaudit gets wrong (in at least one of inspect, compare, average; for benign cases, a pickle
-# finding). strict=True: a case the classifier/reader work fixes fails here until its name is removed.
-KNOWN_MISSES: set[str] = {
-    # pickles torch reads and bnaudit does not: the legacy format's other pickles (exit 0), the tar format
-    # ("unknown format", exit 2), a protocol-0 file ("text file", exit 2), DCP items not starting with
-    # \x80 or past 64 MiB (exit 0)
-    "legacy:magic-number-pickle",
-    "legacy:protocol-version-pickle",
-    "legacy:storage-keys-pickle",
-    "legacy:sys-info-pickle",
-    "tar:object-pickle",
-    "tar:storages-pickle",
-    "p0:INST-plain-file",
-    "dcp:bytes-item-over-64MiB",
-    "dcp:bytes-item-protocol-0",
-    # zip read differently from torch: Data.pkl (exit 0); duplicate names, bad CRC, local-only flag (exit 2)
-    "zip:Data.pkl-case",
-    "zip:data.pkl-bad-crc",
-    "zip:duplicate-data.pkl",
-    "zip:encrypted-flag-local-header",
-}
-
 PICKLE_KINDS = {"unsafe-pickle", "suspicious-pickle", "ambiguous-archive"}
 MALICIOUS = [n for n, c in CASES.items() if c.malicious]
 BENIGN = [n for n, c in CASES.items() if not c.malicious]
@@ -49,8 +27,6 @@ def _param(name: str) -> object:
     marks = []
     if not available(CASES[name]):
         marks.append(pytest.mark.skip(reason=f"needs {', '.join(CASES[name].requires)}"))
-    if name in KNOWN_MISSES:
-        marks.append(pytest.mark.xfail(strict=True, reason="known miss of current bnaudit (issue 14)"))
     return pytest.param(name, marks=marks, id=name)
 
 
