@@ -59,6 +59,8 @@ ALLOW_GROUPS: tuple[AllowGroup, ...] = (
            "tensor subclass rebuild; the function it calls is judged on its own"),
     _group("torch", "Tensor Size device", _S, "tensor, shape and device types"),
     _group("torch.nn.parameter", "Parameter Buffer", _S, "parameter and buffer tensor types"),
+    _group("torch", "FloatTensor DoubleTensor HalfTensor BFloat16Tensor LongTensor IntTensor ShortTensor "
+           "CharTensor ByteTensor BoolTensor", _S, "legacy tensor type names (the pre-1.0 tar format)"),
     _group("torch.serialization", "_get_layout", _S, "looks a tensor layout up by name"),
     _group("torch", "float16 float32 float64 bfloat16 half float double int8 int16 int32 int64 uint8 uint16 "
            "uint32 uint64 bool complex64 complex128 cfloat cdouble long int short float8_e4m3fn "

@@ -13,7 +13,7 @@ import pytest
 
 from bnaudit.checkpoint.pickle_allowlist import ALLOW_GROUPS, STORAGE_NAMES, allowed, denied, import_acts
 
-ALLOWED_COUNT = 257  # every (module, name) pair of ALLOW_GROUPS
+ALLOWED_COUNT = 267  # every (module, name) pair of ALLOW_GROUPS
 # Modules of the list that the test environment need not have.
 OPTIONAL = ("pytorch_lightning", "lightning", "numpy.core", "numpy._core", "numpy.dtypes")
 ENTRIES = [(g.module, name, g) for g in ALLOW_GROUPS for name in g.names]
@@ -48,6 +48,8 @@ def test_entry_reaches_a_class_or_function_not_a_module(module, name, group):
     assert not isinstance(obj, types.ModuleType)
     if "torch.nn.modules" in module:
         assert inspect.isclass(obj) and issubclass(obj, torch.nn.Module)
+    elif module == "torch" and name.endswith("Tensor") and name != "Tensor":
+        assert type(obj).__name__ == "tensortype"  # a legacy tensor type: torch.FloatTensor & co
     elif module == "torch" and name not in ("Tensor", "Size", "device"):
         assert isinstance(obj, torch.dtype | torch.layout | torch.memory_format)
     else:
