@@ -6,6 +6,7 @@ outputs at once and before it reads a tensor, so that a refusal costs nothing an
 
 - an output is never an input: the same real path (symbolic links resolved, glob patterns expanded), the
   same file under another name (a hard link: same device and inode), or a file inside an input folder;
+  nor a folder that holds an input (a repaired sharded or DCP folder is an output folder);
 - an output is never another output of the same run;
 - an existing checkpoint — recognised by its content, whatever its name — is replaced only by a command
   that writes checkpoints, and only with ``--force``; an existing sidecar likewise needs ``--force``;
@@ -134,9 +135,12 @@ def _check_not_input(
     out: PlannedOutput, ident: _Identity, src: Path, src_ident: _Identity, force: bool
 ) -> None:
     inside = src.is_dir() and src_ident.real in ident.real.parents
-    if not (_same(ident, src_ident) or inside):
+    # A folder output (a repaired sharded or DCP folder) replaced with --force must not hold an input.
+    holds = ident.real in src_ident.real.parents
+    if not (_same(ident, src_ident) or inside or holds):
         return
     what = f"is inside the input folder {src}" if inside else f"is one of the inputs ({src})"
+    what = f"holds the input {src}" if holds and not inside else what
     raise OutputError(
         what,
         path=out.path,
@@ -146,9 +150,9 @@ def _check_not_input(
 
 
 def _check_replaceable(out: PlannedOutput, force: bool) -> None:
-    if out.path.is_dir():
-        raise OutputError("is a directory", path=out.path, where=out.option, fix="give a file name")
     checkpoint = _checkpoint_format(out.path)
+    if out.path.is_dir() and not (out.kind is OutputKind.CHECKPOINT and checkpoint is not None):
+        raise OutputError("is a directory", path=out.path, where=out.option, fix="give a file name")
     if out.kind in (OutputKind.CHECKPOINT, OutputKind.SIDECAR):
         if not force:
             raise OutputError(
