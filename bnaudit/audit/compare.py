@@ -12,7 +12,7 @@ from bnaudit.audit.causes import RankEvidence, compare_cause
 from bnaudit.audit.compare_rows import COMPARE_COLUMNS, GateLevels, divergence_rows
 from bnaudit.audit.options import CompareOptions
 from bnaudit.audit.rank_reader import OpenedRank, UnsafeUnreadableRank, model_signature, open_rank
-from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks
+from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks, with_transfers
 from bnaudit.audit.scan_plan import ScanPlan, ScanTexts, no_batchnorm_error, scan_layers
 from bnaudit.audit.stored_config import stored_training
 from bnaudit.bn.layers import find_bn_layers, is_ignored
@@ -81,7 +81,7 @@ def compare_ranks(
     ordered = sort_findings(_divergence_first([*findings, *rows.findings, *pooled.counter_findings]))
     return Report(
         command=Command.COMPARE,
-        inputs=pooled.inputs,
+        inputs=with_transfers(pooled.inputs),
         settings=_settings(options, len(files)),
         layers=rows.rows,
         findings=ordered,

@@ -8,6 +8,8 @@ import stat
 import struct
 from pathlib import Path
 
+from bnaudit.checkpoint.bytesource import file_size as source_size
+from bnaudit.checkpoint.bytesource import is_remote, read_head
 from bnaudit.checkpoint.legacy import LEGACY_MAGIC
 from bnaudit.checkpoint.types import ContainerFormat
 from bnaudit.checkpoint.unpickler import inert_load
@@ -65,6 +67,8 @@ def detect_format(path: str | Path) -> ContainerFormat:
             format bnaudit knows.
     """
     path = Path(path)
+    if is_remote(path):  # an object behind a URL: its first bytes by a range request (no folders yet)
+        return _format_of(path, read_head(path, _SNIFF_BYTES), source_size(path))
     try:
         if path.is_dir():
             if (path / ".metadata").is_file():

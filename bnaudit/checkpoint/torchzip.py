@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnaudit.checkpoint.bytesource import close, fd_size, open_read
 from bnaudit.checkpoint.types import Checkpoint, ContainerFormat, StorageRef
 from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, inert_load
 from bnaudit.checkpoint.unpickler_globals import StorageResolver
@@ -102,7 +102,7 @@ def inflate_budget(file_size: int) -> int:
 
 
 def _member(path: Path, fd: int, entry: ZipEntry) -> bytes:
-    budget = inflate_budget(os.fstat(fd).st_size)
+    budget = inflate_budget(fd_size(fd))
     if entry.compressed and entry.size > budget:
         raise InputError(
             f"zip entry inflates to {entry.size} bytes, over the {budget} byte budget for a file of this "
@@ -214,11 +214,11 @@ def read_torch_zip(path: Path) -> Checkpoint:
         UnsupportedFormatError: the file is a TorchScript archive or a big-endian checkpoint.
         InputError: the archive is truncated or corrupt, or the pickle refers to a missing storage.
     """
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_read(path)
     try:
         archive = read_archive(path, fd)
     finally:
-        os.close(fd)
+        close(fd)
     root, refs, warnings = inert_load(
         archive.pickle,
         display=str(path),

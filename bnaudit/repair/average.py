@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bnaudit.audit.rank_reader import OpenedRank, UnsafeUnreadableRank, select_rank_state_dicts
-from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks
+from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks, with_transfers
 from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.bn.stats import MergeMethod
 from bnaudit.checkpoint.provenance import input_records, sidecar_path
@@ -191,7 +191,7 @@ def _report(
     written, out = outcome.written, outcome.out
     return Report(
         command=Command.AVERAGE,
-        inputs=pooled.inputs,
+        inputs=with_transfers(pooled.inputs),
         settings=settings,
         layers=tuple(sorted(rows, key=lambda r: -(r.metrics.get("max_kl_before") or 0.0))),
         findings=sort_findings(findings),
