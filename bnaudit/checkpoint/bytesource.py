@@ -33,6 +33,7 @@ CACHE_BLOCKS = (64 << 20) // BLOCK
 RETRIES = 3
 BACKOFF_S = 0.25
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$", re.S)
+_FINAL_STATUS = frozenset({400, 401, 403, 404, 416})  # answers a retry would only repeat
 _LOCAL_SCHEMES = frozenset({"file", "c", "d"})  # file:// and Windows drive letters stay local paths
 _HANDLES = itertools.count(1 << 40)
 _OPEN: dict[int, RemoteObject] = {}
@@ -51,11 +52,17 @@ def url_of(path: str | os.PathLike[str]) -> str | None:
     return f"{match.group(1)}://{match.group(2)}"
 
 
+def shown(path: str | os.PathLike[str]) -> str:
+    """``path`` as messages and reports show it: a URL as written, a local path as is."""
+    return url_of(path) or os.fspath(path)
+
+
 def is_remote(path: str | os.PathLike[str]) -> bool:
     return url_of(path) is not None
 
 
-def _filesystem(url: str) -> tuple[Any, str]:
+def url_filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem for ``url`` and the path on it (MissingDependencyError without fsspec)."""
     from bnaudit.optional import load
 
     core = load("fsspec", "a URL input").core
@@ -69,11 +76,28 @@ def _filesystem(url: str) -> tuple[Any, str]:
         ) from None
 
 
+def _status(exc: BaseException | None) -> int | None:
+    """The HTTP status behind an error (aiohttp's ClientResponseError), also when fsspec re-raised it."""
+    for _ in range(4):
+        if exc is None:
+            return None
+        status = getattr(exc, "status", None)
+        if isinstance(status, int):
+            return status
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def remote_error(url: str, exc: BaseException) -> InputError:
     """The one-line error for a failed request (missing, denied, or a transfer that kept failing)."""
-    if isinstance(exc, FileNotFoundError):
+    status = _status(exc)
+    if status in (401, 403):
+        return InputError(
+            "access denied", path=url, fix="check the credentials your filesystem package reads"
+        )
+    if isinstance(exc, FileNotFoundError) or status == 404:
         return InputError("no such object", path=url, fix="check the URL (bucket, key, pattern)")
-    if isinstance(exc, PermissionError):
+    if isinstance(exc, PermissionError) or status in (401, 403):
         return InputError(
             "access denied", path=url, fix="check the credentials your filesystem package reads"
         )
@@ -84,16 +108,17 @@ def remote_error(url: str, exc: BaseException) -> InputError:
     )
 
 
-def _retrying(url: str, call: Any) -> Any:
+def retrying(url: str, call: Any) -> Any:
+    """``call()``, tried up to RETRIES times with backoff; a final failure: the InputError naming ``url``."""
     for attempt in range(RETRIES):
         try:
             return call()
         except (FileNotFoundError, PermissionError) as exc:
             raise remote_error(url, exc) from None
-        except Exception as exc:  # network stacks raise many types: aiohttp, botocore, OSError
-            if attempt == RETRIES - 1:
+        except Exception as exc:
+            if _status(exc) in _FINAL_STATUS or attempt == RETRIES - 1:
                 raise remote_error(url, exc) from None
-            time.sleep(BACKOFF_S * 2**attempt)
+            time.sleep(BACKOFF_S * 2**attempt)  # a reset, a timeout, a short answer: try again
     raise AssertionError("unreachable")
 
 
@@ -102,8 +127,8 @@ class RemoteObject:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.fs, self.key = _filesystem(url)
-        info = _retrying(url, lambda: self.fs.info(self.key))
+        self.fs, self.key = url_filesystem(url)
+        info = retrying(url, lambda: self.fs.info(self.key))
         if info.get("type") == "directory":
             raise InputError("is a folder, not an object", path=url, fix="pass the objects (or a pattern)")
         self.size = int(info.get("size") or 0)
@@ -122,7 +147,7 @@ class RemoteObject:
                 raise OSError(f"got {len(data)} of {end - start} bytes at {start} (truncated)")
             return bytes(data)
 
-        data = _retrying(self.url, get)
+        data = retrying(self.url, get)
         self.bytes_read += len(data)
         self.requests += 1
         for i in range(first, last + 1):
@@ -218,6 +243,12 @@ def read_head(path: str | os.PathLike[str], size: int) -> bytes:
 
 def remote_glob(url: str) -> list[str]:
     """The objects a URL pattern matches on its remote filesystem, as URLs, sorted."""
-    fs, pattern = _filesystem(url)
-    found = _retrying(url, lambda: fs.glob(pattern))
+    fs, pattern = url_filesystem(url)
+    found = retrying(url, lambda: fs.glob(pattern))
     return sorted(fs.unstrip_protocol(p) if "://" not in p else p for p in found)
+
+
+def remote_exists(url: str) -> bool:
+    """Whether an object exists at ``url`` (for the output policy: never replaced without --force)."""
+    fs, key = url_filesystem(url)
+    return bool(retrying(url, lambda: fs.exists(key)))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from bnaudit.checkpoint.bytesource import remote_exists, url_of
 from bnaudit.checkpoint.detect import detect_format
 from bnaudit.checkpoint.rank_files import expand_arguments
 from bnaudit.errors import InputError, OutputError
@@ -103,6 +104,13 @@ def check_outputs(
     sources = [(p, _identity(p)) for p in input_paths(inputs)]
     seen: list[tuple[PlannedOutput, _Identity]] = []
     for out in outputs:
+        url = url_of(out.path)
+        if url is not None:  # an object store: nothing local to lose; an existing object needs --force
+            if not force and remote_exists(url):
+                raise OutputError(
+                    "already exists", path=url, where=out.option, fix="pass --force to replace it"
+                )
+            continue
         _check_folder(out)
         ident = _identity(out.path)
         for src, src_ident in sources:

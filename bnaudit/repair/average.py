@@ -12,6 +12,7 @@ from bnaudit.audit.rank_reader import OpenedRank, UnsafeUnreadableRank, select_r
 from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks, with_transfers
 from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.bn.stats import MergeMethod
+from bnaudit.checkpoint.bytesource import shown
 from bnaudit.checkpoint.provenance import input_records, sidecar_path
 from bnaudit.checkpoint.writer import TensorPatch, WriteResult
 from bnaudit.repair.average_inputs import prepare_average
@@ -200,8 +201,8 @@ def _report(
         columns=AVERAGE_COLUMNS,
         warnings=outcome.warnings,
         average=AverageOutcome(
-            output=str(out) if written else None,
-            sidecar=str(sidecar_path(out)) if written and out else None,
+            output=shown(out) if written and out else None,
+            sidecar=shown(sidecar_path(out)) if written and out else None,
             refused=outcome.refused,
             reference_sha256=written.reference_sha256 if written else None,
             output_sha256=written.output_sha256 if written else None,

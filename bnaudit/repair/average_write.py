@@ -7,10 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bnaudit.checkpoint.bytesource import shown
 from bnaudit.checkpoint.convert import Conversion, convert_checkpoint
-from bnaudit.checkpoint.folder_writer import FOLDER_FORMATS, write_checkpoint
+from bnaudit.checkpoint.folder_writer import FOLDER_FORMATS
 from bnaudit.checkpoint.formats import format_spec
 from bnaudit.checkpoint.provenance import header_entry, sidecar_path, sidecar_text
+from bnaudit.checkpoint.remote_write import write_repaired
 from bnaudit.checkpoint.types import Checkpoint
 from bnaudit.checkpoint.writer import TensorPatch, WriteResult, check_output_path
 from bnaudit.defaults import CONVERSION_FORMATS
@@ -96,7 +98,7 @@ def write_average(
         doc = {
             **record,
             "reference": {**record["reference"], "sha256": result.reference_sha256},
-            "output": {"path": str(out), "format": fmt, "sha256": result.output_sha256},
+            "output": {"path": shown(out), "format": fmt, "sha256": result.output_sha256},
             "patched_bytes": sum(len(r.data) for r in result.ranges),
             "crc_recomputed": result.crc_entries,
             "header_metadata": result.metadata,
@@ -106,8 +108,8 @@ def write_average(
 
     meta = header_entry("average", record["method"], len(record["inputs"]), None)
     if fmt in (FOLDER, format_spec(reference.format).family.value):
-        written = write_checkpoint(
-            reference, list(patches), out, metadata=meta, companions=companions, replace=force
+        written = write_repaired(
+            reference, list(patches), out, metadata=meta, companions=companions, replace_existing=force
         )
         return written, dropped
     conversion = Conversion(fmt, metadata=meta, companions=companions, dropped=dropped, replace=force)

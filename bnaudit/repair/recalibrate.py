@@ -19,8 +19,8 @@ from bnaudit.audit.measured import (
 )
 from bnaudit.bn.pickle_policy import pickle_findings
 from bnaudit.checkpoint import load_checkpoint
-from bnaudit.checkpoint.folder_writer import write_checkpoint
 from bnaudit.checkpoint.provenance import header_entry, sidecar_path, sidecar_text
+from bnaudit.checkpoint.remote_write import write_repaired
 from bnaudit.checkpoint.types import Checkpoint
 from bnaudit.checkpoint.writer import TensorPatch, WriteResult, check_output_path
 from bnaudit.errors import NonFiniteStatisticsError, UsageError
@@ -215,5 +215,5 @@ def _write(
         return [(sidecar_path(out), sidecar_text(record))]
 
     world = passes[0].result.world_size if passes else 1
-    write_checkpoint(ckpt, statistic_patches(passes), out, metadata=header_entry("recalibrate", spec.method,
-                  world, None), companions=sidecar, replace=force)  # fmt: skip
+    write_repaired(ckpt, statistic_patches(passes), out, metadata=header_entry("recalibrate", spec.method,
+                  world, None), companions=sidecar, replace_existing=force)  # fmt: skip

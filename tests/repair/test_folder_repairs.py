@@ -209,7 +209,9 @@ def test_rank_stats_averaged_into_the_dcp_folder_they_sit_in(tmp_path, rng, caps
     states = rank_states(rng)
     folder = save_dcp(tmp_path / "step_10", {"model": states[0], "step": 10})
     for r, s in enumerate(states):  # what save_rank_stats writes beside dcp.save: the BatchNorm tensors
-        save_file({k: v.contiguous() for k, v in s.items() if ".bn." in k}, folder / f"bn_stats_rank{r}.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in s.items() if ".bn." in k}, folder / f"bn_stats_rank{r}.safetensors"
+        )
     ranks = str(folder / "bn_stats_rank*.safetensors")
     out = tmp_path / "fixed"
     code, _, err = call_main(capsys, "average", ranks, "--reference", str(folder), "-o", str(out))
