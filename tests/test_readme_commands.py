@@ -29,6 +29,8 @@ NOT_RUN_HERE = {
     ".venv/bin/pytest": "the test command itself: .ci/run runs it",
     "benchmarks/gate_calibration.py": "the 15-minute study: its --smoke and --analyse runs are tests/test_gate_calibration.py",
     "fixtures/make_fixtures.py": "regenerates the fixtures: tests/test_fixtures.py runs it (slow)",
+    "s3://": "needs an S3 server: tests/remote/test_remote_inputs.py runs compare and average against moto on 127.0.0.1",
+    "https://example.com": "an illustrative URL: tests/remote/test_remote_inputs.py serves real ranks over HTTP",
 }
 
 

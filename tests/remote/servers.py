@@ -71,28 +71,41 @@ class RangeHandler(SimpleHTTPRequestHandler):
         if path is None:
             self.send_error(404)
             return
-        data = path.read_bytes()
-        start, end = 0, len(data)
+        size = path.stat().st_size
+        start, end = 0, size
         match = _RANGE.match(self.headers.get("Range", ""))
         if match:
             start = int(match.group(1))
-            end = min(int(match.group(2)) + 1, len(data)) if match.group(2) else len(data)
+            end = min(int(match.group(2)) + 1, size) if match.group(2) else size
         self.send_response(206 if match else 200)
         self.send_header("Content-Length", str(end - start))
         self.send_header("Accept-Ranges", "bytes")
         if match:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
-        if not body:
-            return
-        chunk = data[start:end]
-        cut = match and (name in served.reset_always or name in served.reset_once)
-        if cut:
-            served.reset_once.discard(name)
-            chunk = chunk[: len(chunk) // 2]
-        served.bytes[name] += len(chunk)
+        if body:
+            self._body(path, name, start, end, cut=bool(match) and self._cut(name))
+
+    def _cut(self, name: str) -> bool:
+        served = self.server.served
+        cut = name in served.reset_always or name in served.reset_once
+        served.reset_once.discard(name)
+        return cut
+
+    def _body(self, path: Path, name: str, start: int, end: int, cut: bool) -> None:
+        """Send bytes start..end of the file (half of them, then a reset, when ``cut``), counting them."""
+        served = self.server.served
+        stop = start + (end - start) // 2 if cut else end
         served.requests[name] += 1
-        self.wfile.write(chunk)
+        with open(path, "rb") as f:
+            f.seek(start)
+            while start < stop:
+                chunk = f.read(min(1 << 20, stop - start))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                served.bytes[name] += len(chunk)
+                start += len(chunk)
         if cut:
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)  # a reset mid-body
