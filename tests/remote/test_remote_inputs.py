@@ -74,6 +74,8 @@ def test_compare_over_http_equals_local_and_the_server_counts_the_bytes(run_fold
         assert entry["transfer"]["bytes_read"] == served.bytes[name] - before.get(name, 0)
         assert entry["transfer"]["requests"] >= 1
     assert all("transfer" not in i for i in local["inputs"])
+    threaded = _report(bnaudit("compare", f"{base}/ckpt_rank*.pt", "--format", "json", "--jobs", "4"))
+    assert _normal(threaded, base) == _normal(local, run_folder)
 
 
 def test_only_the_needed_bytes_are_read(run_folder, http) -> None:
