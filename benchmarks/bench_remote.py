@@ -63,13 +63,15 @@ for p in sys.argv[1:]:
 
 
 def _make(folder: Path, args: argparse.Namespace) -> list[Path]:
+    """The ranks, made by bench_compare.make_rank in one child process (torch is imported once)."""
     paths = [folder / f"ckpt_rank{r}.pt" for r in range(args.ranks)]
-    maker = Path(__file__).resolve().parent / "bench_compare.py"
-    for r, path in enumerate(paths):
-        sizes = ["--layers", str(args.layers), "--channels", str(args.channels)]
-        subprocess.run(
-            [sys.executable, str(maker), "--make", str(path), "--rank", str(r), *sizes], check=True
-        )
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from bench_compare import make_rank\n"
+        "for r, p in enumerate(sys.argv[4:]): make_rank(p, int(sys.argv[2]), int(sys.argv[3]), r)\n"
+    )
+    here = str(Path(__file__).resolve().parent)
+    sizes = [str(args.layers), str(args.channels)]
+    subprocess.run([sys.executable, "-c", code, here, *sizes, *map(str, paths)], check=True)
     return paths
 
 
@@ -88,6 +90,9 @@ def _compare_over_http(paths: list[Path], args: argparse.Namespace, env: dict[st
             "bnaudit compare over HTTP": bnaudit_argv(
                 "compare", f"{base}/ckpt_rank*.pt", "--fail-on", "never"
             ),
+            "  the same, --jobs 8": bnaudit_argv(
+                "compare", f"{base}/ckpt_rank*.pt", "--fail-on", "never", "--jobs", "8"
+            ),
             "download every rank (urllib)": [sys.executable, "-c", DOWNLOAD, str(tmp), *urls],
         }
         rows = []
@@ -98,7 +103,7 @@ def _compare_over_http(paths: list[Path], args: argparse.Namespace, env: dict[st
             sent = sum(served.bytes.values()) / args.repeats
             rows.append((name, seconds, sent, sum(served.requests.values()) / args.repeats))
         load = _timed("torch.load", [sys.executable, "-c", LOAD, str(tmp)], env, args.repeats)
-        rows.append(("  + torch.load of the downloads", rows[1][1] + load, rows[1][2], rows[1][3]))
+        rows.append(("  + torch.load of the downloads", rows[2][1] + load, rows[2][2], rows[2][3]))
     print(
         f"{len(paths)} ranks x {total / len(paths) / 1e6:.1f} MB over HTTP (127.0.0.1), {args.repeats} runs"
     )
@@ -107,8 +112,9 @@ def _compare_over_http(paths: list[Path], args: argparse.Namespace, env: dict[st
         per = sent / len(paths)
         print(f"{name:34} {seconds:9.2f} {per:12.0f} {100 * per * len(paths) / total:9.3f}% "
               f"{requests / len(paths):14.1f}")  # fmt: skip
-    print(f"ratio compare over HTTP / download: {rows[0][1] / rows[1][1]:.3f}; "
-          f"/ download + torch.load: {rows[0][1] / rows[2][1]:.3f}")  # fmt: skip
+    print(f"ratio compare over HTTP / download: {rows[0][1] / rows[2][1]:.3f}; "
+          f"/ download + torch.load: {rows[0][1] / rows[3][1]:.3f}; with --jobs 8: "
+          f"{rows[1][1] / rows[2][1]:.3f} / {rows[1][1] / rows[3][1]:.3f}")  # fmt: skip
 
 
 def _over_s3(paths: list[Path], args: argparse.Namespace, env: dict[str, str], tmp: Path) -> None:
