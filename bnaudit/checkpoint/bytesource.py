@@ -155,43 +155,16 @@ class RemoteObject:
         while len(self._blocks) > CACHE_BLOCKS:
             self._blocks.popitem(last=False)
 
-    def _missing_runs(self, offset: int, size: int) -> list[tuple[int, int]]:
-        end = min(offset + size, self.size)
-        if size <= 0 or offset >= end:
-            return []
-        missing = [i for i in range(offset // BLOCK, (end - 1) // BLOCK + 1) if i not in self._blocks]
-        runs = []
-        for _, run in itertools.groupby(enumerate(missing), key=lambda p: p[1] - p[0]):
-            blocks = [i for _, i in run]
-            runs.append((blocks[0], blocks[-1]))
-        return runs
-
-    def prefetch(self, spans: list[tuple[int, int]]) -> None:
-        """Fetch the missing blocks of many (offset, size) spans at once: one ``cat_ranges`` call, whose
-        requests an async filesystem (s3fs, http) sends concurrently, so their latencies overlap."""
-        with self._lock:
-            runs = sorted({run for offset, size in spans for run in self._missing_runs(offset, size)})
-            if len(runs) < 2:
-                return
-            starts = [first * BLOCK for first, _ in runs]
-            ends = [min((last + 1) * BLOCK, self.size) for _, last in runs]
-            found = retrying(self.url, lambda: self.fs.cat_ranges([self.key] * len(runs), starts, ends))
-            for (first, last), start, end, data in zip(runs, starts, ends, found, strict=True):
-                if isinstance(data, BaseException) or len(data) != end - start:
-                    continue  # read again, with retries, when it is asked for
-                self.bytes_read += len(data)
-                self.requests += 1
-                for i in range(first, last + 1):
-                    self._blocks[i] = bytes(data[(i - first) * BLOCK : (i - first + 1) * BLOCK])
-
     def pread(self, size: int, offset: int) -> bytes:
         end = min(offset + size, self.size)
         if size <= 0 or offset >= end:
             return b""
         first, last = offset // BLOCK, (end - 1) // BLOCK
         with self._lock:
-            for run_first, run_last in self._missing_runs(offset, size):
-                self._fetch(run_first, run_last)
+            missing = [i for i in range(first, last + 1) if i not in self._blocks]
+            for _, run in itertools.groupby(enumerate(missing), key=lambda p: p[1] - p[0]):
+                blocks = [i for _, i in run]
+                self._fetch(blocks[0], blocks[-1])
             data = b"".join(self._blocks[i] for i in range(first, last + 1))
             for i in range(first, last + 1):
                 self._blocks.move_to_end(i)
@@ -229,13 +202,6 @@ def pread(fd: int, size: int, offset: int) -> bytes:
     """Up to ``size`` bytes at ``offset`` (fewer only at the end), as ``os.pread``."""
     obj = _OPEN.get(fd)
     return os.pread(fd, size, offset) if obj is None else obj.pread(size, offset)
-
-
-def prefetch(fd: int, spans: list[tuple[int, int]]) -> None:
-    """Hint that the (offset, size) spans will be read soon: a remote object fetches them together."""
-    obj = _OPEN.get(fd)
-    if obj is not None:
-        obj.prefetch(spans)
 
 
 def fd_size(fd: int) -> int:

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from bnaudit.checkpoint.bytesource import close, open_read, pread, prefetch
+from bnaudit.checkpoint.bytesource import close, open_read, pread
 from bnaudit.checkpoint.tensor_codec import RAW_DTYPES, decode
 from bnaudit.checkpoint.types import (
     ITEMSIZE,
@@ -163,9 +163,7 @@ def read_tensors(refs: Sequence[TensorRef], path: Path | None = None) -> list[np
     for source, spans in by_file.items():
         fd = _open_for_reading(source)
         try:
-            runs = list(_coalesce(sorted(spans)))
-            prefetch(fd, [(run[0][0], max(span[1] for span in run) - run[0][0]) for run in runs])
-            for run in runs:
+            for run in _coalesce(sorted(spans)):
                 run_start, run_end = run[0][0], max(span[1] for span in run)
                 data = pread(fd, run_end - run_start, run_start)
                 for start, end, index, raw_dtype in run:

@@ -6,7 +6,7 @@ import struct
 import zlib
 from typing import NamedTuple
 
-from bnaudit.checkpoint.bytesource import pread, prefetch
+from bnaudit.checkpoint.bytesource import pread
 from bnaudit.checkpoint.zipdir import (
     CENTRAL_CRC_AT,
     DEFLATED,
@@ -152,12 +152,7 @@ def locate_entries(fd: int, directory: ZipDirectory, *, descriptors: bool = Fals
     """
     by_record: dict[int, ZipEntry] = {}
     crc_stored = not directory.crc32_absent
-    runs = _header_runs(sorted(directory.records, key=lambda r: r.header_offset))
-    prefetch(
-        fd,
-        [(run[0].header_offset, run[-1].header_offset + LOCAL.size - run[0].header_offset) for run in runs],
-    )
-    for run in runs:
+    for run in _header_runs(sorted(directory.records, key=lambda r: r.header_offset)):
         run_start = run[0].header_offset
         data = pread(fd, run[-1].header_offset + LOCAL.size - run_start, run_start)
         for rec in run:
