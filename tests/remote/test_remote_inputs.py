@@ -206,3 +206,10 @@ def test_average_from_s3_to_s3(run_folder, s3, tmp_path) -> None:
         and "s3://bucket/out/fixed.pt" in again.stderr
     )
     assert bnaudit(*args, "--force", env=s3).returncode == 0
+
+
+def test_inspect_a_url_as_a_local_file(run_folder, http) -> None:
+    base, _ = http
+    local = _report(bnaudit("inspect", str(run_folder / RANKS[0]), "--format", "json"))
+    remote = _report(bnaudit("inspect", f"{base}/{RANKS[0]}", "--format", "json"))
+    assert _normal(remote, base) == _normal(local, run_folder)
