@@ -109,7 +109,26 @@ def committed_outputs() -> list[Path]:
     return list(_COMMITTED)
 
 
-class AtomicOutput:
+class DiscardUnlessCommitted:
+    """Leaving the with block without ``commit`` discards the temporary output; an OSError becomes the
+    one-line OutputError for the target (shared by :class:`AtomicOutput` and the folder output)."""
+
+    target: Path
+    _committed: bool
+
+    def discard(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._committed:
+            self.discard()
+        if isinstance(exc, OSError):
+            raise disk_error(self.target, exc) from None
+
+
+class AtomicOutput(DiscardUnlessCommitted):
     """A file written through a temporary sibling and renamed into place by :meth:`commit`.
 
     Used as a context manager: leaving the block without ``commit`` (an exception, Ctrl-C, SIGTERM) removes
@@ -151,14 +170,6 @@ class AtomicOutput:
 
     def __enter__(self) -> AtomicOutput:
         return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if not self._committed:
-            self.discard()
-        if isinstance(exc, OSError):
-            raise disk_error(self.target, exc) from None
 
     def write(self, data: bytes) -> None:
         """Write the whole content of the main file (for outputs built in memory)."""

@@ -13,6 +13,7 @@ Missing fields are left out with their separators. Tests assert on the fields, n
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 
@@ -67,7 +68,7 @@ class BnauditError(Exception):
     ) -> None:
         self.fields = ErrorFields(
             problem=problem,
-            path=None if path is None else os.fspath(path),
+            path=None if path is None else _as_given(path),
             where=where,
             expected=expected,
             found=found,
@@ -151,3 +152,14 @@ class UnsafePickleError(InputError):
 
     def __str__(self) -> str:
         return f"{super().__str__()}\n{self.parse_error}"
+
+
+_MANGLED_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
+
+
+def _as_given(path: str | os.PathLike[str]) -> str:
+    """The path as the user wrote it: a URL that went through ``Path`` (``s3:/b/k``) gets its ``//`` back."""
+    text = os.fspath(path)
+    if isinstance(path, os.PathLike) and not isinstance(path, str):
+        return _MANGLED_URL.sub(r"\1://", text) if text.split(":", 1)[0].lower() != "file" else text
+    return text

@@ -14,7 +14,7 @@ from types import ModuleType
 from bnaudit.errors import UsageError
 
 # top-level module -> the pyproject extra that installs it
-EXTRAS = {"torch": "torch", "matplotlib": "plot"}
+EXTRAS = {"torch": "torch", "matplotlib": "plot", "fsspec": "remote"}
 
 
 def install_command(module: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -31,8 +32,11 @@ _DEFERRED_SIGNALS = (signal.SIGINT, *_FATAL_SIGNALS)
 
 
 def remove_live_temps() -> None:
-    """Remove every registered temp file (errors ignored: this runs while the process ends)."""
+    """Remove every registered temp file or folder (errors ignored: this runs while the process ends)."""
     for tmp in list(LIVE_TEMPS):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)  # a folder output being built (atomic_folder.py)
+            continue
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
     LIVE_TEMPS.clear()

@@ -19,6 +19,7 @@ from tests.conftest import REPO
         ("bench_distributed.py", "ratio --nproc 2, 1 thread each / 1 process x 2 threads: median"),
         ("bench_compare.py", "ratio compare / torch.load full: median"),
         ("bench_ranks.py", "16 average"),
+        ("bench_remote.py", "ratio compare over HTTP / download"),
         ("bench_before_after.py", "per-round ratio average after / before: median"),
         ("bench_scanners.py", "## Scanners on the red-team corpus"),
     ],

@@ -29,6 +29,8 @@ NOT_RUN_HERE = {
     ".venv/bin/pytest": "the test command itself: .ci/run runs it",
     "benchmarks/gate_calibration.py": "the 15-minute study: its --smoke and --analyse runs are tests/test_gate_calibration.py",
     "fixtures/make_fixtures.py": "regenerates the fixtures: tests/test_fixtures.py runs it (slow)",
+    "s3://": "needs an S3 server: tests/remote/test_remote_inputs.py runs compare and average against moto on 127.0.0.1",
+    "https://example.com": "an illustrative URL: tests/remote/test_remote_inputs.py serves real ranks over HTTP",
 }
 
 
@@ -81,7 +83,34 @@ def scratch(tmp_path_factory) -> Path:
     for r in range(4):
         shutil.copy(FIXTURES / "ddp_nosync_sorted" / f"ckpt_rank{r}.pt", folder / f"ckpt_rank{r}.pt")
     _rank_stats(folder / "ckpts")
+    _folder_checkpoints(folder)
     return folder
+
+
+def _folder_checkpoints(folder: Path) -> None:
+    """The folders the README's folder repairs name: two ranks as sharded Hugging Face folders (``run/``),
+    and a DCP checkpoint with save_rank_stats files beside it (``ckpt/step_1000``)."""
+    code = (
+        "import json, sys, warnings, torch, torch.distributed.checkpoint as dcp, bnaudit\n"
+        "from safetensors.torch import save_file\n"
+        "src, here = sys.argv[1], sys.argv[2]\n"
+        "for r in range(4):\n"
+        "    sd = torch.load(f'{src}/ddp_nosync_sorted/ckpt_rank{r}.pt', weights_only=True)['model']\n"
+        "    keys = list(sd); half = {k: ('model-00001-of-00002.safetensors' if i < len(keys) // 2\n"
+        "                         else 'model-00002-of-00002.safetensors') for i, k in enumerate(keys)}\n"
+        "    if r < 2:\n"
+        "        out = f'{here}/run/rank{r}_hf'; __import__('os').makedirs(out)\n"
+        "        for shard in set(half.values()):\n"
+        "            save_file({k: sd[k].contiguous() for k in keys if half[k] == shard}, f'{out}/{shard}')\n"
+        "        open(f'{out}/model.safetensors.index.json', 'w').write(json.dumps({'weight_map': half}))\n"
+        "    if r == 0:\n"
+        "        with warnings.catch_warnings():\n"
+        "            warnings.simplefilter('ignore')\n"
+        "            dcp.save({'model': sd}, checkpoint_id=f'{here}/ckpt/step_1000', no_dist=True)\n"
+        "    stats = {k: v for k, v in sd.items() if k.endswith(('running_mean', 'running_var'))}\n"
+        "    save_file({k: v.contiguous() for k, v in stats.items()}, f'{here}/ckpt/step_1000/bn_stats_rank{r}.safetensors')\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(FIXTURES), str(folder)], check=True, cwd=REPO)
 
 
 def _rank_stats(ckpts: Path) -> None:

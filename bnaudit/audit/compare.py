@@ -18,7 +18,7 @@ from bnaudit.audit.rank_reader import (
     open_rank,
     unsafe_findings,
 )
-from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks
+from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks, with_transfers
 from bnaudit.audit.scan_plan import ScanPlan, ScanTexts, no_batchnorm_error, scan_layers
 from bnaudit.audit.stored_config import stored_training
 from bnaudit.bn.layers import find_bn_layers, is_ignored
@@ -94,7 +94,7 @@ def compare_ranks(
     ordered = sort_findings(_divergence_first([*findings, *rows.findings, *pooled.counter_findings]))
     return Report(
         command=Command.COMPARE,
-        inputs=pooled.inputs,
+        inputs=with_transfers(pooled.inputs),
         settings=_settings(options, len(files)),
         layers=rows.rows,
         findings=ordered,

@@ -7,7 +7,8 @@ it are read again in the second pass. Each pass returns a frozen result; the pla
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from bnaudit.bn.archive_policy import checkpoint_findings
 from bnaudit.bn.health import health_findings, layers_to_check
 from bnaudit.bn.layerstats import LayerStats
 from bnaudit.bn.stats import Divergence, DivergenceAccumulator, MergeMethod, RankMerger
+from bnaudit.checkpoint.bytesource import is_remote, transfer_stats
 from bnaudit.checkpoint.provenance import samples_from_metadata
 from bnaudit.checkpoint.types import Checkpoint
 from bnaudit.errors import InputError
@@ -254,3 +256,8 @@ def _recorded_samples(ckpt: Checkpoint) -> float | None:
 def _frozen(values: np.ndarray) -> np.ndarray:
     values.flags.writeable = False
     return values
+
+
+def with_transfers(inputs: Sequence[InputInfo]) -> tuple[InputInfo, ...]:
+    """The inputs with what reading each remote one cost (bytes, requests), once every read is done."""
+    return tuple(replace(i, transfer=transfer_stats(i.path)) if is_remote(i.path) else i for i in inputs)

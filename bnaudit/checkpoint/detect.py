@@ -8,6 +8,8 @@ import stat
 import struct
 from pathlib import Path
 
+from bnaudit.checkpoint.bytesource import file_size as source_size
+from bnaudit.checkpoint.bytesource import is_remote, read_head
 from bnaudit.checkpoint.legacy import LEGACY_MAGIC
 from bnaudit.checkpoint.torch_tar import is_torch_tar
 from bnaudit.checkpoint.types import ContainerFormat
@@ -56,11 +58,21 @@ def _looks_like_safetensors(head: bytes, file_size: int) -> bool:
     return not all(b in _TEXT_BYTES for b in head[:8])
 
 
+def sharded_index(folder: Path) -> Path | None:
+    """The one ``*.safetensors.index.json`` (else ``*.bin.index.json``) of a Hugging Face folder, or None."""
+    for pattern in ("*.safetensors.index.json", "*.bin.index.json"):
+        found = sorted(folder.glob(pattern))
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
 def detect_format(path: str | Path) -> ContainerFormat:
     """Tell which container a checkpoint path is, by content.
 
     Args:
-        path: a file, or a directory (torch.distributed.checkpoint).
+        path: a file, or a directory (torch.distributed.checkpoint, or a Hugging Face folder with one
+            sharded index).
 
     Returns:
         The ContainerFormat.
@@ -70,10 +82,14 @@ def detect_format(path: str | Path) -> ContainerFormat:
             format bnaudit knows.
     """
     path = Path(path)
+    if is_remote(path):  # an object behind a URL: its first bytes by a range request (no folders yet)
+        return _format_of(path, read_head(path, _SNIFF_BYTES), source_size(path))
     try:
         if path.is_dir():
             if (path / ".metadata").is_file():
                 return ContainerFormat.DCP
+            if sharded_index(path) is not None:
+                return ContainerFormat.HF_SHARDED
             raise InputError(
                 "is a directory without a .metadata file, so not a distributed checkpoint",
                 path=path,

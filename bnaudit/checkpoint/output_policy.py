@@ -6,6 +6,7 @@ outputs at once and before it reads a tensor, so that a refusal costs nothing an
 
 - an output is never an input: the same real path (symbolic links resolved, glob patterns expanded), the
   same file under another name (a hard link: same device and inode), or a file inside an input folder;
+  nor a folder that holds an input (a repaired sharded or DCP folder is an output folder);
 - an output is never another output of the same run;
 - an existing checkpoint — recognised by its content, whatever its name — is replaced only by a command
   that writes checkpoints, and only with ``--force``; an existing sidecar likewise needs ``--force``;
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from bnaudit.checkpoint.bytesource import remote_exists, url_of
 from bnaudit.checkpoint.detect import detect_format
 from bnaudit.checkpoint.rank_files import expand_arguments
 from bnaudit.errors import InputError, OutputError
@@ -102,6 +104,13 @@ def check_outputs(
     sources = [(p, _identity(p)) for p in input_paths(inputs)]
     seen: list[tuple[PlannedOutput, _Identity]] = []
     for out in outputs:
+        url = url_of(out.path)
+        if url is not None:  # an object store: nothing local to lose; an existing object needs --force
+            if not force and remote_exists(url):
+                raise OutputError(
+                    "already exists", path=url, where=out.option, fix="pass --force to replace it"
+                )
+            continue
         _check_folder(out)
         ident = _identity(out.path)
         for src, src_ident in sources:
@@ -134,9 +143,12 @@ def _check_not_input(
     out: PlannedOutput, ident: _Identity, src: Path, src_ident: _Identity, force: bool
 ) -> None:
     inside = src.is_dir() and src_ident.real in ident.real.parents
-    if not (_same(ident, src_ident) or inside):
+    # A folder output (a repaired sharded or DCP folder) replaced with --force must not hold an input.
+    holds = ident.real in src_ident.real.parents
+    if not (_same(ident, src_ident) or inside or holds):
         return
     what = f"is inside the input folder {src}" if inside else f"is one of the inputs ({src})"
+    what = f"holds the input {src}" if holds and not inside else what
     raise OutputError(
         what,
         path=out.path,
@@ -146,9 +158,9 @@ def _check_not_input(
 
 
 def _check_replaceable(out: PlannedOutput, force: bool) -> None:
-    if out.path.is_dir():
-        raise OutputError("is a directory", path=out.path, where=out.option, fix="give a file name")
     checkpoint = _checkpoint_format(out.path)
+    if out.path.is_dir() and not (out.kind is OutputKind.CHECKPOINT and checkpoint is not None):
+        raise OutputError("is a directory", path=out.path, where=out.option, fix="give a file name")
     if out.kind in (OutputKind.CHECKPOINT, OutputKind.SIDECAR):
         if not force:
             raise OutputError(

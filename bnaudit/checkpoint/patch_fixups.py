@@ -76,6 +76,23 @@ class NoFixups:
         return None
 
 
+def entry_holding(ckpt: Checkpoint, r: ByteRange, entry: ZipEntry | None, name: str) -> ZipEntry:
+    """``entry``, checked to hold the bytes of ``r`` uncompressed (a top-level or an embedded archive's).
+
+    Raises:
+        InputError: the bytes lie outside the entry. UnsupportedFormatError: the entry is compressed.
+    """
+    if entry is None or not entry.data_offset <= r.offset <= r.end <= entry.data_offset + entry.stored_size:
+        raise InputError(
+            f"the bytes of '{r.label}' do not lie inside zip entry '{name}'",
+            path=ckpt.path,
+            fix="the file is corrupt — re-save it",
+        )
+    if entry.compressed:
+        raise refuse(ckpt, f"zip entry '{entry.name}' holding '{r.label}' is compressed")
+    return entry
+
+
 class ZipCrcFixups:
     """The CRC-32 of each patched zip entry, in its central record, local header and data descriptor."""
 
@@ -83,18 +100,7 @@ class ZipCrcFixups:
         located = locate_entries(ckpt.path)
         out: dict[str, ZipEntry] = {}
         for r in ranges:
-            entry = located.get(r.storage)
-            if (
-                entry is None
-                or not entry.data_offset <= r.offset <= r.end <= entry.data_offset + entry.stored_size
-            ):
-                raise InputError(
-                    f"the bytes of '{r.label}' do not lie inside zip entry '{r.storage}'",
-                    path=ckpt.path,
-                    fix="the file is corrupt — re-save it",
-                )
-            if entry.compressed:
-                raise refuse(ckpt, f"zip entry '{entry.name}' holding '{r.label}' is compressed")
+            entry = entry_holding(ckpt, r, located.get(r.storage), r.storage)
             if entry.crc_stored:  # an archive without CRC-32s keeps its zeros: there is nothing to update
                 out[entry.name] = entry
         return FixupPlan(crc_entries=tuple(out.values()))

@@ -63,6 +63,7 @@ class WriteResult:
         ranges: the byte ranges rewritten (offsets in the reference).
         crc_entries: the zip entries whose CRC-32 was recomputed.
         metadata: the entries added to a safetensors header.
+        upload: for a URL output, the upload path taken; None for a local file.
     """
 
     path: Path
@@ -72,6 +73,7 @@ class WriteResult:
     ranges: list[ByteRange]
     crc_entries: tuple[str, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
+    upload: str | None = None  # for a URL output: how it was uploaded (see checkpoint/remote_write.py)
 
 
 def iter_refs(root: Any) -> Iterator[TensorRef | StorageRef]:

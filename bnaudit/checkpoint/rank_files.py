@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnaudit.checkpoint.bytesource import remote_glob, url_of
 from bnaudit.errors import InputError, UsageError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def expand_arguments(arguments: list[str]) -> list[str]:
     expanded: list[str] = []
     for arg in arguments:
         if _GLOB_CHARS.search(arg) and not os.path.exists(arg):
-            matches = sorted(glob.glob(arg))
+            url = url_of(arg)
+            matches = sorted(glob.glob(arg)) if url is None else remote_glob(url)
             if not matches:
                 raise InputError("the pattern matches no file", path=arg, fix="check the path and quoting")
             expanded.extend(matches)

@@ -8,6 +8,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from bnaudit.checkpoint.bytesource import close, fd_size, open_read, pread
+from bnaudit.checkpoint.bytesource import file_size as source_size
 from bnaudit.checkpoint.types import ITEMSIZE, Checkpoint, ContainerFormat, StorageRef, TensorRef
 from bnaudit.errors import InputError
 
@@ -22,26 +24,34 @@ _LENGTH = struct.Struct("<Q")
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The parsed JSON header and the absolute offset of the data section."""
-    file_size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw_len = f.read(_LENGTH.size)
-        if len(raw_len) != _LENGTH.size:
-            raise InputError(
-                f"is {file_size} bytes, too short for a safetensors header",
-                path=path,
-                fix="the file is truncated — re-save it",
-            )
-        (length,) = _LENGTH.unpack(raw_len)
-        if length > MAX_HEADER_BYTES or _LENGTH.size + length > file_size:
-            raise InputError(
-                (
-                    f"safetensors header length is {length} bytes but the file has {file_size} bytes "
-                    f"(limit {MAX_HEADER_BYTES})"
-                ),
-                path=path,
-                fix="the header length is corrupt or the file truncated — re-save it",
-            )
-        text = f.read(length)
+    fd = open_read(path)
+    try:
+        return _parse_header(path, fd)
+    finally:
+        close(fd)
+
+
+def _parse_header(path: Path, fd: int) -> tuple[dict[str, Any], int]:
+    file_size = fd_size(fd)
+    # the header: its length, then the JSON (one read each; a range request each remotely)
+    raw_len = pread(fd, _LENGTH.size, 0)
+    if len(raw_len) != _LENGTH.size:
+        raise InputError(
+            f"is {file_size} bytes, too short for a safetensors header",
+            path=path,
+            fix="the file is truncated — re-save it",
+        )
+    (length,) = _LENGTH.unpack(raw_len)
+    if length > MAX_HEADER_BYTES or _LENGTH.size + length > file_size:
+        raise InputError(
+            (
+                f"safetensors header length is {length} bytes but the file has {file_size} bytes "
+                f"(limit {MAX_HEADER_BYTES})"
+            ),
+            path=path,
+            fix="the header length is corrupt or the file truncated — re-save it",
+        )
+    text = pread(fd, length, _LENGTH.size)
     try:
         header = json.loads(text, object_pairs_hook=_no_duplicates)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -146,7 +156,7 @@ def read_safetensors(path: Path) -> Checkpoint:
     """
     header, data_start = _read_header(path)
     metadata = _metadata(path, header)
-    data_size = path.stat().st_size - data_start
+    data_size = source_size(path) - data_start
     root = {name: _tensor(path, name, info, data_start, data_size) for name, info in header.items()}
     _check_overlaps(path, root)
     return Checkpoint(

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bnaudit.checkpoint.detect import detect_format
+from bnaudit.checkpoint.detect import detect_format, sharded_index
 from bnaudit.checkpoint.types import Checkpoint, ContainerFormat, GlobalRef, TensorRef
 from bnaudit.errors import InputError
 
@@ -79,7 +79,7 @@ def read_sharded(path: Path, readers: ShardReaders) -> Checkpoint:
     """Read every shard named by a sharded index and expose one flat state dict.
 
     Args:
-        path: the ``*.index.json`` file.
+        path: the ``*.index.json`` file, or the folder holding it.
         readers: the reader of each format a shard may have (from :mod:`bnaudit.checkpoint.formats`).
 
     Returns:
@@ -91,17 +91,20 @@ def read_sharded(path: Path, readers: ShardReaders) -> Checkpoint:
         InputError: the index is invalid, a shard is missing or unreadable, or a tensor is missing from its
             shard.
     """
-    weight_map, metadata = _read_index(path)
+    index = sharded_index(path) if path.is_dir() else path
+    if index is None:
+        raise InputError("holds no single *.index.json", path=path, fix="pass the index file itself")
+    weight_map, metadata = _read_index(index)
     shards: dict[str, Checkpoint] = {}
     root: dict[str, TensorRef] = {}
     refs: list[GlobalRef] = []
     warnings: list[str] = []
     for name, shard in weight_map.items():
         if shard not in shards:
-            shards[shard] = ckpt = _read_shard(path, shard, readers)
+            shards[shard] = ckpt = _read_shard(index, shard, readers)
             refs.extend(ckpt.globals)
             warnings.extend(ckpt.warnings)
-        root[name] = _tensor_in(path, shard, shards[shard].root, name)
+        root[name] = _tensor_in(index, shard, shards[shard].root, name)
     return Checkpoint(
         path, ContainerFormat.HF_SHARDED, root, globals=refs, metadata=metadata, warnings=warnings
     )

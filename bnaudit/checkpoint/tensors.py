@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
+from bnaudit.checkpoint.bytesource import close, open_read, pread
 from bnaudit.checkpoint.tensor_codec import RAW_DTYPES, decode
 from bnaudit.checkpoint.types import (
     ITEMSIZE,
@@ -35,7 +35,7 @@ def _needed_bytes(ref: TensorRef) -> tuple[int, int]:
 
 def _open_for_reading(path: Path) -> int:
     try:
-        return os.open(path, os.O_RDONLY)
+        return open_read(path)
     except OSError as exc:
         raise InputError(
             f"cannot open for reading ({exc.strerror})", path=path, fix="check the path"
@@ -49,9 +49,9 @@ def _read_plain(ref: TensorRef, start: int, end: int) -> bytes:
     fd = _open_for_reading(storage.path)
     try:
         # pread of only the bytes the tensor spans: memory never grows with the file's size.
-        data = os.pread(fd, end - start, storage.file_offset + start)
+        data = pread(fd, end - start, storage.file_offset + start)
     finally:
-        os.close(fd)
+        close(fd)
     return data
 
 
@@ -70,7 +70,7 @@ def _read_compressed(ref: TensorRef, start: int, end: int) -> bytes:
             fix="the file is corrupt — re-save it",
         ) from None
     finally:
-        os.close(fd)
+        close(fd)
 
 
 def _assemble(ref: TensorRef, chunked: ChunkedTensor) -> np.ndarray:
@@ -165,12 +165,12 @@ def read_tensors(refs: Sequence[TensorRef], path: Path | None = None) -> list[np
         try:
             for run in _coalesce(sorted(spans)):
                 run_start, run_end = run[0][0], max(span[1] for span in run)
-                data = os.pread(fd, run_end - run_start, run_start)
+                data = pread(fd, run_end - run_start, run_start)
                 for start, end, index, raw_dtype in run:
                     chunk = data[start - run_start : end - run_start]
                     out[index] = _from_bytes(refs[index], chunk, end - start, raw_dtype)
         finally:
-            os.close(fd)
+            close(fd)
     assert all(array is not None for array in out)  # every index was filled above
     return cast(list[np.ndarray], out)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnaudit.checkpoint.bytesource import close, fd_size, open_read
 from bnaudit.checkpoint.other_pickles import globals_of, read_other_pickles, refused_pickle_error
 from bnaudit.checkpoint.types import Checkpoint, ContainerFormat, StorageRef
 from bnaudit.checkpoint.unpickler import MAX_PICKLE_BYTES, CorruptPickleError, inert_load
@@ -112,7 +112,7 @@ def inflate_budget(file_size: int) -> int:
 
 
 def _member(path: Path, fd: int, entry: ZipEntry, *, check_name: bool = True) -> bytes:
-    budget = inflate_budget(os.fstat(fd).st_size)
+    budget = inflate_budget(fd_size(fd))
     if entry.compressed and entry.size > budget:
         raise InputError(
             f"zip entry inflates to {entry.size} bytes, over the {budget} byte budget for a file of this "
@@ -177,7 +177,7 @@ def read_archive(
             where=pkl.name,
             fix="save a state dict instead",
         )
-    limit = min(max_pickle, inflate_budget(os.fstat(fd).st_size))
+    limit = min(max_pickle, inflate_budget(fd_size(fd)))
     others = read_other_pickles(fd, views, pkl, directory.crc32_absent, limit)
     try:
         pickle = _member(path, fd, pkl, check_name=False)
@@ -258,11 +258,11 @@ def read_torch_zip(path: Path) -> Checkpoint:
         UnsupportedFormatError: the file is a TorchScript archive or a big-endian checkpoint.
         InputError: the archive is truncated or corrupt, or the pickle refers to a missing storage.
     """
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_read(path)
     try:
         archive = read_archive(path, fd)
     finally:
-        os.close(fd)
+        close(fd)
     other_globals = globals_of(archive.other_pickles, str(path))
     try:
         root, refs, warnings = inert_load(

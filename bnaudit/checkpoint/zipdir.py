@@ -8,10 +8,11 @@ reads local headers in runs). Errors are :class:`ZipFormatError`; each caller wo
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from bnaudit.checkpoint.bytesource import fd_size, pread
 
 LOCAL_SIGNATURE = b"PK\x03\x04"
 CENTRAL_SIGNATURE = b"PK\x01\x02"
@@ -86,7 +87,7 @@ class ZipDirectory:
 
 def pread_exact(fd: int, size: int, offset: int, what: str) -> bytes:
     """``size`` bytes at ``offset``; ZipFormatError naming ``what`` when the file ends first."""
-    data = os.pread(fd, size, offset)
+    data = pread(fd, size, offset)
     if len(data) != size:
         raise ZipFormatError(f"{what} at byte {offset} is truncated")
     return data
@@ -97,7 +98,7 @@ def _read(fd: int, tail: bytes, tail_start: int, size: int, offset: int) -> byte
     just before the end record), else one pread."""
     if tail_start <= offset and offset + size <= tail_start + len(tail):
         return tail[offset - tail_start : offset - tail_start + size]
-    return os.pread(fd, size, offset)
+    return pread(fd, size, offset)
 
 
 def end_record_at(fd: int, base: int, end: int) -> int:
@@ -108,7 +109,7 @@ def end_record_at(fd: int, base: int, end: int) -> int:
         ZipFormatError: no end record.
     """
     tail_len = min(end - base, _MAX_TAIL)
-    tail = os.pread(fd, tail_len, end - tail_len)
+    tail = pread(fd, tail_len, end - tail_len)
     at = tail.rfind(END_SIGNATURE, 0, max(len(tail) - END.size + len(END_SIGNATURE), 0))
     if at < 0:
         raise ZipFormatError("no end-of-central-directory record")
@@ -126,7 +127,7 @@ def directory_bounds(fd: int, base: int, end: int) -> tuple[int, int, int]:
     """
     eocd_at = end_record_at(fd, base, end)
     tail_start = max(eocd_at - ZIP64_LOCATOR.size - ZIP64_END.size, base)
-    tail = os.pread(fd, eocd_at + END.size - tail_start, tail_start)
+    tail = pread(fd, eocd_at + END.size - tail_start, tail_start)
     _, _, _, _, count, size, offset, _ = END.unpack_from(tail, eocd_at - tail_start)
     locator_at = eocd_at - ZIP64_LOCATOR.size
     if locator_at >= base:
@@ -213,7 +214,7 @@ def read_directory(fd: int, base: int = 0, end: int | None = None, *, strict: bo
     Raises:
         ZipFormatError: a record is missing or inconsistent (or, when strict, the entry count differs).
     """
-    end = os.fstat(fd).st_size if end is None else end
+    end = fd_size(fd) if end is None else end
     start, size, count = directory_bounds(fd, base, end)
     raw = pread_exact(fd, end - start, start, "the central directory")
     records = parse_records(raw, start, size, base)

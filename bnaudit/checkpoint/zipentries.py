@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from typing import NamedTuple
 
+from bnaudit.checkpoint.bytesource import pread
 from bnaudit.checkpoint.zipdir import (
     CENTRAL_CRC_AT,
     DEFLATED,
@@ -121,7 +121,7 @@ def descriptor_crc_at(fd: int, entry: ZipEntry) -> int:
         ZipFormatError: no form matches.
     """
     data_end = entry.data_offset + entry.stored_size
-    raw = os.pread(fd, 24, data_end)
+    raw = pread(fd, 24, data_end)
     for crc_at in (4, 0):  # with the signature first: a descriptor CRC equal to the signature is ambiguous
         if crc_at == 4 and raw[:4] != DESCRIPTOR_SIGNATURE:
             continue
@@ -154,7 +154,7 @@ def locate_entries(fd: int, directory: ZipDirectory, *, descriptors: bool = Fals
     crc_stored = not directory.crc32_absent
     for run in _header_runs(sorted(directory.records, key=lambda r: r.header_offset)):
         run_start = run[0].header_offset
-        data = os.pread(fd, run[-1].header_offset + LOCAL.size - run_start, run_start)
+        data = pread(fd, run[-1].header_offset + LOCAL.size - run_start, run_start)
         for rec in run:
             at = rec.header_offset - run_start
             by_record[rec.record_offset] = _entry(rec, data[at : at + LOCAL.size], descriptors, crc_stored)
@@ -174,15 +174,15 @@ def entry_at(fd: int, rec: CentralRecord, crc_stored: bool) -> ZipEntry:
     Raises:
         ZipFormatError: the local header is missing.
     """
-    return _entry(rec, os.pread(fd, LOCAL.size, rec.header_offset), False, crc_stored)
+    return _entry(rec, pread(fd, LOCAL.size, rec.header_offset), False, crc_stored)
 
 
 def local_name(fd: int, entry: ZipEntry) -> str:
     """The name an entry's local header gives (zipfile refuses the entry when it is not the central one;
     torch's reader never looks)."""
-    head = os.pread(fd, LOCAL.size, entry.header_offset)
+    head = pread(fd, LOCAL.size, entry.header_offset)
     name_len = struct.unpack_from("<H", head, 26)[0] if len(head) == LOCAL.size else 0
-    raw = os.pread(fd, name_len, entry.header_offset + LOCAL.size)
+    raw = pread(fd, name_len, entry.header_offset + LOCAL.size)
     return raw.decode("utf-8" if entry.flags & FLAG_UTF8 else "cp437", errors="replace")
 
 

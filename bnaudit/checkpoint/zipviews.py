@@ -18,10 +18,10 @@ What torch's reader does (miniz 3, as bundled with torch, checked against torch.
 
 from __future__ import annotations
 
-import os
 import string
 from dataclasses import dataclass
 
+from bnaudit.checkpoint.bytesource import pread
 from bnaudit.checkpoint.zipdir import (
     END,
     END_SIGNATURE,
@@ -78,11 +78,11 @@ def _zipfile_end_record(fd: int, base: int, end: int) -> int | None:
     last signature in the last 64 KiB, which must have a whole record after it."""
     if end - base < END.size:
         return None
-    last = os.pread(fd, END.size, end - END.size)
+    last = pread(fd, END.size, end - END.size)
     if last[:4] == END_SIGNATURE and last[-2:] == b"\0\0":
         return end - END.size
     tail_len = min(end - base, _ZIPFILE_TAIL)
-    tail = os.pread(fd, tail_len, end - tail_len)
+    tail = pread(fd, tail_len, end - tail_len)
     at = tail.rfind(END_SIGNATURE)
     return None if at < 0 or tail_len - at < END.size else end - tail_len + at
 
@@ -90,12 +90,12 @@ def _zipfile_end_record(fd: int, base: int, end: int) -> int | None:
 def _zipfile_shift(fd: int, base: int, eocd_at: int) -> int:
     """zipfile's ``concat``: how far it shifts every offset, because the directory does not end where the
     (ZIP64) end records begin."""
-    _, _, _, _, _, size, offset, _ = END.unpack(os.pread(fd, END.size, eocd_at))
+    _, _, _, _, _, size, offset, _ = END.unpack(pread(fd, END.size, eocd_at))
     records_at = eocd_at
     locator_at = eocd_at - ZIP64_LOCATOR.size
     if locator_at - ZIP64_END.size >= base:
-        locator = os.pread(fd, ZIP64_LOCATOR.size, locator_at)
-        record = os.pread(fd, ZIP64_END.size, locator_at - ZIP64_END.size)
+        locator = pread(fd, ZIP64_LOCATOR.size, locator_at)
+        record = pread(fd, ZIP64_END.size, locator_at - ZIP64_END.size)
         if locator[:4] == ZIP64_LOCATOR_SIGNATURE and record[:4] == ZIP64_END_SIGNATURE:
             fields = ZIP64_END.unpack(record)
             size, offset = fields[8], fields[9]

@@ -129,6 +129,6 @@ def _emit(result: AverageResult, output_format: str, report_file: Path | None, g
     if result.refused:
         click.echo(f"bnaudit: refused: {result.refused}", err=True)
         return 1
-    if result.output is not None:
-        click.echo(f"bnaudit: wrote {result.output} and {result.sidecar}", err=True)
+    if result.output is not None and report.average is not None:  # a URL output shown as written
+        click.echo(f"bnaudit: wrote {report.average.output} and {report.average.sidecar}", err=True)
     return 1 if report.verdict(gate) == "fail" else 0

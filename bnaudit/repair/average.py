@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from bnaudit.audit.rank_reader import OpenedRank, UnsafeUnreadableRank, select_rank_state_dicts
-from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks
+from bnaudit.audit.scan import MeasureResult, PoolResult, measure_ranks, pool_ranks, with_transfers
 from bnaudit.bn.archive_policy import checkpoint_findings
 from bnaudit.bn.corrupt_pickle import unsafe_error
 from bnaudit.bn.stats import MergeMethod
+from bnaudit.checkpoint.bytesource import shown
 from bnaudit.checkpoint.provenance import input_records, sidecar_path
 from bnaudit.checkpoint.writer import TensorPatch, WriteResult
 from bnaudit.repair.average_inputs import prepare_average
@@ -195,7 +196,7 @@ def _report(
     written, out = outcome.written, outcome.out
     return Report(
         command=Command.AVERAGE,
-        inputs=pooled.inputs,
+        inputs=with_transfers(pooled.inputs),
         settings=settings,
         layers=tuple(sorted(rows, key=lambda r: -(r.metrics.get("max_kl_before") or 0.0))),
         findings=sort_findings(findings),
@@ -204,8 +205,8 @@ def _report(
         columns=AVERAGE_COLUMNS,
         warnings=outcome.warnings,
         average=AverageOutcome(
-            output=str(out) if written else None,
-            sidecar=str(sidecar_path(out)) if written and out else None,
+            output=shown(out) if written and out else None,
+            sidecar=shown(sidecar_path(out)) if written and out else None,
             refused=outcome.refused,
             reference_sha256=written.reference_sha256 if written else None,
             output_sha256=written.output_sha256 if written else None,

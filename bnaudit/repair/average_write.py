@@ -7,25 +7,39 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bnaudit.checkpoint.bytesource import shown
 from bnaudit.checkpoint.convert import Conversion, convert_checkpoint
+from bnaudit.checkpoint.folder_writer import FOLDER_FORMATS
 from bnaudit.checkpoint.formats import format_spec
 from bnaudit.checkpoint.provenance import header_entry, sidecar_path, sidecar_text
+from bnaudit.checkpoint.remote_write import write_repaired
 from bnaudit.checkpoint.types import Checkpoint
-from bnaudit.checkpoint.writer import TensorPatch, WriteResult, check_output_path, write_patched
+from bnaudit.checkpoint.writer import TensorPatch, WriteResult, check_output_path
 from bnaudit.defaults import CONVERSION_FORMATS
 from bnaudit.errors import UsageError
 
 log = logging.getLogger(__name__)
+FOLDER = "folder"  # the output "format" of a sharded or DCP reference: a repaired copy of the folder
 
 
 def output_format(reference: Checkpoint, to: str | None, display: str) -> str:
-    """The format written: ``to``, else the reference's own family (``pt`` or ``safetensors``).
+    """The format written: ``to``, else the reference's own family (``pt``, ``safetensors``, or ``folder``
+    for a sharded or DCP folder, repaired into a new folder).
 
     Raises:
         UsageError: ``to`` is not a conversion format, or the reference is a container bnaudit cannot write.
     """
     if to is not None and to not in CONVERSION_FORMATS:
         raise UsageError(f"{to!r} is not one of: {', '.join(CONVERSION_FORMATS)}", where="--to")
+    if reference.format in FOLDER_FORMATS:
+        if to is not None:
+            raise UsageError(
+                f"is a {reference.format} folder: it is repaired into a new folder, not converted",
+                path=display,
+                where="--to",
+                fix="drop --to (or pass --reference with a single torch.save or .safetensors file)",
+            )
+        return FOLDER
     spec = format_spec(reference.format)
     if not spec.patchable:
         raise UsageError(
@@ -71,7 +85,7 @@ def write_average(
         reference: the checkpoint whose bytes are copied.
         patches: the new statistics.
         out: the checkpoint to write; the sidecar goes next to it.
-        fmt: ``pt`` or ``safetensors``.
+        fmt: ``pt``, ``safetensors`` or ``folder``.
         record: the sidecar's record of the merge (its ``method`` and ``inputs`` also go into the header).
         force: ``--force``: replace an existing output (checked before, with :func:`checked_output`).
 
@@ -84,7 +98,7 @@ def write_average(
         doc = {
             **record,
             "reference": {**record["reference"], "sha256": result.reference_sha256},
-            "output": {"path": str(out), "format": fmt, "sha256": result.output_sha256},
+            "output": {"path": shown(out), "format": fmt, "sha256": result.output_sha256},
             "patched_bytes": sum(len(r.data) for r in result.ranges),
             "crc_recomputed": result.crc_entries,
             "header_metadata": result.metadata,
@@ -93,9 +107,9 @@ def write_average(
         return [(sidecar_path(out), sidecar_text(doc))]
 
     meta = header_entry("average", record["method"], len(record["inputs"]), None)
-    if fmt == format_spec(reference.format).family.value:
-        written = write_patched(
-            reference, list(patches), out, metadata=meta, companions=companions, replace=force
+    if fmt in (FOLDER, format_spec(reference.format).family.value):
+        written = write_repaired(
+            reference, list(patches), out, metadata=meta, companions=companions, replace_existing=force
         )
         return written, dropped
     conversion = Conversion(fmt, metadata=meta, companions=companions, dropped=dropped, replace=force)

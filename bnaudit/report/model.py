@@ -182,14 +182,18 @@ class InputInfo:
     format: str
     rank: int | None = None
     state_dicts: tuple[str, ...] = ()
+    transfer: tuple[int, int] | None = None  # (bytes read, requests) of a remote input; None when local
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "path": self.path,
             "format": self.format,
             "rank": self.rank,
             "state_dicts": list(self.state_dicts),
         }
+        if self.transfer is not None:
+            out["transfer"] = {"bytes_read": self.transfer[0], "requests": self.transfer[1]}
+        return out
 
 
 @dataclass(frozen=True)

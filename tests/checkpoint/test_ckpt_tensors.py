@@ -116,7 +116,7 @@ def _count_preads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         sizes.append(n)
         return real_pread(fd, n, offset)
 
-    monkeypatch.setattr(tensors_module.os, "pread", counting_pread)
+    monkeypatch.setattr(os, "pread", counting_pread)  # the byte source reads local files with os.pread
     return sizes
 
 
