@@ -5,7 +5,7 @@ The corpus is regenerated, each malicious case is proven to run under torch.load
 scans every case. Printed and written to benchmarks/results/scanners/: flagged / missed / false positives /
 wall time per tool, and a per-class matrix.
 
-    python benchmarks/bench_scanners.py --peers-bin /work/venvs/peers/bin
+    python benchmarks/bench_scanners.py --peers-bin .venv-peers/bin
     python benchmarks/bench_scanners.py --smoke        # bnaudit alone on a few cases (CI)
     python benchmarks/bench_scanners.py --tools bnaudit --keep-others   # rerun bnaudit, keep the peers' rows
 
