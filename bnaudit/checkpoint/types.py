@@ -220,13 +220,13 @@ class Placeholder:
 
 @dataclass(frozen=True)
 class GlobalRef:
-    """A global (``module.name``) referenced by a pickle, as recorded by the inert unpickler."""
+    """A global (``module.name``) referenced by a pickle, as recorded by the inert unpickler; ``call`` is
+    how torch.load would call it (the opcode or helper of its first call: "REDUCE", "INST",
+    "copyreg._reconstructor", ...), "" when it is only named or instantiated with ``__new__``."""
 
     module: str
     name: str
     source: str  # the pickle it came from, e.g. "archive/data.pkl" or ".metadata"
-    # How torch.load would call it: the opcode or helper of its first call ("REDUCE", "INST",
-    # "copyreg._reconstructor", ...); "" when it is only named or instantiated with __new__.
     call: str = ""
 
     @property
