@@ -10,8 +10,7 @@ from typing import Any
 
 
 class ContainerFormat(str, Enum):
-    """A checkpoint container, named as reports and ``inspect`` print it (its registry entry is in
-    :mod:`bnaudit.checkpoint.formats`)."""
+    """A checkpoint container, named as reports print it (registry: :mod:`bnaudit.checkpoint.formats`)."""
 
     TORCH_ZIP = "torch-zip"
     TORCH_LEGACY = "torch-legacy"
@@ -220,9 +219,8 @@ class Placeholder:
 
 @dataclass(frozen=True)
 class GlobalRef:
-    """A global (``module.name``) referenced by a pickle, as recorded by the inert unpickler; ``call`` is
-    how torch.load would call it (the opcode or helper of its first call: "REDUCE", "INST",
-    "copyreg._reconstructor", ...), "" when it is only named or instantiated with ``__new__``."""
+    """A global (``module.name``) a pickle references; ``call``: the opcode or helper of torch.load's first
+    call of it ("REDUCE", "INST", "copyreg._reconstructor", ...), "" when only named or built by __new__."""
 
     module: str
     name: str
@@ -270,8 +268,7 @@ class Checkpoint:
         warnings: non-fatal oddities met while reading (unknown rebuild functions, skipped objects).
         crc32_absent: a torch zip written without CRC-32s (``compute_crc32 = False``): its bytes were read
             unverified.
-        ambiguities: how torch.load and Python's zipfile would read the archive differently, one sentence
-            each (the ``ambiguous-archive`` finding); every pickle either could read was scanned.
+        ambiguities: how torch.load and zipfile would read the archive differently (``ambiguous-archive``).
     """
 
     path: Path
