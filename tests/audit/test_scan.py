@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -80,26 +78,26 @@ def test_each_pass_returns_a_frozen_result(tmp_path, rng):
 
 
 class _ReadCounter:
-    """Counts, per file, the opens and preads the tensor reader makes (``os`` as the reader sees it)."""
+    """Counts, per file, the opens and preads the tensor reader makes (through its byte source)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.opens: Counter[str] = Counter()
         self.preads: Counter[str] = Counter()
         self._paths: dict[int, str] = {}
+        real_open, real_pread = tensors_module.open_read, tensors_module.pread
 
-        def counting_open(path, flags, *args):  # type: ignore[no-untyped-def]
-            fd = os.open(path, flags, *args)
+        def counting_open(path, *args):  # type: ignore[no-untyped-def]
+            fd = real_open(path, *args)
             self._paths[fd] = Path(path).name
             self.opens[Path(path).name] += 1
             return fd
 
         def counting_pread(fd: int, n: int, offset: int) -> bytes:
             self.preads[self._paths.get(fd, "?")] += 1
-            return os.pread(fd, n, offset)
+            return real_pread(fd, n, offset)
 
-        proxy = SimpleNamespace(**{name: getattr(os, name) for name in dir(os) if not name.startswith("__")})
-        proxy.open, proxy.pread = counting_open, counting_pread
-        monkeypatch.setattr(tensors_module, "os", proxy)
+        monkeypatch.setattr(tensors_module, "open_read", counting_open)
+        monkeypatch.setattr(tensors_module, "pread", counting_pread)
 
 
 def _count_full_loads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
