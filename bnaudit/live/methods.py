@@ -35,3 +35,28 @@ class RecalibrationMethod(str, Enum):
 def choices() -> tuple[str, ...]:
     """Every method's name, the default first (for ``--method`` and error messages)."""
     return tuple(method.value for method in RecalibrationMethod)
+
+
+class RecalibrationMode(str, Enum):
+    """Which forward the statistics are measured in (``--mode``).
+
+    ``population``: one train-mode forward, every BatchNorm normalising by its batch's statistics (what
+    ``update_bn`` does). ``sequential``: each layer measured on the inputs eval mode feeds it, every earlier
+    layer normalising with its new statistics (:mod:`bnaudit.live.sequential`).
+    """
+
+    POPULATION = "population"
+    SEQUENTIAL = "sequential"
+
+    @classmethod
+    def parse(cls, value: RecalibrationMode | str) -> RecalibrationMode:
+        """The mode named ``value``.
+
+        Raises:
+            UsageError: ``value`` names no mode (the message lists the choices).
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(mode.value for mode in cls)
+            raise UsageError(f"must be one of {names}", where="--mode", found=repr(str(value))) from None

@@ -25,9 +25,11 @@ from bnaudit.live.distributed import (
 from bnaudit.live.estimators import ESTIMATORS, LayerSums
 from bnaudit.live.finite import check_finite
 from bnaudit.live.measure import PassState, prepare_model
+from bnaudit.live.methods import RecalibrationMode
 from bnaudit.live.options import ProgressCallback, RecalibrationOptions
 from bnaudit.live.results import LayerRecalibration, RecalibrationResult, finalise
 from bnaudit.live.run_channel import DEFAULT_STATUS_TIMEOUT_S, RunChannel
+from bnaudit.live.sequential import SequentialRun, check_reiterable, refine
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,9 @@ def recalibrate(
     ctx = _context(options.distributed, process_group)
     accs = [LayerAccumulator(name, m) for name, m in modules]
     local_batches, settings, channel = _local_plan(ctx, batches, options, progress, (device, autocast))
+    sequential = options.chosen_mode is RecalibrationMode.SEQUENTIAL
+    if sequential:
+        check_reiterable(batches)
     merged, used, samples = _measure(model, local_batches, accs, settings, (options, channel))
     if ctx is not None:
         merged, used, samples = _reduce(ctx, accs, merged, (used, -1 if samples is None else samples))
@@ -104,11 +109,38 @@ def recalibrate(
         raise InputError(
             "the calibration data yielded no batches", fix="check --data (and --max-batches/--max-samples)"
         )
+    passes, move = 1, None
+    if sequential:
+        run = _sequential_run(ctx, accs, settings, options)
+        merged, passes, move = refine(model, local_batches, accs, merged, run)
     layers = finalise(accs, merged, ESTIMATORS[options.chosen_method])
     _apply(accs, layers, options.write)
     world, method = ctx.world_size if ctx is not None else 1, options.chosen_method.value
     seconds = time.perf_counter() - start
-    return RecalibrationResult(method, tuple(layers), used, samples, world, options.write, seconds)
+    return RecalibrationResult(
+        method, tuple(layers), used, samples, world, options.write, seconds,
+        mode=options.chosen_mode.value, passes=passes, last_move=move,
+    )  # fmt: skip
+
+
+def _sequential_run(
+    ctx: DistContext | None,
+    accs: list[LayerAccumulator],
+    settings: PassSettings,
+    options: RecalibrationOptions,
+) -> SequentialRun:
+    """The refinement passes' settings: each pass reduced over the ranks, with its own failure channel."""
+    timeout = DEFAULT_STATUS_TIMEOUT_S if options.status_timeout_s is None else options.status_timeout_s
+
+    def reduce(local: list[LayerSums]) -> list[LayerSums]:
+        return local if ctx is None else _reduce(ctx, accs, local, (0, 0))[0]
+
+    def new_channel() -> RunChannel | None:
+        return None if ctx is None else RunChannel(ctx, timeout)
+
+    return SequentialRun(
+        settings, reduce, new_channel, options.max_passes, options.stop_after_last_bn, options.channels_last
+    )
 
 
 def _measure(
@@ -124,7 +156,7 @@ def _measure(
     saved = prepare_model(model, accs, state, options.channels_last)
     try:
         try:
-            with torch.no_grad():
+            with torch.inference_mode():
                 used, samples = run_pass(model, batches, state, settings)
             local = [acc.sums() for acc in accs]
         except BaseException as exc:

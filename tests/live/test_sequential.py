@@ -1,0 +1,155 @@
+"""``--mode sequential`` against its definition, computed naively here: one layer at a time, in float64.
+
+Layer k's statistics are the mean and unbiased variance of its input over all batches when the model runs in
+eval mode and every earlier layer (in forward order) already normalises with its own sequential statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from benchmarks.archs import build
+from bnaudit.errors import UsageError
+from bnaudit.live.options import RecalibrationOptions
+from bnaudit.live.recalibrate import recalibrate
+from bnaudit.live.results import RecalibrationResult
+from tests.live.test_architectures import TORCH_BATCH_NORM, images, stale
+from tests.recal_helpers.models import make_batches, make_convnet
+
+Stats = dict[str, tuple[np.ndarray, np.ndarray]]
+Run = Callable[[nn.Module, Any], Any]
+
+
+def _forward_order(model: nn.Module, batch: Any, run: Run) -> list[str]:
+    order: list[str] = []
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name))
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm)
+    ]
+    with torch.no_grad():
+        run(model, batch)
+    for h in handles:
+        h.remove()
+    return list(dict.fromkeys(order))
+
+
+def naive_sequential(model: nn.Module, batches: Iterable[Any], run: Run | None = None) -> Stats:
+    """One full float64 eval-mode pass per layer, layers set one after the other in forward order."""
+    run = run or (lambda m, b: m(b))
+    model = copy.deepcopy(model).double().eval()
+    batches = [_double(b) for b in batches]
+    modules = dict(model.named_modules())
+    out: Stats = {}
+    for name in _forward_order(model, batches[0], run):
+        seen: list[np.ndarray] = []
+
+        def keep(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().numpy()
+            seen.append(np.moveaxis(x, 1, 0).reshape(x.shape[1], -1))
+
+        handle = modules[name].register_forward_pre_hook(keep)
+        with torch.no_grad():
+            for b in batches:
+                run(model, b)
+        handle.remove()
+        values = np.concatenate(seen, axis=1)
+        out[name] = (values.mean(axis=1), values.var(axis=1, ddof=1))
+        modules[name].running_mean.copy_(torch.from_numpy(out[name][0]))
+        modules[name].running_var.copy_(torch.from_numpy(out[name][1]))
+    return out
+
+
+def _double(batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return {k: _double(v) for k, v in batch.items()}
+    return batch.double() if isinstance(batch, torch.Tensor) else batch
+
+
+def largest_error(result: RecalibrationResult, ref: Stats, use: str = "after") -> float:
+    """max over layers and channels of |mean - ref| / ref std and |var - ref| / ref var."""
+    worst = 0.0
+    assert {layer.name for layer in result.layers} == set(ref)
+    for layer in result.layers:
+        mean, var = ref[layer.name]
+        got_mean, got_var = (
+            (layer.after_mean, layer.after_var)
+            if use == "after"
+            else (layer.population_mean, layer.population_var)
+        )
+        assert got_mean is not None and got_var is not None
+        worst = max(worst, float(np.max(np.abs(got_mean - mean) / np.sqrt(var))))
+        worst = max(worst, float(np.max(np.abs(got_var - var) / var)))
+    return worst
+
+
+@pytest.mark.parametrize("arch", ["resnet", "mobilenet", "plain"])
+def test_sequential_equals_naive_float64_definition(arch: str) -> None:
+    model = stale(build(arch, width=8))
+    batches = images(n=8, batch_size=2)
+    ref = naive_sequential(model, batches)
+    result = recalibrate(model, batches, RecalibrationOptions(mode="sequential"))
+    assert result.mode == "sequential" and 2 < result.passes <= len(ref) + 1
+    assert largest_error(result, ref) <= 1e-6
+    # Population statistics (train-mode forward, batches of 2) are measurably not the definition.
+    population = recalibrate(copy.deepcopy(model), batches, RecalibrationOptions(write=False))
+    assert largest_error(population, ref) > 1e-3
+    modules = dict(model.named_modules())
+    for layer in result.layers:  # written
+        np.testing.assert_allclose(
+            modules[layer.name].running_var.double().numpy(), ref[layer.name][1], rtol=1e-6
+        )
+    assert nn.functional.batch_norm is TORCH_BATCH_NORM
+
+
+def test_sequential_with_dict_batches_forward_fn_and_full_forward() -> None:
+    model = stale(build("resnet", width=8))
+    batches = [{"image": x, "label": 0} for x in images(n=6, batch_size=2)]
+
+    def forward(m: nn.Module, batch: dict[str, Any]) -> Any:
+        return m(batch["image"])
+
+    ref = naive_sequential(model, batches, forward)
+    options = RecalibrationOptions(mode="sequential", forward=forward, stop_after_last_bn=False, write=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = recalibrate(model, batches, options)
+    assert largest_error(result, ref) <= 1e-6
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_max_passes_bounds_the_passes_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+    model = stale(build("resnet", width=8))
+    batches = images(n=4, batch_size=2)
+    with caplog.at_level(logging.WARNING):
+        result = recalibrate(model, batches, RecalibrationOptions(mode="sequential", max_passes=2))
+    assert result.passes == 2 and result.last_move is not None and result.last_move > 1e-7
+    assert "stopped after 2 passes" in caplog.text
+    one = recalibrate(
+        stale(build("resnet", width=8)), batches, RecalibrationOptions(mode="sequential", max_passes=1)
+    )
+    population = recalibrate(stale(build("resnet", width=8)), batches)
+    for a, b in zip(one.layers, population.layers, strict=True):
+        np.testing.assert_array_equal(a.after_var, b.after_var)
+
+
+def test_sequential_option_errors() -> None:
+    with pytest.raises(UsageError, match="population statistics only"):
+        RecalibrationOptions(mode="sequential", method="batch-mean")
+    with pytest.raises(UsageError, match="needs --mode sequential"):
+        RecalibrationOptions(max_passes=3)
+    with pytest.raises(UsageError, match="--max-passes"):
+        RecalibrationOptions(mode="sequential", max_passes=0)
+    with pytest.raises(UsageError, match="--mode"):
+        RecalibrationOptions(mode="eval")
+    with pytest.raises(UsageError, match="one-shot iterator"):
+        recalibrate(make_convnet(), iter(make_batches()), RecalibrationOptions(mode="sequential"))
