@@ -39,6 +39,16 @@ class PassState:
     calls_this_batch: dict[int, int] = field(default_factory=dict)
     # an eval-mode pass (``--mode sequential``): layers normalise with their running statistics
     eval_mode: bool = False
+    # lockstep (``--mode sequential``): called with the layer index once its input is recorded; returns once
+    # the layer's statistics are set (raises StopForward once the forward's work is done)
+    arrive: Callable[[int], None] | None = None
+
+    def reached(self, layer_index: int) -> None:
+        """A layer's input is recorded: wait for the others (lockstep) or count the call (StopForward)."""
+        if self.arrive is not None:
+            self.arrive(layer_index)
+        elif self.record(layer_index):
+            raise StopForward
 
     def start_batch(self, index: int) -> None:
         self.batch_index = index
@@ -66,8 +76,7 @@ def _make_hook(acc: LayerAccumulator, index: int, state: PassState) -> Callable[
         if not isinstance(x, torch.Tensor):
             raise InputError("was called without a tensor input", where=f"layer '{acc.name}'")
         acc.add(x)
-        if state.record(index):
-            raise StopForward
+        state.reached(index)  # a pre-hook: the layer then runs with the statistics set by then
 
     return hook
 
@@ -148,8 +157,7 @@ def _eval_call(acc: LayerAccumulator, index: int, state: PassState) -> MeasuredC
 
     def call(x: torch.Tensor, weight: Any, bias: Any, eps: float) -> torch.Tensor:
         acc.add(x)
-        if state.record(index):
-            raise StopForward
+        state.reached(index)
         mean, var = module.running_mean, module.running_var
         dtype = _affine_dtype(x, weight)
         return TORCH_BATCH_NORM(x, mean.to(dtype), var.to(dtype), weight, bias, False, 0.0, eps)

@@ -50,7 +50,9 @@ class RecalibrationOptions:
             refined pass after pass: :mod:`bnaudit.live.sequential`); a string is turned into a
             :class:`RecalibrationMode`.
         max_passes: ``sequential`` only: at most this many passes over the data in all (None: as many as it
-            takes to converge, at most one per layer plus one).
+            takes to converge, at most one per layer plus one) when the batches do not fit in memory.
+        resident_batches: ``sequential`` only: run it in one pass, every batch's forward open at once, when
+            each process has at most this many batches (0: never; refinement passes instead).
 
     Raises:
         UsageError: an unknown method, a limit that is not positive, or ``amp_dtype`` without ``amp``.
@@ -73,6 +75,7 @@ class RecalibrationOptions:
     status_timeout_s: float | None = None
     mode: RecalibrationMode | str = RecalibrationMode.POPULATION
     max_passes: int | None = None
+    resident_batches: int = 256
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", RecalibrationMethod.parse(self.method))
@@ -89,6 +92,10 @@ class RecalibrationOptions:
         ):
             raise UsageError(
                 "measures population statistics only", where="--mode sequential", fix="drop --method"
+            )
+        if self.resident_batches < 0:
+            raise UsageError(
+                "must be 0 or more", where="--resident-batches", found=str(self.resident_batches)
             )
         if self.max_passes is not None and self.chosen_mode is not RecalibrationMode.SEQUENTIAL:
             raise UsageError("needs --mode sequential", where="--max-passes", fix="add --mode sequential")

@@ -24,6 +24,7 @@ from bnaudit.live.distributed import (
 )
 from bnaudit.live.estimators import ESTIMATORS, LayerSums
 from bnaudit.live.finite import check_finite
+from bnaudit.live.lockstep import measure_lockstep
 from bnaudit.live.measure import PassState, prepare_model
 from bnaudit.live.methods import RecalibrationMode
 from bnaudit.live.options import ProgressCallback, RecalibrationOptions
@@ -102,16 +103,19 @@ def recalibrate(
     sequential = options.chosen_mode is RecalibrationMode.SEQUENTIAL
     if sequential:
         check_reiterable(batches)
-    merged, used, samples = _measure(model, local_batches, accs, settings, (options, channel))
-    if ctx is not None:
-        merged, used, samples = _reduce(ctx, accs, merged, (used, -1 if samples is None else samples))
+    run = _sequential_run(ctx, accs, settings, options)
+    in_one = measure_lockstep(model, local_batches, accs, run) if sequential else None
+    if in_one is not None:
+        merged, used, samples = in_one
+    else:
+        merged, used, samples = _measure(model, local_batches, accs, settings, (options, channel))
+        merged, used, samples = run.reduce(merged, (used, -1 if samples is None else samples))
     if used == 0:
         raise InputError(
             "the calibration data yielded no batches", fix="check --data (and --max-batches/--max-samples)"
         )
-    passes, move = 1, None
-    if sequential:
-        run = _sequential_run(ctx, accs, settings, options)
+    passes, move = 1, (0.0 if in_one is not None else None)
+    if sequential and in_one is None:
         merged, passes, move = refine(model, local_batches, accs, merged, run)
     layers = finalise(accs, merged, ESTIMATORS[options.chosen_method])
     _apply(accs, layers, options.write)
@@ -132,15 +136,23 @@ def _sequential_run(
     """The refinement passes' settings: each pass reduced over the ranks, with its own failure channel."""
     timeout = DEFAULT_STATUS_TIMEOUT_S if options.status_timeout_s is None else options.status_timeout_s
 
-    def reduce(local: list[LayerSums]) -> list[LayerSums]:
-        return local if ctx is None else _reduce(ctx, accs, local, (0, 0))[0]
+    def reduce(local: list[LayerSums], counts: tuple[int, int]) -> tuple[list[LayerSums], int, int | None]:
+        if ctx is None:
+            return local, counts[0], None if counts[1] < 0 else counts[1]
+        return _reduce(ctx, accs, local, counts)
+
+    def agree(yes: bool) -> bool:
+        if ctx is None:
+            return yes
+        return all(bool(row[0]) for row in all_gather_array(ctx, np.array([1.0 if yes else 0.0])))
 
     def new_channel() -> RunChannel | None:
         return None if ctx is None else RunChannel(ctx, timeout)
 
     return SequentialRun(
-        settings, reduce, new_channel, options.max_passes, options.stop_after_last_bn, options.channels_last
-    )
+        settings, reduce, agree, new_channel, options.max_passes, options.resident_batches,
+        options.stop_after_last_bn, options.channels_last,
+    )  # fmt: skip
 
 
 def _measure(

@@ -16,11 +16,14 @@ the refinement stops as soon as no statistic moved by more than ``TOLERANCE`` (r
 layer's standard deviations, a variance relative to itself) between two passes; with float32 buffers the
 passes reach a fixed point where nothing moves at all.
 
-Cost: ``passes`` forward-pass equivalents (each stopping after the last BatchNorm), the number reported;
-``max_passes`` bounds it (a warning says when it stopped before converging). Memory: that of one population
-pass, whatever the data size (no activations are cached). Every rank reduces each pass's exact sufficient
-statistics (the same all-gather as population mode), so the passes and their stop are identical on all
-ranks.
+That is the fallback. When every rank's batches fit in memory together (at most ``resident_batches``),
+:mod:`bnaudit.live.lockstep` computes the same statistics exactly in one forward per batch instead.
+
+Cost of the refinement: ``passes`` forward-pass equivalents (each stopping after the last BatchNorm), the
+number reported; ``max_passes`` bounds it (a warning says when it stopped before converging). Memory: that
+of one population pass, whatever the data size (no activations are cached). Every rank reduces each pass's
+exact sufficient statistics (the same all-gather as population mode), so the passes and their stop are
+identical on all ranks.
 """
 
 from __future__ import annotations
@@ -54,16 +57,20 @@ class SequentialRun:
 
     Attributes:
         settings: the loop's settings of the first pass (its peer check is replaced per pass).
-        reduce: this rank's sums -> every rank's merged (identity in one process).
+        reduce: this rank's (sums, (batches, samples or -1)) -> every rank's merged (sums, batches, samples).
+        agree: this rank's yes -> True when every rank said yes.
         new_channel: the failure-sharing channel of a new pass (None in one process).
         max_passes: at most this many passes in all, the population pass included (None: layers + 1).
+        resident_batches: lockstep when every rank has at least one and at most this many batches.
         stop_after_last_bn, channels_last: as in the options.
     """
 
     settings: PassSettings
-    reduce: Callable[[list[LayerSums]], list[LayerSums]]
+    reduce: Callable[[list[LayerSums], tuple[int, int]], tuple[list[LayerSums], int, int | None]]
+    agree: Callable[[bool], bool]
     new_channel: Callable[[], RunChannel | None]
     max_passes: int | None
+    resident_batches: int
     stop_after_last_bn: bool
     channels_last: bool
 
@@ -88,15 +95,20 @@ def _estimate(acc: LayerAccumulator, sums: LayerSums) -> tuple[np.ndarray, np.nd
     return ESTIMATORS[method].estimate(sums)
 
 
-def _set_buffers(accs: list[LayerAccumulator], sums: list[LayerSums]) -> None:
-    """Each reached layer normalises with its statistics of the last pass (in its buffers' dtype)."""
+def set_statistics(acc: LayerAccumulator, sums: LayerSums) -> None:
+    """The layer normalises with the statistics of ``sums`` from now on (in its buffers' dtype)."""
+    if not sums.reached:
+        return
     with torch.no_grad():
-        for acc, s in zip(accs, sums, strict=True):
-            if not s.reached:
-                continue
-            for name, values in zip(("running_mean", "running_var"), _estimate(acc, s), strict=True):
-                buf = getattr(acc.module, name)
-                buf.copy_(torch.from_numpy(values).to(device=buf.device, dtype=buf.dtype))
+        for name, values in zip(("running_mean", "running_var"), _estimate(acc, sums), strict=True):
+            buf = getattr(acc.module, name)
+            buf.copy_(torch.from_numpy(values).to(device=buf.device, dtype=buf.dtype))
+
+
+def _set_buffers(accs: list[LayerAccumulator], sums: list[LayerSums]) -> None:
+    """Each reached layer normalises with its statistics of the last pass."""
+    for acc, s in zip(accs, sums, strict=True):
+        set_statistics(acc, s)
 
 
 def largest_move(accs: list[LayerAccumulator], old: list[LayerSums], new: list[LayerSums]) -> float:
@@ -139,7 +151,7 @@ def _one_pass(
         raise
     if channel is not None:
         channel.finish_ok(";".join(f"{a.name}:{a.channels}" for a in accs))
-    return run.reduce(local)
+    return run.reduce(local, (0, 0))[0]
 
 
 def refine(
@@ -164,7 +176,7 @@ def refine(
             move, merged, passes = largest_move(accs, merged, new), new, passes + 1
     finally:
         saved.restore()
-    if move > TOLERANCE:
+    if passes > 1 and move > TOLERANCE:
         log.warning(
             "--mode sequential stopped after %d passes (--max-passes) with statistics still moving by %.2g "
             "(relative) between the last two",

@@ -33,6 +33,7 @@ class BatchNormTap:
         self.calls: dict[int, tuple[torch.Tensor, MeasuredCall]] = {}
         self.served: set[int] = set()
         self.installed = False
+        self.fallbacks = 0  # calls measured by the fallback hooks (after the layer ran)
 
     def add(self, running_mean: torch.Tensor, call: MeasuredCall) -> None:
         """Serve the calls that normalise with ``running_mean`` by ``call``."""
@@ -89,6 +90,7 @@ def fallback_hooks(
 
     def after(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if key not in tap.served and pending:
+            tap.fallbacks += 1
             measure_input(pending[0])
         pending.clear()
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from benchmarks.archs import build
-from bnaudit.errors import UsageError
+from benchmarks.archs import DirectBatchNorm2d, ResNet, build
+from bnaudit.errors import InputError, UsageError
 from bnaudit.live.options import RecalibrationOptions
 from bnaudit.live.recalibrate import recalibrate
 from bnaudit.live.results import RecalibrationResult
@@ -53,7 +53,7 @@ def naive_sequential(model: nn.Module, batches: Iterable[Any], run: Run | None =
     for name in _forward_order(model, batches[0], run):
         seen: list[np.ndarray] = []
 
-        def keep(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        def keep(mod: nn.Module, args: tuple[Any, ...], seen: list[np.ndarray] = seen) -> None:
             x = args[0].detach().numpy()
             seen.append(np.moveaxis(x, 1, 0).reshape(x.shape[1], -1))
 
@@ -92,13 +92,16 @@ def largest_error(result: RecalibrationResult, ref: Stats, use: str = "after") -
     return worst
 
 
+@pytest.mark.parametrize("resident", [256, 0])
 @pytest.mark.parametrize("arch", ["resnet", "mobilenet", "plain"])
-def test_sequential_equals_naive_float64_definition(arch: str) -> None:
+def test_sequential_equals_naive_float64_definition(arch: str, resident: int) -> None:
     model = stale(build(arch, width=8))
     batches = images(n=8, batch_size=2)
     ref = naive_sequential(model, batches)
-    result = recalibrate(model, batches, RecalibrationOptions(mode="sequential"))
-    assert result.mode == "sequential" and 2 < result.passes <= len(ref) + 1
+    result = recalibrate(model, batches, RecalibrationOptions(mode="sequential", resident_batches=resident))
+    assert result.mode == "sequential"
+    # Lockstep: one pass. Refinement: pass p makes at least the first p layers exact.
+    assert result.passes == 1 if resident else 2 < result.passes <= len(ref) + 1
     assert largest_error(result, ref) <= 1e-6
     # Population statistics (train-mode forward, batches of 2) are measurably not the definition.
     population = recalibrate(copy.deepcopy(model), batches, RecalibrationOptions(write=False))
@@ -111,7 +114,8 @@ def test_sequential_equals_naive_float64_definition(arch: str) -> None:
     assert nn.functional.batch_norm is TORCH_BATCH_NORM
 
 
-def test_sequential_with_dict_batches_forward_fn_and_full_forward() -> None:
+@pytest.mark.parametrize("resident", [256, 0])
+def test_sequential_with_dict_batches_forward_fn_and_full_forward(resident: int) -> None:
     model = stale(build("resnet", width=8))
     batches = [{"image": x, "label": 0} for x in images(n=6, batch_size=2)]
 
@@ -119,7 +123,9 @@ def test_sequential_with_dict_batches_forward_fn_and_full_forward() -> None:
         return m(batch["image"])
 
     ref = naive_sequential(model, batches, forward)
-    options = RecalibrationOptions(mode="sequential", forward=forward, stop_after_last_bn=False, write=False)
+    options = RecalibrationOptions(
+        mode="sequential", forward=forward, stop_after_last_bn=False, write=False, resident_batches=resident
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = recalibrate(model, batches, options)
     assert largest_error(result, ref) <= 1e-6
@@ -131,12 +137,13 @@ def test_max_passes_bounds_the_passes_and_warns(caplog: pytest.LogCaptureFixture
     model = stale(build("resnet", width=8))
     batches = images(n=4, batch_size=2)
     with caplog.at_level(logging.WARNING):
-        result = recalibrate(model, batches, RecalibrationOptions(mode="sequential", max_passes=2))
+        result = recalibrate(
+            model, batches, RecalibrationOptions(mode="sequential", max_passes=2, resident_batches=0)
+        )
     assert result.passes == 2 and result.last_move is not None and result.last_move > 1e-7
     assert "stopped after 2 passes" in caplog.text
-    one = recalibrate(
-        stale(build("resnet", width=8)), batches, RecalibrationOptions(mode="sequential", max_passes=1)
-    )
+    first_only = RecalibrationOptions(mode="sequential", max_passes=1, resident_batches=0)
+    one = recalibrate(stale(build("resnet", width=8)), batches, first_only)
     population = recalibrate(stale(build("resnet", width=8)), batches)
     for a, b in zip(one.layers, population.layers, strict=True):
         np.testing.assert_array_equal(a.after_var, b.after_var)
@@ -151,5 +158,60 @@ def test_sequential_option_errors() -> None:
         RecalibrationOptions(mode="sequential", max_passes=0)
     with pytest.raises(UsageError, match="--mode"):
         RecalibrationOptions(mode="eval")
+    with pytest.raises(UsageError, match="--resident-batches"):
+        RecalibrationOptions(mode="sequential", resident_batches=-1)
     with pytest.raises(UsageError, match="one-shot iterator"):
         recalibrate(make_convnet(), iter(make_batches()), RecalibrationOptions(mode="sequential"))
+
+
+def test_more_batches_than_resident_refines_pass_by_pass() -> None:
+    model = stale(build("resnet", width=8))
+    batches = images(n=6, batch_size=2)
+    ref = naive_sequential(model, batches)
+    result = recalibrate(model, batches, RecalibrationOptions(mode="sequential", resident_batches=5))
+    assert result.passes > 2 and largest_error(result, ref) <= 1e-6
+
+
+def test_layer_that_bypasses_the_tap_refines_pass_by_pass() -> None:
+    torch.manual_seed(0)
+    model = stale(ResNet(width=8, norm=DirectBatchNorm2d))
+    batches = images(n=4, batch_size=2)
+    ref = naive_sequential(model, batches)
+    result = recalibrate(model, batches, RecalibrationOptions(mode="sequential"))
+    assert result.passes > 2 and largest_error(result, ref) <= 1e-6
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: a batch whose mean is positive skips the second BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn1(x)
+        return x if float(x.mean()) > 0 else self.bn2(x)
+
+
+def test_lockstep_refuses_data_dependent_flow_and_restores_state() -> None:
+    model = Branchy()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 5, 5, generator=g) + shift for shift in (0.0, 0.0, 5.0)]
+    batches[0] -= batches[0].mean() + 1  # the first goes through both layers, the last (mean 5) does not
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputError, match="different orders"):
+        recalibrate(model, batches, RecalibrationOptions(mode="sequential", stop_after_last_bn=False))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert nn.functional.batch_norm is TORCH_BATCH_NORM and model.training
+
+
+def test_lockstep_failing_batch_is_named_and_state_restored() -> None:
+    model = stale(build("mobilenet", width=8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = [*images(n=2, batch_size=2), torch.randn(2, 5, 16, 16)]
+    with pytest.raises(InputError, match="batch 2"):
+        recalibrate(model, bad, RecalibrationOptions(mode="sequential"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert nn.functional.batch_norm is TORCH_BATCH_NORM
