@@ -20,6 +20,8 @@ from tests.conftest import REPO
         ("bench_compare.py", "ratio compare / torch.load full: median"),
         ("bench_ranks.py", "16 average"),
         ("bench_before_after.py", "per-round ratio average after / before: median"),
+        ("bench_architectures.py", "ratio bnaudit / update_bn: see the columns"),
+        ("study_batch_size.py", "study smoke: ok"),
     ],
 )
 def test_benchmark_smoke(script: str, expected: str) -> None:

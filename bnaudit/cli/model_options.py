@@ -33,6 +33,7 @@ class ModelOptions:
     method: str = RecalibrationMethod.POPULATION.value
     mode: str = RecalibrationMode.POPULATION.value
     max_passes: int | None = None
+    resident_batches: int = 256
     prefix: str | None = None
     channels_last: bool = False
     amp: bool = False
@@ -50,7 +51,7 @@ class ModelOptions:
             method=self.method, max_batches=self.max_batches, max_samples=self.max_samples,
             input_index=self.input_index, input_key=self.input_key, stop_after_last_bn=not self.full_forward,
             device=self.device, channels_last=self.channels_last, amp=self.amp, amp_dtype=self.amp_dtype,
-            mode=self.mode, max_passes=self.max_passes,
+            mode=self.mode, max_passes=self.max_passes, resident_batches=self.resident_batches,
         )  # fmt: skip
         return CalibrationSpec(
             model=self.model_spec,
@@ -102,6 +103,11 @@ MODEL_OPTIONS = (
     click.option("--max-passes", type=click.IntRange(min=1), default=None, metavar="N",
                  help="--mode sequential: at most N passes over the data in all (default: until the "
                       "statistics stop moving, at most one per layer plus one)."),
+    click.option("--resident-batches", type=click.IntRange(min=0), default=256, show_default=True,
+                 metavar="N",
+                 help="--mode sequential: one pass with every batch's forward open at once when each process "
+                      "has at most N batches (memory: N batches' activations); more: refinement passes "
+                      "in constant memory. 0: always refine."),
     click.option("--full-forward", is_flag=True,
                  help="Run every forward to the end (by default the pass stops after the last BatchNorm)."),
     click.option("--channels-last", is_flag=True,

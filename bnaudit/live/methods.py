@@ -24,12 +24,7 @@ class RecalibrationMethod(str, Enum):
         Raises:
             UsageError: ``value`` names no method (the message lists the choices).
         """
-        try:
-            return cls(value)
-        except ValueError:
-            raise UsageError(
-                f"must be one of {', '.join(choices())}", where="--method", found=repr(str(value))
-            ) from None
+        return cls(_checked(value, choices(), "--method"))
 
 
 def choices() -> tuple[str, ...]:
@@ -48,15 +43,15 @@ class RecalibrationMode(str, Enum):
     POPULATION = "population"
     SEQUENTIAL = "sequential"
 
-    @classmethod
-    def parse(cls, value: RecalibrationMode | str) -> RecalibrationMode:
-        """The mode named ``value``.
 
-        Raises:
-            UsageError: ``value`` names no mode (the message lists the choices).
-        """
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(mode.value for mode in cls)
-            raise UsageError(f"must be one of {names}", where="--mode", found=repr(str(value))) from None
+def parse_mode(value: RecalibrationMode | str) -> RecalibrationMode:
+    """The mode named ``value``; UsageError listing the modes when there is none."""
+    return RecalibrationMode(_checked(value, tuple(mode.value for mode in RecalibrationMode), "--mode"))
+
+
+def _checked(value: Enum | str, names: tuple[str, ...], option: str) -> str:
+    """``value``'s name when it is one of ``names``; else UsageError listing them."""
+    name = value.value if isinstance(value, Enum) else value
+    if name not in names:
+        raise UsageError(f"must be one of {', '.join(names)}", where=option, found=repr(str(value)))
+    return str(name)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bnaudit.errors import UsageError
-from bnaudit.live.methods import RecalibrationMethod, RecalibrationMode
+from bnaudit.live.methods import RecalibrationMethod, RecalibrationMode, parse_mode
 
 if TYPE_CHECKING:
     import torch
@@ -79,7 +79,7 @@ class RecalibrationOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", RecalibrationMethod.parse(self.method))
-        object.__setattr__(self, "mode", RecalibrationMode.parse(self.mode))
+        object.__setattr__(self, "mode", parse_mode(self.mode))
         limits = (("--max-batches", self.max_batches), ("--max-samples", self.max_samples))
         for option, value in (*limits, ("--max-passes", self.max_passes)):
             if value is not None and value <= 0:
@@ -108,7 +108,7 @@ class RecalibrationOptions:
     @property
     def chosen_mode(self) -> RecalibrationMode:
         """``mode`` as the enum (it always is one once built)."""
-        return RecalibrationMode.parse(self.mode)
+        return parse_mode(self.mode)
 
 
 @dataclass(frozen=True)

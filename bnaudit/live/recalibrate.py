@@ -14,7 +14,7 @@ from torch import nn
 
 from bnaudit.errors import InputError, NoBatchNormError, UsageError
 from bnaudit.live.accumulate import LayerAccumulator
-from bnaudit.live.batches import PassSettings, autocast_target, resolve_device, run_pass
+from bnaudit.live.batches import PassSettings, autocast_target, resolve_device
 from bnaudit.live.distributed import (
     DistContext,
     all_gather_array,
@@ -30,7 +30,7 @@ from bnaudit.live.methods import RecalibrationMode
 from bnaudit.live.options import ProgressCallback, RecalibrationOptions
 from bnaudit.live.results import LayerRecalibration, RecalibrationResult, finalise
 from bnaudit.live.run_channel import DEFAULT_STATUS_TIMEOUT_S, RunChannel
-from bnaudit.live.sequential import SequentialRun, check_reiterable, refine
+from bnaudit.live.sequential import SequentialRun, check_reiterable, guarded_pass, refine
 
 log = logging.getLogger(__name__)
 
@@ -100,23 +100,10 @@ def recalibrate(
     ctx = _context(options.distributed, process_group)
     accs = [LayerAccumulator(name, m) for name, m in modules]
     local_batches, settings, channel = _local_plan(ctx, batches, options, progress, (device, autocast))
-    sequential = options.chosen_mode is RecalibrationMode.SEQUENTIAL
-    if sequential:
+    if options.chosen_mode is RecalibrationMode.SEQUENTIAL:
         check_reiterable(batches)
     run = _sequential_run(ctx, accs, settings, options)
-    in_one = measure_lockstep(model, local_batches, accs, run) if sequential else None
-    if in_one is not None:
-        merged, used, samples = in_one
-    else:
-        merged, used, samples = _measure(model, local_batches, accs, settings, (options, channel))
-        merged, used, samples = run.reduce(merged, (used, -1 if samples is None else samples))
-    if used == 0:
-        raise InputError(
-            "the calibration data yielded no batches", fix="check --data (and --max-batches/--max-samples)"
-        )
-    passes, move = 1, (0.0 if in_one is not None else None)
-    if sequential and in_one is None:
-        merged, passes, move = refine(model, local_batches, accs, merged, run)
+    merged, used, samples, passes, move = _statistics(model, local_batches, accs, run, (options, channel))
     layers = finalise(accs, merged, ESTIMATORS[options.chosen_method])
     _apply(accs, layers, options.write)
     world, method = ctx.world_size if ctx is not None else 1, options.chosen_method.value
@@ -125,6 +112,31 @@ def recalibrate(
         method, tuple(layers), used, samples, world, options.write, seconds,
         mode=options.chosen_mode.value, passes=passes, last_move=move,
     )  # fmt: skip
+
+
+def _statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    accs: list[LayerAccumulator],
+    run: SequentialRun,
+    first: tuple[RecalibrationOptions, RunChannel | None],
+) -> tuple[list[LayerSums], int, int | None, int, float | None]:
+    """Every rank's merged sums, batches, samples, passes and the last pass's move (sequential only)."""
+    sequential = first[0].chosen_mode is RecalibrationMode.SEQUENTIAL
+    in_one = measure_lockstep(model, batches, accs, run) if sequential else None
+    if in_one is not None:
+        merged, used, samples = in_one
+    else:
+        merged, used, samples = _measure(model, batches, accs, run.settings, first)
+        merged, used, samples = run.reduce(merged, (used, -1 if samples is None else samples))
+    if used == 0:
+        raise InputError(
+            "the calibration data yielded no batches", fix="check --data (and --max-batches/--max-samples)"
+        )
+    if not sequential or in_one is not None:
+        return merged, used, samples, 1, (0.0 if in_one is not None else None)
+    merged, passes, move = refine(model, batches, accs, merged, run)
+    return merged, used, samples, passes, move
 
 
 def _sequential_run(
@@ -167,19 +179,9 @@ def _measure(
     state = PassState(enabled=options.stop_after_last_bn)
     saved = prepare_model(model, accs, state, options.channels_last)
     try:
-        try:
-            with torch.inference_mode():
-                used, samples = run_pass(model, batches, state, settings)
-            local = [acc.sums() for acc in accs]
-        except BaseException as exc:
-            if channel is not None:
-                raise channel.post_failure(exc) from None
-            raise
-        if channel is not None:
-            channel.finish_ok(";".join(f"{a.name}:{a.channels}" for a in accs))
+        return guarded_pass(model, batches, accs, state, settings, channel)
     finally:
         saved.restore()
-    return local, used, samples
 
 
 def _local_plan(

@@ -130,6 +130,25 @@ def largest_move(accs: list[LayerAccumulator], old: list[LayerSums], new: list[L
     return worst
 
 
+def guarded_pass(
+    model: nn.Module, batches: Iterable[Any], accs: list[LayerAccumulator], state: PassState,
+    settings: PassSettings, channel: RunChannel | None,
+) -> tuple[list[LayerSums], int, int | None]:  # fmt: skip
+    """One pass under inference mode: (this rank's sums, batches, samples); a failure is shared with the
+    other ranks through ``channel``, and success waits for theirs."""
+    try:
+        with torch.inference_mode():
+            used, samples = run_pass(model, batches, state, settings)
+        local = [acc.sums() for acc in accs]
+    except BaseException as exc:
+        if channel is not None:
+            raise channel.post_failure(exc) from None
+        raise
+    if channel is not None:
+        channel.finish_ok(";".join(f"{a.name}:{a.channels}" for a in accs))
+    return local, used, samples
+
+
 def _one_pass(
     model: nn.Module,
     batches: Iterable[Any],
@@ -141,16 +160,7 @@ def _one_pass(
         acc.reset()
     channel = run.new_channel()
     settings = replace(run.settings, check_peers=channel.check_peers if channel else None, progress=None)
-    try:
-        with torch.inference_mode():
-            run_pass(model, batches, state, settings)
-        local = [acc.sums() for acc in accs]
-    except BaseException as exc:
-        if channel is not None:
-            raise channel.post_failure(exc) from None
-        raise
-    if channel is not None:
-        channel.finish_ok(";".join(f"{a.name}:{a.channels}" for a in accs))
+    local = guarded_pass(model, batches, accs, state, settings, channel)[0]
     return run.reduce(local, (0, 0))[0]
 
 

@@ -7,8 +7,10 @@ eval mode and every earlier layer (in forward order) already normalises with its
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ from bnaudit.errors import InputError, UsageError
 from bnaudit.live.options import RecalibrationOptions
 from bnaudit.live.recalibrate import recalibrate
 from bnaudit.live.results import RecalibrationResult
+from tests.conftest import FIXTURES, run_cli
 from tests.live.test_architectures import TORCH_BATCH_NORM, images, stale
 from tests.recal_helpers.models import make_batches, make_convnet
 
@@ -215,3 +218,27 @@ def test_lockstep_failing_batch_is_named_and_state_restored() -> None:
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert nn.functional.batch_norm is TORCH_BATCH_NORM
+
+
+def test_cli_mode_sequential_writes_eval_consistent_statistics(tmp_path: Path) -> None:
+    ckpt = FIXTURES / "ddp_nosync_sorted" / "ckpt_rank0.pt"
+    common = ["--model", "fixtures/digits.py:build_model", "--data", "fixtures/digits.py:calibration_data",
+              "--data-arg", "batch_size=4", "--max-batches", "6"]  # fmt: skip
+    outs = {mode: tmp_path / f"{mode}.pt" for mode in ("population", "sequential")}
+    for mode, out in outs.items():
+        done = run_cli("recalibrate", str(ckpt), *common, "--mode", mode, "-o", str(out), "--format", "json")
+        assert done.returncode == 0, done.stderr
+    record = json.loads(Path(f"{outs['sequential']}.bnaudit.json").read_text())
+    assert record["pass_options"]["mode"] == "sequential" and record["pass_options"]["passes"] == 1
+    seq = torch.load(outs["sequential"], weights_only=True)["model"]
+    pop = torch.load(outs["population"], weights_only=True)["model"]
+    keys = [k for k in seq if k.endswith("running_var")]
+    assert keys and any(not torch.allclose(seq[k], pop[k], rtol=1e-3) for k in keys[1:])
+    first = keys[0]  # the first layer sees the raw input in both modes
+    torch.testing.assert_close(seq[first], pop[first], rtol=1e-6, atol=0)
+    bad = run_cli("recalibrate", str(ckpt), *common, "--max-passes", "2", "--dry-run")
+    assert bad.returncode == 2 and "needs --mode sequential" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli(
+        "recalibrate", str(ckpt), *common, "--mode", "sequential", "--method", "batch-mean", "--dry-run"
+    )
+    assert bad.returncode == 2 and "population statistics only" in bad.stderr
