@@ -43,11 +43,11 @@ class DirectBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.batch_norm(
-            x,
-            self.running_mean,
-            self.running_var,
+            x,  # torch.batch_norm's order: weight and bias before the running statistics
             self.weight,
             self.bias,
+            self.running_mean,
+            self.running_var,
             self.training,
             0.1,
             self.eps,
