@@ -28,6 +28,8 @@ def cases() -> dict[str, Any]:
     out["uneven"] = _after(recalibrate(make_convnet(), make_uneven()))
     small = make_batches(n=12, batch_size=2)
     out["sequential"] = _after(recalibrate(make_convnet(), small, RecalibrationOptions(mode="sequential")))
+    refine = RecalibrationOptions(mode="sequential", resident_batches=0)
+    out["sequential_refine"] = _after(recalibrate(make_convnet(), small, refine))
     loader = torch.utils.data.DataLoader(torch.cat(make_batches()), batch_size=7)
     out["loader_max7"] = _after(recalibrate(make_convnet(), loader, RecalibrationOptions(max_batches=7)))
     rank, world = (
