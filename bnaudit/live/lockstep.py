@@ -196,7 +196,11 @@ def measure_lockstep(
 
             def set_layer(layer_index: int) -> None:
                 channels.finish(f"layer {layer_index}")
-                merged = run.reduce([acc.sums() for acc in accs], (0, 0))[0]
+                # Only this layer's sums are needed (the others' host copies would make each meeting O(L)).
+                mine = [
+                    a.sums() if i == layer_index else LayerSums.empty(a.channels) for i, a in enumerate(accs)
+                ]
+                merged = run.reduce(mine, (0, 0))[0]
                 set_statistics(accs[layer_index], merged[layer_index])
 
             step.run(loaded, set_layer, state)
