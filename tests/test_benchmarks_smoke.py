@@ -22,6 +22,7 @@ from tests.conftest import REPO
         ("bench_before_after.py", "per-round ratio average after / before: median"),
         ("bench_architectures.py", "ratio bnaudit / update_bn: see the columns"),
         ("study_batch_size.py", "study smoke: ok"),
+        ("bench_pass.py", "pass ratios: done"),
     ],
 )
 def test_benchmark_smoke(script: str, expected: str) -> None:
