@@ -22,6 +22,9 @@ from tests.conftest import REPO
         ("bench_remote.py", "ratio compare over HTTP / download"),
         ("bench_before_after.py", "per-round ratio average after / before: median"),
         ("bench_scanners.py", "## Scanners on the red-team corpus"),
+        ("bench_architectures.py", "ratio bnaudit / update_bn: see the columns"),
+        ("study_batch_size.py", "study smoke: ok"),
+        ("bench_pass.py", "pass ratios: done"),
     ],
 )
 def test_benchmark_smoke(script: str, expected: str) -> None:

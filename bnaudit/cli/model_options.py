@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import click
 
 from bnaudit.cli.bundles import option_bundle
-from bnaudit.live.methods import RecalibrationMethod, choices
+from bnaudit.live.methods import RecalibrationMethod, RecalibrationMode, choices
 from bnaudit.live.options import CalibrationSpec, RecalibrationOptions
 from bnaudit.live.specs import parse_kv
 
@@ -31,6 +31,9 @@ class ModelOptions:
     max_batches: int | None = None
     device: str | None = None
     method: str = RecalibrationMethod.POPULATION.value
+    mode: str = RecalibrationMode.POPULATION.value
+    max_passes: int | None = None
+    resident_batches: int = 256
     prefix: str | None = None
     channels_last: bool = False
     amp: bool = False
@@ -48,6 +51,7 @@ class ModelOptions:
             method=self.method, max_batches=self.max_batches, max_samples=self.max_samples,
             input_index=self.input_index, input_key=self.input_key, stop_after_last_bn=not self.full_forward,
             device=self.device, channels_last=self.channels_last, amp=self.amp, amp_dtype=self.amp_dtype,
+            mode=self.mode, max_passes=self.max_passes, resident_batches=self.resident_batches,
         )  # fmt: skip
         return CalibrationSpec(
             model=self.model_spec,
@@ -91,6 +95,19 @@ MODEL_OPTIONS = (
                  show_default=True,
                  help="population: exact statistics of all inputs; batch-mean: average of per-batch "
                       "statistics (what torch.optim.swa_utils.update_bn computes)."),
+    click.option("--mode", type=click.Choice([m.value for m in RecalibrationMode]),
+                 default=RecalibrationMode.POPULATION.value, show_default=True,
+                 help="population: measure every layer in one train-mode forward (as update_bn); sequential: "
+                      "measure each layer on the inputs eval mode feeds it, earlier layers using their new "
+                      "statistics (a few passes; see README)."),
+    click.option("--max-passes", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="--mode sequential: at most N passes over the data in all (default: until the "
+                      "statistics stop moving, at most one per layer plus one)."),
+    click.option("--resident-batches", type=click.IntRange(min=0), default=256, show_default=True,
+                 metavar="N",
+                 help="--mode sequential: one pass with every batch's forward open at once when each process "
+                      "has at most N batches (memory: N batches' activations); more: refinement passes "
+                      "in constant memory. 0: always refine."),
     click.option("--full-forward", is_flag=True,
                  help="Run every forward to the end (by default the pass stops after the last BatchNorm)."),
     click.option("--channels-last", is_flag=True,

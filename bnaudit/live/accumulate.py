@@ -50,6 +50,15 @@ class LayerAccumulator:
         self.name = name
         self.module = module
         self.channels = buffer_of(module, "running_mean").numel()
+        self.reset()
+        no_batch = getattr(module, "_get_no_batch_dim", None)
+        self.no_batch_dim: int | None = no_batch() if callable(no_batch) else None
+        # torch's InstanceNorm tracks the mean over instances of each instance's mean and unbiased variance
+        # (not the variance of all values): every instance is folded in as a call of its own.
+        self.per_instance = isinstance(module, _InstanceNorm)
+
+    def reset(self) -> None:
+        """Forget what was collected (the next pass of ``--mode sequential`` starts afresh)."""
         self.count = 0.0
         self.calls = 0
         self.single_calls = 0  # calls with one value per channel (left out of the per-call sums)
@@ -60,11 +69,6 @@ class LayerAccumulator:
         # Squares of the per-call moments: the spread between calls gives the estimate's own noise (drift).
         self.sum_sq_means: torch.Tensor | None = None
         self.sum_sq_vars: torch.Tensor | None = None
-        no_batch = getattr(module, "_get_no_batch_dim", None)
-        self.no_batch_dim: int | None = no_batch() if callable(no_batch) else None
-        # torch's InstanceNorm tracks the mean over instances of each instance's mean and unbiased variance
-        # (not the variance of all values): every instance is folded in as a call of its own.
-        self.per_instance = isinstance(module, _InstanceNorm)
 
     def check(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The input with its batch dimension and its count of values per channel; InputError if misshapen."""

@@ -177,6 +177,40 @@ def _prepared_batch(raw: Any, opts: PassSettings) -> tuple[Any, int | None]:
     return batch, size
 
 
+def limited_batches(batches: Iterable[Any], opts: PassSettings) -> Iterator[tuple[int, Any, int | None]]:
+    """(index, batch on its device and in its memory format, its size or None) within the pass's limits.
+
+    Raises:
+        InputError: loading a batch raised (the message names the global batch number).
+        UsageError: ``max_samples`` with batches whose size cannot be read.
+    """
+    samples = 0
+    for used, (index, raw) in enumerate(_iterate(batches, opts)):
+        if opts.max_batches is not None and used >= opts.max_batches:
+            break
+        if opts.max_samples is not None and samples >= opts.max_samples:
+            break
+        if opts.check_peers is not None:
+            opts.check_peers()
+        batch, size = _prepared_batch(raw, opts)
+        yield index, batch, size
+        samples += size or 0
+
+
+def run_one_batch(model: nn.Module, batch: Any, index: int, opts: PassSettings) -> None:
+    """One forward; a model's exception becomes an InputError naming the global batch number.
+
+    StopForward (the early stop) and bnaudit's own errors pass through.
+    """
+    try:
+        _run_one(model, batch, opts)
+    except (StopForward, BnauditError):
+        raise
+    except Exception as exc:
+        number = opts.batch_number(index)
+        raise InputError(f"raised {type(exc).__name__}: {_one_line(exc)}", where=f"batch {number}") from None
+
+
 def run_pass(
     model: nn.Module, batches: Iterable[Any], state: PassState, opts: PassSettings
 ) -> tuple[int, int | None]:
@@ -189,27 +223,11 @@ def run_pass(
     used, samples = 0, 0
     sizes_known = True
     total = _length(batches, opts.max_batches)
-    for index, raw in _iterate(batches, opts):
-        if opts.max_batches is not None and used >= opts.max_batches:
-            break
-        if opts.max_samples is not None and samples >= opts.max_samples:
-            break
-        if opts.check_peers is not None:
-            opts.check_peers()
-        batch, size = _prepared_batch(raw, opts)
+    for index, batch, size in limited_batches(batches, opts):
         sizes_known = sizes_known and size is not None
         state.start_batch(index)
-        try:
-            _run_one(model, batch, opts)
-        except StopForward:
-            pass
-        except BnauditError:
-            raise
-        except Exception as exc:
-            number = opts.batch_number(index)
-            raise InputError(
-                f"raised {type(exc).__name__}: {_one_line(exc)}", where=f"batch {number}"
-            ) from None
+        with contextlib.suppress(StopForward):
+            run_one_batch(model, batch, index, opts)
         state.end_batch()
         used += 1
         samples += size or 0

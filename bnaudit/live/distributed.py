@@ -114,11 +114,9 @@ def local_device(device: str | torch.device | None) -> torch.device:
 # ----------------------------------------------------------------------------------------------- sharding
 
 
-class ShardedBatchSampler:
-    """Rank ``rank``'s share of a batch sampler: batches rank, rank + N, ... below ``max_batches``.
-
-    Iterating the wrapped sampler only produces index lists, so no rank loads data it does not use.
-    """
+class SlicedBatches:
+    """Rank ``rank``'s batches of any iterable: rank, rank + N, ... below ``max_batches``, read again on every
+    iteration (``--mode sequential`` reads them once per pass)."""
 
     def __init__(self, inner: Iterable[Any], rank: int, world_size: int, max_batches: int | None) -> None:
         self.inner = inner
@@ -128,6 +126,13 @@ class ShardedBatchSampler:
 
     def __iter__(self) -> Iterator[Any]:
         return itertools.islice(self.inner, self.rank, self.max_batches, self.world_size)
+
+
+class ShardedBatchSampler(SlicedBatches):
+    """Rank ``rank``'s share of a batch sampler: batches rank, rank + N, ... below ``max_batches``.
+
+    Iterating the wrapped sampler only produces index lists, so no rank loads data it does not use.
+    """
 
     def __len__(self) -> int:
         total = len(self.inner)  # type: ignore[arg-type]
@@ -157,7 +162,7 @@ def _shard_dataloader(loader: Any, rank: int, world_size: int, max_batches: int 
     if isinstance(loader.dataset, IterableDataset):
         # No sampler to shard: every rank reads the stream and keeps its own batches.
         log.info("the DataLoader wraps an IterableDataset; every rank reads it and keeps its share")
-        return itertools.islice(loader, rank, max_batches, world_size)
+        return SlicedBatches(loader, rank, world_size, max_batches)
     _check_deterministic(loader)
     options: dict[str, Any] = {
         "num_workers": loader.num_workers,
@@ -205,7 +210,7 @@ def shard_batches(
 
     if isinstance(batches, DataLoader):
         return _shard_dataloader(batches, rank, world_size, max_batches)
-    return itertools.islice(batches, rank, max_batches, world_size)
+    return SlicedBatches(batches, rank, world_size, max_batches)
 
 
 def local_max_batches(max_batches: int | None, rank: int, world_size: int) -> int | None:

@@ -9,12 +9,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnaudit.errors import InputError
-from bnaudit.live.accumulate import LOW_PRECISION, LayerAccumulator
+from bnaudit.live.accumulate import LOW_PRECISION, LayerAccumulator, buffer_of
+from bnaudit.live.tap import BatchNormTap, MeasuredCall, fallback_hooks
 
 PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+# torch's own function, whatever stands in for nn.functional.batch_norm during a pass (tap.BatchNormTap)
+TORCH_BATCH_NORM = nn.functional.batch_norm
 
 
 class StopForward(BaseException):
@@ -33,6 +37,18 @@ class PassState:
     stop_at: tuple[int, int] | None = None  # (layer index, call number within a forward)
     first_sequence: list[int] | None = None
     calls_this_batch: dict[int, int] = field(default_factory=dict)
+    # an eval-mode pass (``--mode sequential``): layers normalise with their running statistics
+    eval_mode: bool = False
+    # lockstep (``--mode sequential``): called with the layer index once its input is recorded; returns once
+    # the layer's statistics are set (raises StopForward once the forward's work is done)
+    arrive: Callable[[int], None] | None = None
+
+    def reached(self, layer_index: int) -> None:
+        """A layer's input is recorded: wait for the others (lockstep) or count the call (StopForward)."""
+        if self.arrive is not None:
+            self.arrive(layer_index)
+        elif self.record(layer_index):
+            raise StopForward
 
     def start_batch(self, index: int) -> None:
         self.batch_index = index
@@ -60,13 +76,12 @@ def _make_hook(acc: LayerAccumulator, index: int, state: PassState) -> Callable[
         if not isinstance(x, torch.Tensor):
             raise InputError("was called without a tensor input", where=f"layer '{acc.name}'")
         acc.add(x)
-        if state.record(index):
-            raise StopForward
+        state.reached(index)  # a pre-hook: the layer then runs with the statistics set by then
 
     return hook
 
 
-def kernel_is_exact(x: torch.Tensor, module: Any) -> bool:
+def kernel_is_exact(x: torch.Tensor, weight: Any, bias: Any) -> bool:
     """True where BatchNorm's CPU kernel gives statistics as exact as ``accumulate.moments``:
     float32 (parameters too) in plain contiguous layout with more than one value per sample and channel.
 
@@ -81,26 +96,31 @@ def kernel_is_exact(x: torch.Tensor, module: Any) -> bool:
         return False  # ambiguous strides (C == 1, or H = W = 1): the kernel may take its channels-last path
     if x.numel() // max(1, x.shape[0] * x.shape[1]) <= 1:
         return False
-    params = (module.weight, module.bias)
-    return all(p is None or p.dtype == torch.float32 for p in params)
+    return all(p is None or p.dtype == torch.float32 for p in (weight, bias))
 
 
-def _kernel_forward(acc: LayerAccumulator, module: Any, x: torch.Tensor, n: int) -> torch.Tensor:
+def _kernel_forward(
+    acc: LayerAccumulator, x: torch.Tensor, n: int, affine: tuple[Any, Any, float]
+) -> torch.Tensor:
     """Normalise ``x`` with BatchNorm's own kernel and fold in the statistics it computed."""
     scratch_mean = torch.zeros(acc.channels, dtype=torch.float32)
     scratch_var = torch.zeros(acc.channels, dtype=torch.float32)
-    out = nn.functional.batch_norm(
-        x, scratch_mean, scratch_var, module.weight, module.bias, True, 1.0, module.eps
-    )
+    out = TORCH_BATCH_NORM(x, scratch_mean, scratch_var, affine[0], affine[1], True, 1.0, affine[2])
     # With momentum 1 the scratch buffers hold the batch mean and the *unbiased* variance.
     acc.add_kernel_moments(x, n, scratch_mean, scratch_var.double() * ((n - 1) / n))
     return out
 
 
-def _measuring_forward(
-    acc: LayerAccumulator, index: int, state: PassState
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A train-mode BatchNorm forward that records the batch statistics and normalises with them.
+def _affine_dtype(x: torch.Tensor, weight: Any) -> torch.dtype:
+    # Under autocast x may be half / bfloat16 while the affine parameters stay float32: batch_norm takes
+    # that mix (the usual AMP layout); float32 statistics keep the normalisation as exact as it can be.
+    if weight is not None:
+        return torch.float32 if weight.dtype in LOW_PRECISION else weight.dtype
+    return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+
+
+def _train_call(acc: LayerAccumulator, index: int, state: PassState) -> MeasuredCall:
+    """A train-mode BatchNorm call that records the batch statistics and normalises with them.
 
     Where BatchNorm's own CPU kernel is exact (see :func:`kernel_is_exact`) it computes the statistics and
     normalises in one call, with momentum 1 into scratch buffers: as cheap as ``update_bn``'s forward (a
@@ -109,13 +129,12 @@ def _measuring_forward(
     SyncBatchNorm does not sync across ranks (nor refuse CPU tensors): every batch is normalised by its own
     statistics, as in a single process.
     """
-    module: Any = acc.module  # a BatchNorm: weight/bias/eps are there, typed loosely by nn.Module
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if kernel_is_exact(x, module):
+    def call(x: torch.Tensor, weight: Any, bias: Any, eps: float) -> torch.Tensor:
+        if kernel_is_exact(x, weight, bias):
             x, n = acc.check(x)
             if n > 1:  # (train-mode BatchNorm refuses a single value per channel)
-                out = _kernel_forward(acc, module, x, n)
+                out = _kernel_forward(acc, x, n, (weight, bias, eps))
                 if state.record(index):
                     raise StopForward
                 return out
@@ -125,15 +144,42 @@ def _measuring_forward(
         if found is None:
             return x.clone()
         mean, var = found
-        # Under autocast x may be half / bfloat16 while the affine parameters stay float32: batch_norm takes
-        # that mix (the usual AMP layout); float32 statistics keep the normalisation as exact as it can be.
-        if module.weight is not None:
-            dtype = module.weight.dtype
-        else:
-            dtype = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
-        return nn.functional.batch_norm(
-            x, mean.to(dtype), var.to(dtype), module.weight, module.bias, False, 0.0, module.eps
-        )
+        dtype = _affine_dtype(x, weight)
+        return TORCH_BATCH_NORM(x, mean.to(dtype), var.to(dtype), weight, bias, False, 0.0, eps)
+
+    return call
+
+
+def _eval_call(acc: LayerAccumulator, index: int, state: PassState) -> MeasuredCall:
+    """An eval-mode BatchNorm call that records its input's moments and normalises with the layer's running
+    statistics (``--mode sequential``: the earlier layers' statistics of the previous pass)."""
+    module: Any = acc.module
+
+    def call(x: torch.Tensor, weight: Any, bias: Any, eps: float) -> torch.Tensor:
+        acc.add(x)
+        state.reached(index)
+        mean, var = module.running_mean, module.running_var
+        dtype = _affine_dtype(x, weight)
+        return TORCH_BATCH_NORM(x, mean.to(dtype), var.to(dtype), weight, bias, False, 0.0, eps)
+
+    return call
+
+
+def measured_call(acc: LayerAccumulator, index: int, state: PassState) -> MeasuredCall:
+    """The layer's measuring call for the pass under way: train mode, or eval mode (``state.eval_mode``)."""
+    train, evaluate = _train_call(acc, index, state), _eval_call(acc, index, state)
+
+    def call(x: torch.Tensor, weight: Any, bias: Any, eps: float) -> torch.Tensor:
+        return (evaluate if state.eval_mode else train)(x, weight, bias, eps)
+
+    return call
+
+
+def _module_forward(module: Any, call: MeasuredCall) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A plain BatchNorm's forward replaced by ``call`` with the module's own affine parameters."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return call(x, module.weight, module.bias, module.eps)
 
     return forward
 
@@ -148,8 +194,10 @@ class SavedState:
     patched: list[nn.Module] = field(default_factory=list)
     # 4-D / 5-D parameters and buffers moved to channels_last: the format (or the very tensor) to put back
     formats: list[tuple[torch.Tensor, torch.memory_format | torch.Tensor]] = field(default_factory=list)
+    tap: BatchNormTap = field(default_factory=BatchNormTap)
 
     def restore(self) -> None:
+        self.tap.remove()
         for handle in self.hooks:
             handle.remove()
         for module in self.patched:
@@ -184,10 +232,30 @@ def _to_channels_last(model: nn.Module, saved: SavedState) -> None:
             tensor.data = tensor.data.contiguous(memory_format=fmt)
 
 
+def set_pass_mode(model: nn.Module, accs: list[LayerAccumulator], state: PassState, eval_mode: bool) -> None:
+    """Every module in eval mode (dropout off); the measured layers in train mode unless ``eval_mode``."""
+    state.eval_mode = eval_mode
+    model.eval()
+    for acc in accs:
+        acc.module.train(not eval_mode)
+
+
+def _measure_input(acc: LayerAccumulator, index: int, state: PassState) -> Callable[[torch.Tensor], None]:
+    def measure(x: torch.Tensor) -> None:
+        acc.add(x)
+        if state.record(index):
+            raise StopForward
+
+    return measure
+
+
 def prepare_model(
     model: nn.Module, accs: list[LayerAccumulator], state: PassState, channels_last: bool
 ) -> SavedState:
     """Put the model in measuring mode: BatchNorm layers in train mode and recording, the rest in eval.
+
+    Plain BatchNorm layers get a measuring forward; other ``_BatchNorm`` subclasses are measured at their
+    ``batch_norm`` call (:mod:`bnaudit.live.tap`); InstanceNorm layers are observed by a pre-hook and run.
 
     Returns:
         What to put back (call ``restore()`` in ``finally``).
@@ -202,14 +270,16 @@ def prepare_model(
             buf = getattr(acc.module, name, None)
             if isinstance(buf, torch.Tensor):
                 saved.buffers.append((buf, buf.detach().clone()))
-    model.eval()  # dropout off, every other module in inference behaviour
+    set_pass_mode(model, accs, state, eval_mode=False)
     for index, acc in enumerate(accs):
-        acc.module.train()
         if type(acc.module) in PLAIN_BATCHNORMS:
-            acc.module.forward = _measuring_forward(acc, index, state)
+            acc.module.forward = _module_forward(acc.module, measured_call(acc, index, state))
             saved.patched.append(acc.module)
-        else:
-            # Subclasses with their own forward, InstanceNorm: observe the input and let the layer run.
+        elif isinstance(acc.module, _BatchNorm):
+            saved.tap.add(buffer_of(acc.module, "running_mean"), measured_call(acc, index, state))
+            saved.hooks += fallback_hooks(acc.module, saved.tap, _measure_input(acc, index, state))
+        else:  # InstanceNorm: observe the input and let the layer run
             hook = _make_hook(acc, index, state)
             saved.hooks.append(acc.module.register_forward_pre_hook(hook, with_kwargs=True))
+    saved.tap.install()
     return saved

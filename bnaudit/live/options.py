@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bnaudit.errors import UsageError
-from bnaudit.live.methods import RecalibrationMethod
+from bnaudit.live.methods import RecalibrationMethod, RecalibrationMode, parse_mode
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +46,13 @@ class RecalibrationOptions:
         distributed: None: automatic; False: ignore torch.distributed even when initialised.
         sharded: the batches already hold only this rank's share (a loader built with rank/world_size).
         status_timeout_s: how long a finished rank waits for the others (distributed only).
+        mode: ``population`` (one train-mode pass) or ``sequential`` (statistics consistent with eval mode,
+            refined pass after pass: :mod:`bnaudit.live.sequential`); a string is turned into a
+            :class:`RecalibrationMode`.
+        max_passes: ``sequential`` only: at most this many passes over the data in all (None: as many as it
+            takes to converge, at most one per layer plus one) when the batches do not fit in memory.
+        resident_batches: ``sequential`` only: run it in one pass, every batch's forward open at once, when
+            each process has at most this many batches (0: never; refinement passes instead).
 
     Raises:
         UsageError: an unknown method, a limit that is not positive, or ``amp_dtype`` without ``amp``.
@@ -66,19 +73,42 @@ class RecalibrationOptions:
     distributed: bool | None = None
     sharded: bool = False
     status_timeout_s: float | None = None
+    mode: RecalibrationMode | str = RecalibrationMode.POPULATION
+    max_passes: int | None = None
+    resident_batches: int = 256
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", RecalibrationMethod.parse(self.method))
-        for option, value in (("--max-batches", self.max_batches), ("--max-samples", self.max_samples)):
+        object.__setattr__(self, "mode", parse_mode(self.mode))
+        limits = (("--max-batches", self.max_batches), ("--max-samples", self.max_samples))
+        for option, value in (*limits, ("--max-passes", self.max_passes)):
             if value is not None and value <= 0:
                 raise UsageError("must be a positive integer", where=option, found=str(value))
         if self.amp_dtype is not None and not self.amp:
             raise UsageError("needs --amp", where="--amp-dtype", fix="add --amp or drop --amp-dtype")
+        if (
+            self.chosen_mode is RecalibrationMode.SEQUENTIAL
+            and self.method is not RecalibrationMethod.POPULATION
+        ):
+            raise UsageError(
+                "measures population statistics only", where="--mode sequential", fix="drop --method"
+            )
+        if self.resident_batches < 0:
+            raise UsageError(
+                "must be 0 or more", where="--resident-batches", found=str(self.resident_batches)
+            )
+        if self.max_passes is not None and self.chosen_mode is not RecalibrationMode.SEQUENTIAL:
+            raise UsageError("needs --mode sequential", where="--max-passes", fix="add --mode sequential")
 
     @property
     def chosen_method(self) -> RecalibrationMethod:
         """``method`` as the enum (it always is one once built)."""
         return RecalibrationMethod.parse(self.method)
+
+    @property
+    def chosen_mode(self) -> RecalibrationMode:
+        """``mode`` as the enum (it always is one once built)."""
+        return parse_mode(self.mode)
 
 
 @dataclass(frozen=True)

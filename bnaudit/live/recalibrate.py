@@ -14,7 +14,7 @@ from torch import nn
 
 from bnaudit.errors import InputError, NoBatchNormError, UsageError
 from bnaudit.live.accumulate import LayerAccumulator
-from bnaudit.live.batches import PassSettings, autocast_target, resolve_device, run_pass
+from bnaudit.live.batches import PassSettings, autocast_target, resolve_device
 from bnaudit.live.distributed import (
     DistContext,
     all_gather_array,
@@ -24,10 +24,13 @@ from bnaudit.live.distributed import (
 )
 from bnaudit.live.estimators import ESTIMATORS, LayerSums
 from bnaudit.live.finite import check_finite
+from bnaudit.live.lockstep import measure_lockstep
 from bnaudit.live.measure import PassState, prepare_model
+from bnaudit.live.methods import RecalibrationMode
 from bnaudit.live.options import ProgressCallback, RecalibrationOptions
 from bnaudit.live.results import LayerRecalibration, RecalibrationResult, finalise
 from bnaudit.live.run_channel import DEFAULT_STATUS_TIMEOUT_S, RunChannel
+from bnaudit.live.sequential import SequentialRun, check_reiterable, guarded_pass, refine
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +100,71 @@ def recalibrate(
     ctx = _context(options.distributed, process_group)
     accs = [LayerAccumulator(name, m) for name, m in modules]
     local_batches, settings, channel = _local_plan(ctx, batches, options, progress, (device, autocast))
-    merged, used, samples = _measure(model, local_batches, accs, settings, (options, channel))
-    if ctx is not None:
-        merged, used, samples = _reduce(ctx, accs, merged, (used, -1 if samples is None else samples))
-    if used == 0:
-        raise InputError(
-            "the calibration data yielded no batches", fix="check --data (and --max-batches/--max-samples)"
-        )
+    if options.chosen_mode is RecalibrationMode.SEQUENTIAL:
+        check_reiterable(batches)
+    run = _sequential_run(ctx, accs, settings, options)
+    merged, used, samples, passes, move = _statistics(model, local_batches, accs, run, (options, channel))
     layers = finalise(accs, merged, ESTIMATORS[options.chosen_method])
     _apply(accs, layers, options.write)
     world, method = ctx.world_size if ctx is not None else 1, options.chosen_method.value
     seconds = time.perf_counter() - start
-    return RecalibrationResult(method, tuple(layers), used, samples, world, options.write, seconds)
+    return RecalibrationResult(
+        method, tuple(layers), used, samples, world, options.write, seconds,
+        mode=options.chosen_mode.value, passes=passes, last_move=move,
+    )  # fmt: skip
+
+
+def _statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    accs: list[LayerAccumulator],
+    run: SequentialRun,
+    first: tuple[RecalibrationOptions, RunChannel | None],
+) -> tuple[list[LayerSums], int, int | None, int, float | None]:
+    """Every rank's merged sums, batches, samples, passes and the last pass's move (sequential only)."""
+    sequential = first[0].chosen_mode is RecalibrationMode.SEQUENTIAL
+    in_one = measure_lockstep(model, batches, accs, run) if sequential else None
+    if in_one is not None:
+        merged, used, samples = in_one
+    else:
+        merged, used, samples = _measure(model, batches, accs, run.settings, first)
+        merged, used, samples = run.reduce(merged, (used, -1 if samples is None else samples))
+    if used == 0:
+        raise InputError(
+            "the calibration data yielded no batches", fix="check --data (and --max-batches/--max-samples)"
+        )
+    if not sequential or in_one is not None:
+        return merged, used, samples, 1, (0.0 if in_one is not None else None)
+    merged, passes, move = refine(model, batches, accs, merged, run)
+    return merged, used, samples, passes, move
+
+
+def _sequential_run(
+    ctx: DistContext | None,
+    accs: list[LayerAccumulator],
+    settings: PassSettings,
+    options: RecalibrationOptions,
+) -> SequentialRun:
+    """The refinement passes' settings: each pass reduced over the ranks, with its own failure channel."""
+    timeout = DEFAULT_STATUS_TIMEOUT_S if options.status_timeout_s is None else options.status_timeout_s
+
+    def reduce(local: list[LayerSums], counts: tuple[int, int]) -> tuple[list[LayerSums], int, int | None]:
+        if ctx is None:
+            return local, counts[0], None if counts[1] < 0 else counts[1]
+        return _reduce(ctx, accs, local, counts)
+
+    def agree(yes: bool) -> bool:
+        if ctx is None:
+            return yes
+        return all(bool(row[0]) for row in all_gather_array(ctx, np.array([1.0 if yes else 0.0])))
+
+    def new_channel() -> RunChannel | None:
+        return None if ctx is None else RunChannel(ctx, timeout)
+
+    return SequentialRun(
+        settings, reduce, agree, new_channel, options.max_passes, options.resident_batches,
+        options.stop_after_last_bn, options.channels_last,
+    )  # fmt: skip
 
 
 def _measure(
@@ -123,19 +179,9 @@ def _measure(
     state = PassState(enabled=options.stop_after_last_bn)
     saved = prepare_model(model, accs, state, options.channels_last)
     try:
-        try:
-            with torch.no_grad():
-                used, samples = run_pass(model, batches, state, settings)
-            local = [acc.sums() for acc in accs]
-        except BaseException as exc:
-            if channel is not None:
-                raise channel.post_failure(exc) from None
-            raise
-        if channel is not None:
-            channel.finish_ok(";".join(f"{a.name}:{a.channels}" for a in accs))
+        return guarded_pass(model, batches, accs, state, settings, channel)
     finally:
         saved.restore()
-    return local, used, samples
 
 
 def _local_plan(

@@ -132,6 +132,10 @@ class RecalibrationResult:
         world_size: processes that took part.
         written: True when ``running_mean`` / ``running_var`` of the reached layers were overwritten.
         seconds: wall time of the pass and the reduction.
+        mode: ``population`` or ``sequential``.
+        passes: passes over the data (1 in population mode).
+        last_move: ``sequential``: the largest relative move of a statistic in the last pass (None:
+            population mode).
     """
 
     method: str
@@ -141,6 +145,9 @@ class RecalibrationResult:
     world_size: int
     written: bool
     seconds: float
+    mode: str = "population"
+    passes: int = 1
+    last_move: float | None = None
 
     def unreached(self) -> list[LayerRecalibration]:
         """The layers no batch reached (left unchanged)."""

@@ -61,13 +61,19 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path: Path) -> None:
             assert dist[case]["_world"] == 2 and layers["_world"] == 1
             assert dist[case]["_batches"] == layers["_batches"], case
             assert dist[case]["_samples"] == layers["_samples"], case
+            assert dist[case]["_passes"] == layers["_passes"], case
+            # Sequential passes normalise with float32 buffers: a last-bit rounding of the merged float64
+            # statistics (merged in another order) may flip one, and moves the next pass by ~1e-8.
+            rtol = 1e-6 if case.startswith("sequential") else 1e-9
             for name, value in layers.items():
                 if name.startswith("_"):
                     continue
-                np.testing.assert_allclose(dist[case][name][0], value[0], rtol=1e-9, atol=1e-12, err_msg=case)
-                np.testing.assert_allclose(dist[case][name][1], value[1], rtol=1e-9, err_msg=case)
+                np.testing.assert_allclose(dist[case][name][0], value[0], rtol=rtol, atol=1e-12, err_msg=case)
+                np.testing.assert_allclose(dist[case][name][1], value[1], rtol=rtol, err_msg=case)
                 assert dist[case][name][2] == value[2]
     assert single["uneven"]["_batches"] == 5 and single["loader_max7"]["_batches"] == 7
+    assert single["sequential"]["_passes"] == 1 and single["even"]["_passes"] == 1  # lockstep: one pass
+    assert single["sequential_refine"]["_passes"] > 2
 
 
 @pytest.mark.slow

@@ -139,8 +139,10 @@ def test_batchnorm_kernel_path_exact_on_a_million_values_per_channel() -> None:
     shift = torch.tensor([5.0, 1.0, -7.0]).view(1, 3, 1, 1)
     batches = [torch.randn(64, 3, 128, 128, generator=g) * scale + shift for _ in range(2)]
     model = nn.Sequential(nn.BatchNorm2d(3))
-    assert kernel_is_exact(batches[0], model[0])
-    assert not kernel_is_exact(batches[0].contiguous(memory_format=torch.channels_last), model[0])
+    assert kernel_is_exact(batches[0], model[0].weight, model[0].bias)
+    assert not kernel_is_exact(
+        batches[0].contiguous(memory_format=torch.channels_last), model[0].weight, model[0].bias
+    )
     assert_close(recalibrate(model, batches), reference(model, batches))
 
 

@@ -17,6 +17,7 @@ from tests.recal_helpers.models import FailingBatches, make_batches, make_convne
 def _after(result: Any) -> dict[str, Any]:
     return {layer.name: (layer.after_mean, layer.after_var, layer.calls) for layer in result.layers} | {
         "_batches": result.batches, "_samples": result.samples, "_world": result.world_size,
+        "_passes": result.passes,
     }  # fmt: skip
 
 
@@ -25,6 +26,10 @@ def cases() -> dict[str, Any]:
     out = {}
     out["even"] = _after(recalibrate(make_convnet(), make_batches()))
     out["uneven"] = _after(recalibrate(make_convnet(), make_uneven()))
+    small = make_batches(n=12, batch_size=2)
+    out["sequential"] = _after(recalibrate(make_convnet(), small, RecalibrationOptions(mode="sequential")))
+    refine = RecalibrationOptions(mode="sequential", resident_batches=0)
+    out["sequential_refine"] = _after(recalibrate(make_convnet(), small, refine))
     loader = torch.utils.data.DataLoader(torch.cat(make_batches()), batch_size=7)
     out["loader_max7"] = _after(recalibrate(make_convnet(), loader, RecalibrationOptions(max_batches=7)))
     rank, world = (
