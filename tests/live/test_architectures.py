@@ -104,7 +104,9 @@ def test_measure_only_leaves_buffers_and_channels_last_model_format() -> None:
     batches = [x.contiguous(memory_format=torch.channels_last) for x in images()]
     ref = reference(model, batches)
     result = recalibrate(model, batches, RecalibrationOptions(write=False))
-    assert_close(result, ref)
+    # 2e-6: the reference's own float32 channels-last forward (single-threaded AVX-512 kernels) drifts from
+    # the measuring one by about 1e-6 of a standard deviation by the sixth block, before any statistic.
+    assert_close(result, ref, rel=2e-6)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
