@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.checkpoint.torch_load_proof import payload, pickle_spans, runs_under_torch_load
+from tests.checkpoint.torch_load_proof import payload, runs_under_torch_load
 from tests.conftest import run_cli
+from tests.security.corpus.carriers import pickle_spans
 
 _NAMES = ["magic", "protocol", "sys_info", "main", "keys"]
 

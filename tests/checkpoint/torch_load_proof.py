@@ -7,7 +7,6 @@ whose payload torch.load would not run is a test that cannot fail, so each malic
 from __future__ import annotations
 
 import pickle
-import pickletools
 import subprocess
 import sys
 from pathlib import Path
@@ -38,17 +37,3 @@ def runs_under_torch_load(path: Path, marker: Path, *, dcp: bool = False) -> boo
     ran = marker.exists()
     marker.unlink(missing_ok=True)
     return ran
-
-
-def pickle_spans(data: bytes, count: int) -> list[tuple[int, int]]:
-    """(start, end) of the first ``count`` pickles stored one after another in ``data``."""
-    spans, start = [], 0
-    for _ in range(count):
-        end = start
-        for op, _, pos in pickletools.genops(data[start:]):
-            if op.name == "STOP":
-                end = start + pos + 1
-                break
-        spans.append((start, end))
-        start = end
-    return spans
