@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from bnaudit.bn.stats import ChannelStats
 from bnaudit.errors import InputError
 from bnaudit.live.estimators import LayerSums
+from bnaudit.live.kernel_rows import KernelRows, kernel_is_exact
 
 # Above this |mean| / std ratio a float32 mean (relative rounding 6e-8) may miss 1e-6 * std: use float64.
 FLOAT32_MEAN_STD_RATIO = 8.0
@@ -50,6 +53,14 @@ class LayerAccumulator:
         self.name = name
         self.module = module
         self.channels = buffer_of(module, "running_mean").numel()
+        # BatchNorm's kernel writing the statistics into a table (kernel_rows), once the first call showed
+        # it exact enough for this layer (None: not decided yet)
+        self.rows: KernelRows | None = None
+        self.use_kernel: bool | None = None
+        # the (shape, strides, dtype, device) of the last input found fit for the kernel, and its count per
+        # channel: most calls repeat it, and checking it again costs a quarter of a small BatchNorm call
+        self._kernel_layout: tuple[Any, ...] | None = None
+        self._kernel_values = 0
         self.reset()
         no_batch = getattr(module, "_get_no_batch_dim", None)
         self.no_batch_dim: int | None = no_batch() if callable(no_batch) else None
@@ -59,6 +70,8 @@ class LayerAccumulator:
 
     def reset(self) -> None:
         """Forget what was collected (the next pass of ``--mode sequential`` starts afresh)."""
+        if self.rows is not None:
+            self.rows.reset()
         self.count = 0.0
         self.calls = 0
         self.single_calls = 0  # calls with one value per channel (left out of the per-call sums)
@@ -110,16 +123,39 @@ class LayerAccumulator:
         mean, unbiased = mean.to(torch.float64), var.to(torch.float64) * per_instance / (per_instance - 1)
         self._add_call_sums(mean.sum(0), unbiased.sum(0), (mean * mean).sum(0), (unbiased * unbiased).sum(0))
 
-    def add_kernel_moments(self, x: torch.Tensor, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
-        """Fold in one call's float32 (mean, biased variance) from BatchNorm's own kernel (``x``: that input).
+    def kernel_values(self, x: torch.Tensor, weight: Any, bias: Any) -> int:
+        """The values per channel of ``x`` when BatchNorm's kernel may measure it, else 0 (the ``var_mean``
+        path): an exact layout (:func:`kernel_is_exact`) with more than one value per channel (train-mode
+        BatchNorm refuses one), in a layer whose inputs have not shown means dwarfing their spread."""
+        if self.use_kernel is False:
+            return 0
+        layout = (x.shape, x.stride(), x.dtype, x.device)
+        if layout != self._kernel_layout:
+            if not kernel_is_exact(x, weight, bias):
+                return 0
+            n = self.check(x)[1]
+            if n <= 1:
+                return 0
+            self._kernel_layout, self._kernel_values = layout, n
+        return self._kernel_values
 
-        As in :func:`moments`, a call whose mean dwarfs its spread is recomputed from ``x`` in float64.
-        """
-        if not bool((mean.abs() <= FLOAT32_MEAN_STD_RATIO * var.sqrt()).all()):
-            var, mean = torch.var_mean(
-                x.detach().to(torch.float64), dim=[0, *range(2, x.dim())], correction=0
-            )
-        self._merge(n, mean.to(torch.float64), var.to(torch.float64))
+    def kernel_forward(
+        self, x: torch.Tensor, n: int, weight: Any, bias: Any, eps: float
+    ) -> torch.Tensor | None:
+        """Train-mode BatchNorm of ``x`` by the kernel, its statistics kept (kernel_rows); None where this
+        layer's inputs are not for the kernel (the caller takes the ``var_mean`` path instead)."""
+        rows = self.rows
+        if rows is None:
+            rows = self.rows = KernelRows(self.name, self.channels)
+        out = rows.normalise(x, n, weight, bias, eps)
+        if self.use_kernel is None:
+            self.use_kernel = rows.last_fits()
+            if not self.use_kernel:  # keep this call's exact moments instead of the kernel's
+                rows.discard()
+                self.add(x)
+        elif not rows.trusted:  # a merge found the means drifting towards float32's limit: float64 from now
+            self.use_kernel = False
+        return out
 
     def _merge(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         self._merge_population(n, mean, var)
@@ -164,8 +200,9 @@ class LayerAccumulator:
 
     def sums(self) -> LayerSums:
         """What was collected, as float64 NumPy sufficient statistics (one host copy per layer)."""
+        kernel = self.rows.sums() if self.rows is not None else None
         if self.mean is None or self.m2 is None:
-            return LayerSums.empty(self.channels)
+            return kernel if kernel is not None else LayerSums.empty(self.channels)
         zeros = torch.zeros_like(self.mean)
         per_call = (self.sum_means, self.sum_vars, self.sum_sq_means, self.sum_sq_vars)
         kept = (self.mean, self.m2, *(zeros if t is None else t for t in per_call))
@@ -173,6 +210,7 @@ class LayerAccumulator:
             t.cpu().numpy().astype(np.float64) for t in kept
         )
         population = ChannelStats(self.count, mean, m2)
-        return LayerSums(
+        sums = LayerSums(
             population, self.calls, sum_means, sum_vars, sum_sq_means, sum_sq_vars, self.single_calls
         )
+        return sums if kernel is None else sums.merge(kernel)

@@ -15,7 +15,8 @@ from bnaudit.errors import BnauditError, InputError, UsageError
 from bnaudit.live.accumulate import LOW_PRECISION
 from bnaudit.live.batch_source import batch_input
 from bnaudit.live.devices import checked_device
-from bnaudit.live.measure import CHANNELS_LAST, PassState, StopForward
+from bnaudit.live.kernel_rows import CHANNELS_LAST
+from bnaudit.live.measure import PassState, StopForward
 from bnaudit.live.options import ForwardFn, ProgressCallback
 
 

@@ -13,10 +13,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnaudit.errors import InputError
 from bnaudit.live.accumulate import LOW_PRECISION, LayerAccumulator, buffer_of
-from bnaudit.live.tap import BatchNormTap, MeasuredCall, fallback_hooks
+from bnaudit.live.kernel_rows import CHANNELS_LAST
+from bnaudit.live.tap import BatchNormTap, MeasuredCall, fallback_forward
 
 PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 # torch's own function, whatever stands in for nn.functional.batch_norm during a pass (tap.BatchNormTap)
 TORCH_BATCH_NORM = nn.functional.batch_norm
 
@@ -81,36 +81,6 @@ def _make_hook(acc: LayerAccumulator, index: int, state: PassState) -> Callable[
     return hook
 
 
-def kernel_is_exact(x: torch.Tensor, weight: Any, bias: Any) -> bool:
-    """True where BatchNorm's CPU kernel gives statistics as exact as ``accumulate.moments``:
-    float32 (parameters too) in plain contiguous layout with more than one value per sample and channel.
-
-    That kernel sums in double, two passes (mean, then squared deviations); its channels-last path (also taken
-    for (N, C) and N x C x 1 x 1 inputs) sums in float32, which is not exact enough, and is left to
-    ``var_mean``. tests/live/test_recalibrate.py holds it to the float64 reference on a million values per
-    channel.
-    """
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 3 or not x.is_contiguous():
-        return False
-    if x.dim() in CHANNELS_LAST and x.is_contiguous(memory_format=CHANNELS_LAST[x.dim()]):
-        return False  # ambiguous strides (C == 1, or H = W = 1): the kernel may take its channels-last path
-    if x.numel() // max(1, x.shape[0] * x.shape[1]) <= 1:
-        return False
-    return all(p is None or p.dtype == torch.float32 for p in (weight, bias))
-
-
-def _kernel_forward(
-    acc: LayerAccumulator, x: torch.Tensor, n: int, affine: tuple[Any, Any, float]
-) -> torch.Tensor:
-    """Normalise ``x`` with BatchNorm's own kernel and fold in the statistics it computed."""
-    scratch_mean = torch.zeros(acc.channels, dtype=torch.float32)
-    scratch_var = torch.zeros(acc.channels, dtype=torch.float32)
-    out = TORCH_BATCH_NORM(x, scratch_mean, scratch_var, affine[0], affine[1], True, 1.0, affine[2])
-    # With momentum 1 the scratch buffers hold the batch mean and the *unbiased* variance.
-    acc.add_kernel_moments(x, n, scratch_mean, scratch_var.double() * ((n - 1) / n))
-    return out
-
-
 def _affine_dtype(x: torch.Tensor, weight: Any) -> torch.dtype:
     # Under autocast x may be half / bfloat16 while the affine parameters stay float32: batch_norm takes
     # that mix (the usual AMP layout); float32 statistics keep the normalisation as exact as it can be.
@@ -122,19 +92,20 @@ def _affine_dtype(x: torch.Tensor, weight: Any) -> torch.dtype:
 def _train_call(acc: LayerAccumulator, index: int, state: PassState) -> MeasuredCall:
     """A train-mode BatchNorm call that records the batch statistics and normalises with them.
 
-    Where BatchNorm's own CPU kernel is exact (see :func:`kernel_is_exact`) it computes the statistics and
-    normalises in one call, with momentum 1 into scratch buffers: as cheap as ``update_bn``'s forward (a
-    separate ``var_mean`` costs twice the whole BatchNorm there). Elsewhere the statistics come from
-    ``moments`` and the input is normalised with them by an inference-mode batch_norm. Either way
-    SyncBatchNorm does not sync across ranks (nor refuse CPU tensors): every batch is normalised by its own
-    statistics, as in a single process.
+    Where BatchNorm's own CPU kernel is exact (:func:`bnaudit.live.kernel_rows.kernel_is_exact`) it computes
+    the statistics and normalises in one call, writing them into the layer's table (``kernel_rows``): as
+    cheap as ``update_bn``'s forward (a separate ``var_mean`` costs twice the whole BatchNorm there).
+    Elsewhere the statistics come from ``moments`` and the input is normalised with them by an
+    inference-mode batch_norm. Either way SyncBatchNorm does not sync across ranks (nor refuse CPU tensors):
+    every batch is
+    normalised by its own statistics, as in a single process.
     """
 
     def call(x: torch.Tensor, weight: Any, bias: Any, eps: float) -> torch.Tensor:
-        if kernel_is_exact(x, weight, bias):
-            x, n = acc.check(x)
-            if n > 1:  # (train-mode BatchNorm refuses a single value per channel)
-                out = _kernel_forward(acc, x, n, (weight, bias, eps))
+        n = acc.kernel_values(x, weight, bias)
+        if n:
+            out = acc.kernel_forward(x, n, weight, bias, eps)
+            if out is not None:
                 if state.record(index):
                     raise StopForward
                 return out
@@ -191,17 +162,25 @@ class SavedState:
     training: dict[nn.Module, bool]
     buffers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     hooks: list[Any] = field(default_factory=list)
-    patched: list[nn.Module] = field(default_factory=list)
+    # modules whose forward was replaced, with the instance's own forward attribute if it had one
+    patched: list[tuple[nn.Module, Any]] = field(default_factory=list)
     # 4-D / 5-D parameters and buffers moved to channels_last: the format (or the very tensor) to put back
     formats: list[tuple[torch.Tensor, torch.memory_format | torch.Tensor]] = field(default_factory=list)
     tap: BatchNormTap = field(default_factory=BatchNormTap)
+
+    def patch_forward(self, module: nn.Module, forward: Callable[..., Any]) -> None:
+        self.patched.append((module, module.__dict__.get("forward")))
+        module.forward = forward
 
     def restore(self) -> None:
         self.tap.remove()
         for handle in self.hooks:
             handle.remove()
-        for module in self.patched:
-            del module.forward
+        for module, own in reversed(self.patched):
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
         for tensor, original in self.formats:
             if isinstance(original, torch.Tensor):
                 tensor.data = original
@@ -273,11 +252,11 @@ def prepare_model(
     set_pass_mode(model, accs, state, eval_mode=False)
     for index, acc in enumerate(accs):
         if type(acc.module) in PLAIN_BATCHNORMS:
-            acc.module.forward = _module_forward(acc.module, measured_call(acc, index, state))
-            saved.patched.append(acc.module)
+            saved.patch_forward(acc.module, _module_forward(acc.module, measured_call(acc, index, state)))
         elif isinstance(acc.module, _BatchNorm):
             saved.tap.add(buffer_of(acc.module, "running_mean"), measured_call(acc, index, state))
-            saved.hooks += fallback_hooks(acc.module, saved.tap, _measure_input(acc, index, state))
+            measure = _measure_input(acc, index, state)
+            saved.patch_forward(acc.module, fallback_forward(acc.module, saved.tap, measure))
         else:  # InstanceNorm: observe the input and let the layer run
             hook = _make_hook(acc, index, state)
             saved.hooks.append(acc.module.register_forward_pre_hook(hook, with_kwargs=True))

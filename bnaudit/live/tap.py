@@ -8,7 +8,7 @@ layers) is served by that layer's measuring call (statistics and normalisation i
 is exact); every other call goes to torch's function unchanged. So such a layer costs what a plain
 BatchNorm2d costs, where observing its input from a hook and letting it run costs a second pass over the
 input. A layer whose forward never makes that call (it calls ``torch.batch_norm`` itself, say) is still
-measured: its forward pre-hook keeps the input and its forward hook folds it in when the tap did not.
+measured: its forward is wrapped to fold its input in afterwards when the tap did not.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bnaudit.errors import InputError
+from bnaudit.live.accumulate import buffer_of
 
 # (input, weight, bias, eps) -> the normalised input; raises StopForward after the forward's last call
 MeasuredCall = Callable[[torch.Tensor, Any, Any, float], torch.Tensor]
@@ -33,7 +34,7 @@ class BatchNormTap:
         self.calls: dict[int, tuple[torch.Tensor, MeasuredCall]] = {}
         self.served: set[int] = set()
         self.installed = False
-        self.fallbacks = 0  # calls measured by the fallback hooks (after the layer ran)
+        self.fallbacks = 0  # calls measured by the fallback forward (after the layer ran)
 
     def add(self, running_mean: torch.Tensor, call: MeasuredCall) -> None:
         """Serve the calls that normalise with ``running_mean`` by ``call``."""
@@ -69,32 +70,26 @@ class BatchNormTap:
             self.installed = False
 
 
-def fallback_hooks(
+def fallback_forward(
     module: nn.Module, tap: BatchNormTap, measure_input: Callable[[torch.Tensor], None]
-) -> list[Any]:
-    """Hooks measuring ``module``'s input after its forward when the tap did not serve its call.
+) -> Callable[..., Any]:
+    """``module``'s forward, wrapped to measure its input afterwards when the tap did not serve its call.
 
-    Returns:
-        The two hook handles (to remove afterwards).
+    A wrapper set as the instance's ``forward`` rather than a pair of forward hooks: a module with hooks
+    takes torch's slow call path, which on small inputs costs as much as the BatchNorm itself.
     """
-    buffer = module.running_mean
-    key = id(buffer)
-    pending: list[torch.Tensor] = []
+    original = module.forward
+    key = id(buffer_of(module, "running_mean"))
 
-    def before(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, torch.Tensor):
-            raise InputError("was called without a tensor input", where=f"module {type(mod).__name__}")
+    def forward(*args: Any, **kwargs: Any) -> Any:
         tap.served.discard(key)
-        pending[:] = [x]
-
-    def after(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if key not in tap.served and pending:
+        out = original(*args, **kwargs)
+        if key not in tap.served:
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor):
+                raise InputError("was called without a tensor input", where=f"module {type(module).__name__}")
             tap.fallbacks += 1
-            measure_input(pending[0])
-        pending.clear()
+            measure_input(x)
+        return out
 
-    return [
-        module.register_forward_pre_hook(before, with_kwargs=True),
-        module.register_forward_hook(after),
-    ]
+    return forward

@@ -72,7 +72,7 @@ def test_batchnorm_act_takes_the_kernel_path(monkeypatch: pytest.MonkeyPatch) ->
     assert calls[0] == 0
 
 
-def test_subclass_calling_torch_batch_norm_directly_is_measured_by_its_hooks(
+def test_subclass_calling_torch_batch_norm_directly_is_measured_by_its_fallback(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls = count_moments(monkeypatch)

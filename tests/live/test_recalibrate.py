@@ -134,7 +134,7 @@ def test_batchnorm_kernel_path_exact_on_a_million_values_per_channel() -> None:
     """The CPU fast path takes the statistics from BatchNorm's own kernel: it must stay float64-exact on long
     reductions (a float32-accumulating kernel would be off by far more than 1e-6 std here), and a channel whose
     mean dwarfs its spread (x100 std) must still fall back to float64."""
-    from bnaudit.live.measure import kernel_is_exact
+    from bnaudit.live.kernel_rows import kernel_is_exact
 
     g = torch.Generator().manual_seed(0)
     scale = torch.tensor([1.0, 0.01, 3.0]).view(1, 3, 1, 1)
