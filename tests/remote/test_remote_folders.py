@@ -6,6 +6,7 @@ exit 2 naming the URL, and only a small part of a shard without statistics is re
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from tests.checkpoint.test_dcp import save_dcp
+from tests.conftest import REPO
 from tests.remote.servers import Served, http_server, moto_server, s3_env
 from tests.remote.test_remote_inputs import _normal, _report, bnaudit
 from tests.repair.test_average import rank_states
@@ -138,11 +140,16 @@ def test_average_of_http_sharded_folders_into_a_local_folder(served_root, http, 
     base, served = http
     out = tmp_path / "fixed"
     served.deny.update(f"hf_rank{r}{end}" for r in range(RANKS) for end in ("", "/"))  # no listing
+    before = dict(served.bytes)
     try:
         result = bnaudit("average", *(f"{base}/hf_rank{r}/{INDEX}" for r in range(RANKS)), "-o", str(out))
     finally:
         served.deny.clear()
     assert result.returncode == 0, result.stderr
+    for r in range(RANKS):  # the reference's shards downloaded once each; the others' barely read
+        name = f"hf_rank{r}/{PLAIN_SHARD}"
+        size, read = (served_root / name).stat().st_size, served.bytes[name] - before.get(name, 0)
+        assert size <= read < 1.01 * size if r == 0 else 0 < read < size / 100, (name, read, size)
     source = digests(served_root / "hf_rank0")
     written = digests(out)
     assert sorted(written) == sorted([INDEX, PLAIN_SHARD, STATS_SHARD])  # the index names no config.json
@@ -183,12 +190,22 @@ def test_average_of_s3_folders_into_local_folders(served_root, s3, tmp_path) -> 
     assert digests(dcp_out)[".metadata"] == digests(served_root / "dcp_rank0")[".metadata"]
 
 
+def test_diff_and_inspect_of_s3_folders_equal_local(served_root, s3) -> None:
+    for kind in ("hf", "dcp"):
+        local = [served_root / f"{kind}_rank{r}" for r in range(2)]
+        remote = [f"s3://bucket/run/{kind}_rank{r}" for r in range(2)]
+        _same_report(["diff"], local, remote, "s3://bucket/run", served_root, env=s3)
+        _same_report(["inspect"], local[:1], remote[:1], "s3://bucket/run", served_root, env=s3)
+
+
 def test_compare_of_s3_folders_equals_local(served_root, s3) -> None:
     for kind in ("hf", "dcp"):
         local = [served_root / f"{kind}_rank{r}" for r in range(RANKS)]
         remote = [f"s3://bucket/run/{kind}_rank{r}" for r in range(RANKS)]
         report = _same_report(["compare"], local, remote, "s3://bucket/run", served_root, env=s3)
         assert all(0 < i["transfer"]["bytes_read"] < 4 * BIG / 50 for i in report["inputs"])
+        globbed = _report(bnaudit("compare", f"s3://bucket/run/{kind}_rank*", "--format", "json", env=s3))
+        assert [i["path"] for i in globbed["inputs"]] == remote
 
 
 def test_average_from_s3_folders_to_an_s3_folder(served_root, s3, tmp_path) -> None:
@@ -255,3 +272,27 @@ def test_a_remote_folder_without_metadata_or_index_exits_2(s3) -> None:
     result = bnaudit("inspect", "s3://bucket/empty", env=s3)
     assert result.returncode == 2 and "s3://bucket/empty" in result.stderr
     assert "without a .metadata file or a single *.index.json" in result.stderr
+
+
+def _readme_folder_commands() -> list[list[str]]:
+    section = (REPO / "README.md").read_text().split("#### Folder checkpoints behind URLs", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.splitlines() if line.startswith("bnaudit ")]
+
+
+def test_the_readme_folder_commands_run(http, s3, tmp_path) -> None:
+    """Each command of the README's remote folder block, its example.com host served by the HTTP server."""
+    base, _ = http
+    commands = _readme_folder_commands()
+    assert len(commands) == 5
+    for words in commands:
+        args = [w.replace("https://example.com/run", base) for w in words[1:]]
+        result = subprocess.run(
+            [sys.executable, "-m", "bnaudit", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+            env={**s3, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert result.returncode in (0, 1), (words, result.stderr)
+    assert (tmp_path / "fixed_dcp" / ".metadata").is_file()
+    listed = "import s3fs; print(sorted(p.rsplit('/', 1)[1] for p in s3fs.S3FileSystem().ls('bucket/run_fixed/hf')))"
+    out = subprocess.run([sys.executable, "-c", listed], capture_output=True, text=True, env=s3, timeout=120)
+    assert INDEX in out.stdout and STATS_SHARD in out.stdout, out.stderr
