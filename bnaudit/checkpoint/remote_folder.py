@@ -39,7 +39,7 @@ from bnaudit.errors import InputError
 METADATA_NAME = ".metadata"
 INDEX_PATTERNS = ("*.safetensors.index.json", "*.bin.index.json")
 _HTTP = frozenset({"http", "https"})
-_FOLDERS: dict[str, list[tuple[str, str]]] = {}  # folder URL -> (name, type) of its listing
+_FOLDERS: dict[str, list[tuple[str, str]] | None] = {}  # URL -> (name, type) of its listing, or None
 _MEMBERS: dict[str, list[str]] = {}  # folder URL -> the member URLs read, in order
 _LOCK = threading.Lock()
 
@@ -49,11 +49,18 @@ def _key(url: str) -> str:
 
 
 def _listing(url: str) -> list[tuple[str, str]] | None:
-    """(name, "file" or "directory") of each entry of a remote folder, or None when ``url`` is no folder."""
+    """(name, "file" or "directory") of each entry of a remote folder, or None when ``url`` is no folder
+    (asked once per URL per process)."""
     key = _key(url)
     with _LOCK:
         if key in _FOLDERS:
             return _FOLDERS[key]
+    found = _list(url, key)
+    with _LOCK:
+        return _FOLDERS.setdefault(key, found)
+
+
+def _list(url: str, key: str) -> list[tuple[str, str]] | None:
     fs, path = url_filesystem(key)
     try:
         if url.split(":", 1)[0].lower() in _HTTP:
@@ -68,10 +75,7 @@ def _listing(url: str) -> list[tuple[str, str]] | None:
         raise
     except Exception:  # a denied or missing URL is no folder: reading it as an object says why
         return None
-    found = [(str(e["name"]).rstrip("/").rsplit("/", 1)[-1], str(e.get("type", "file"))) for e in entries]
-    with _LOCK:
-        _FOLDERS[key] = found
-    return found
+    return [(str(e["name"]).rstrip("/").rsplit("/", 1)[-1], str(e.get("type", "file"))) for e in entries]
 
 
 def is_folder(path: str | os.PathLike[str]) -> bool:

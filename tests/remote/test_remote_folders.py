@@ -231,6 +231,15 @@ def test_average_from_s3_folders_to_an_s3_folder(served_root, s3, tmp_path) -> N
         again.returncode == 2 and "already exists" in again.stderr and "s3://bucket/fixed/hf" in again.stderr
     )
     assert bnaudit(*args, "--force", env=s3).returncode == 0
+    from_local = [
+        "average",
+        *(str(served_root / f"hf_rank{r}") for r in range(RANKS)),
+        "-o",
+        "s3://bucket/fixed/l",
+    ]
+    assert bnaudit(*from_local, env=s3).returncode == 0
+    subprocess.run([sys.executable, "-c", fetch, str(tmp_path / "again")], check=True, env=s3, timeout=120)
+    assert digests(tmp_path / "again" / "l") == digests(local_out)
     into_input = bnaudit(*args[:-1], "s3://bucket/run/hf_rank0", "--force", env=s3)
     assert into_input.returncode == 2 and "is the input folder" in into_input.stderr
 
