@@ -20,8 +20,9 @@ from bnaudit.bn.archive_policy import checkpoint_findings
 from bnaudit.bn.health import health_findings, layers_to_check
 from bnaudit.bn.layerstats import LayerStats
 from bnaudit.bn.stats import Divergence, DivergenceAccumulator, MergeMethod, RankMerger
-from bnaudit.checkpoint.bytesource import is_remote, transfer_stats
+from bnaudit.checkpoint.bytesource import is_remote
 from bnaudit.checkpoint.provenance import samples_from_metadata
+from bnaudit.checkpoint.remote_folder import input_transfer_stats
 from bnaudit.checkpoint.types import Checkpoint
 from bnaudit.errors import InputError
 from bnaudit.report.model import Finding, InputInfo
@@ -260,4 +261,6 @@ def _frozen(values: np.ndarray) -> np.ndarray:
 
 def with_transfers(inputs: Sequence[InputInfo]) -> tuple[InputInfo, ...]:
     """The inputs with what reading each remote one cost (bytes, requests), once every read is done."""
-    return tuple(replace(i, transfer=transfer_stats(i.path)) if is_remote(i.path) else i for i in inputs)
+    return tuple(
+        replace(i, transfer=input_transfer_stats(i.path)) if is_remote(i.path) else i for i in inputs
+    )

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from bnaudit.checkpoint.bytesource import close, open_read
 from bnaudit.checkpoint.dcp_bytes import scan_bytes_item
 from bnaudit.checkpoint.dcp_metadata import (
     CONVERT,
@@ -21,6 +21,7 @@ from bnaudit.checkpoint.dcp_metadata import (
     unflatten,
 )
 from bnaudit.checkpoint.other_pickles import globals_of
+from bnaudit.checkpoint.remote_folder import dcp_folder, member_size, read_range
 from bnaudit.checkpoint.torchzip import read_archive, storage_resolver
 from bnaudit.checkpoint.types import (
     ITEMSIZE,
@@ -40,14 +41,6 @@ from bnaudit.errors import InputError
 
 # A non-tensor item that is not a pickle is kept as raw bytes up to this size (pickles: scanned at any size).
 MAX_BYTES_ITEM = 64 << 20
-
-
-def _pread(path: Path, size: int, offset: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
 
 
 class _DcpReader:
@@ -132,13 +125,14 @@ class _DcpReader:
         path = self.folder / pure
         size = self._sizes.get(name)
         if size is None:
-            if not path.is_file():
+            size = member_size(self.folder, path)
+            if size is None:
                 raise InputError(
                     f"data file '{name}' (holding '{fqn}') is missing",
                     path=self.folder,
                     fix="copy every *.distcp file of the checkpoint",
                 )
-            size = self._sizes[name] = path.stat().st_size
+            self._sizes[name] = size
         if where.offset + where.length > size:
             raise InputError(
                 f"item '{fqn}' spans bytes {where.offset}..{where.offset + where.length} of '{name}', which "
@@ -154,7 +148,7 @@ class _DcpReader:
             return self._refused(
                 path, where, dtype, shape, f"'{fqn}' is stored with DCP transforms (e.g. compression)"
             )
-        if _pread(path, len(LOCAL_SIGNATURE), where.offset) == LOCAL_SIGNATURE:
+        if read_range(path, len(LOCAL_SIGNATURE), where.offset) == LOCAL_SIGNATURE:
             found = self._embedded(path, where, fqn, tensor=True)
             return self._check_chunk(path, where, fqn, found, dtype, shape)
         numel = 1
@@ -196,7 +190,7 @@ class _DcpReader:
 
     def _embedded(self, path: Path, where: StoredItem, fqn: str, tensor: bool) -> Any:
         """Inertly load the torch.save archive DCP embedded at ``where``; its storages stay lazy."""
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_read(path)
         try:
             window = (where.offset, where.offset + where.length)
             archive = read_archive(path, fd, window, min(MAX_PICKLE_BYTES, MAX_BYTES_ITEM))
@@ -207,7 +201,7 @@ class _DcpReader:
                 found=f.found, fix=f.fix,
             ) from None  # fmt: skip
         finally:
-            os.close(fd)
+            close(fd)
         resolver = storage_resolver(path, archive, where.label)
         source = f"{where.label}/{archive.pickle_name}"
         root, refs, warnings = inert_load(
@@ -235,7 +229,7 @@ class _DcpReader:
                 "transformed (compressed) and is not read"
             )
             return Placeholder("torch.distributed.checkpoint", "unread_bytes_item", (fqn,))
-        if _pread(path, len(LOCAL_SIGNATURE), where.offset) == LOCAL_SIGNATURE:
+        if read_range(path, len(LOCAL_SIGNATURE), where.offset) == LOCAL_SIGNATURE:
             return self._embedded(path, where, fqn, tensor=False)
         # dcp.load torch.loads every byte item, whatever its first byte and size: scan it as torch reads it.
         label = f"{where.label} ({fqn})"
@@ -248,19 +242,19 @@ class _DcpReader:
             return root
         if where.length > MAX_BYTES_ITEM:
             return Placeholder("torch.distributed.checkpoint", "unread_bytes_item", (fqn,))
-        return _pread(path, where.length, where.offset)
+        return read_range(path, where.length, where.offset)
 
 
 def read_dcp(folder: Path) -> Checkpoint:
     """Read a torch.distributed.checkpoint folder without executing anything in it.
 
-    The ``.metadata`` pickle (which ``torch.distributed.checkpoint.load`` reads with plain ``pickle``) goes
-    through the inert unpickler, and so does every embedded ``torch.save`` archive and non-tensor item
-    (which DCP's loader reads with ``torch.load(weights_only=False)``): their globals are recorded for the
-    security audit. Tensors become lazy references into the ``*.distcp`` files; no tensor data is read.
+    The ``.metadata`` pickle (read by dcp.load with plain ``pickle``), every embedded ``torch.save`` archive
+    and non-tensor item (``torch.load(weights_only=False)`` there) go through the inert unpickler: their
+    globals are recorded for the audit. Tensors are lazy references into the ``*.distcp`` files.
 
     Args:
-        folder: the directory holding ``.metadata`` and the ``*.distcp`` files.
+        folder: the folder holding ``.metadata`` and the ``*.distcp`` files; a URL (a ``.metadata`` URL names
+            its folder: :mod:`bnaudit.checkpoint.remote_folder`).
 
     Returns:
         A Checkpoint (format ``dcp``) whose root is the saved dict rebuilt from the flattened keys.
@@ -268,6 +262,7 @@ def read_dcp(folder: Path) -> Checkpoint:
     Raises:
         InputError: the metadata is corrupt, or names data files or ranges that are missing.
     """
+    folder = dcp_folder(folder)
     meta_root, refs, warnings = read_metadata_pickle(folder)
     reader = _DcpReader(folder, list(refs), list(warnings))
     try:

@@ -10,10 +10,10 @@ item is streamed from its file window, never read whole.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Any
 
+from bnaudit.checkpoint.bytesource import close, open_read, pread
 from bnaudit.checkpoint.legacy import LEGACY_MAGIC
 from bnaudit.checkpoint.types import GlobalRef
 from bnaudit.checkpoint.unpickler import CorruptPickleError, inert_load
@@ -32,7 +32,7 @@ class _Window(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = os.pread(self._fd, min(len(buffer), self._end - self._pos), self._pos)
+        data = pread(self._fd, min(len(buffer), self._end - self._pos), self._pos)
         buffer[: len(data)] = data
         self._pos += len(data)
         return len(data)
@@ -57,7 +57,7 @@ def scan_bytes_item(
     Raises:
         CorruptPickleError: a pickle breaks off after naming globals (they are carried).
     """
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_read(path)
     try:
         stream = io.BufferedReader(_Window(fd, offset, length))
         try:
@@ -79,4 +79,4 @@ def scan_bytes_item(
             root = obj if what == "main pickle" else root
         return True, root, found, warnings
     finally:
-        os.close(fd)
+        close(fd)

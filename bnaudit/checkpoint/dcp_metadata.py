@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bnaudit.checkpoint.remote_folder import record_member
 from bnaudit.checkpoint.types import ITEMSIZE, GlobalRef, Placeholder
 from bnaudit.checkpoint.unpickler import inert_load_file
 from bnaudit.checkpoint.unpickler_globals import DtypeMarker, int_tuple, summary
@@ -51,6 +52,7 @@ def read_metadata_pickle(folder: Path) -> tuple[Any, list[GlobalRef], list[str]]
     Raises:
         InputError: the file is over the pickle size limit, or corrupt.
     """
+    record_member(folder, folder / METADATA_FILE)
     return inert_load_file(folder / METADATA_FILE, where=METADATA_FILE, fix="it is not DCP metadata")
 
 

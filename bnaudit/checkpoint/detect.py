@@ -11,6 +11,7 @@ from pathlib import Path
 from bnaudit.checkpoint.bytesource import file_size as source_size
 from bnaudit.checkpoint.bytesource import is_remote, read_head
 from bnaudit.checkpoint.legacy import LEGACY_MAGIC
+from bnaudit.checkpoint.remote_folder import folder_kind, index_name, remote_folder_format
 from bnaudit.checkpoint.torch_tar import is_torch_tar
 from bnaudit.checkpoint.types import ContainerFormat
 from bnaudit.checkpoint.unpickler import CorruptPickleError, inert_load
@@ -60,11 +61,8 @@ def _looks_like_safetensors(head: bytes, file_size: int) -> bool:
 
 def sharded_index(folder: Path) -> Path | None:
     """The one ``*.safetensors.index.json`` (else ``*.bin.index.json``) of a Hugging Face folder, or None."""
-    for pattern in ("*.safetensors.index.json", "*.bin.index.json"):
-        found = sorted(folder.glob(pattern))
-        if len(found) == 1:
-            return found[0]
-    return None
+    name = index_name(sorted(p.name for p in folder.iterdir() if p.is_file()))
+    return None if name is None else folder / name
 
 
 def detect_format(path: str | Path) -> ContainerFormat:
@@ -82,14 +80,14 @@ def detect_format(path: str | Path) -> ContainerFormat:
             format bnaudit knows.
     """
     path = Path(path)
-    if is_remote(path):  # an object behind a URL: its first bytes by a range request (no folders yet)
-        return _format_of(path, read_head(path, _SNIFF_BYTES), source_size(path))
+    if is_remote(path):  # a folder behind a URL (remote_folder.py), else an object: its first bytes
+        folder = remote_folder_format(path)
+        return folder or _format_of(path, read_head(path, _SNIFF_BYTES), source_size(path))
     try:
         if path.is_dir():
-            if (path / ".metadata").is_file():
-                return ContainerFormat.DCP
-            if sharded_index(path) is not None:
-                return ContainerFormat.HF_SHARDED
+            kind = folder_kind(sorted(p.name for p in path.iterdir() if p.is_file()))
+            if kind is not None:
+                return kind
             raise InputError(
                 "is a directory without a .metadata file, so not a distributed checkpoint",
                 path=path,

@@ -7,7 +7,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from bnaudit.checkpoint.bytesource import file_size, read_head, shown, url_of
 from bnaudit.checkpoint.detect import detect_format, sharded_index
+from bnaudit.checkpoint.remote_folder import is_folder, member_size, record_member, remote_sharded_index
 from bnaudit.checkpoint.types import Checkpoint, ContainerFormat, GlobalRef, TensorRef
 from bnaudit.errors import InputError
 
@@ -18,14 +20,16 @@ ShardReaders = Mapping[ContainerFormat, Callable[[Path], Checkpoint]]
 
 def _read_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     """(weight_map, metadata as strings) of an index file."""
-    if path.stat().st_size > MAX_INDEX_BYTES:
+    record_member(path.parent, path)
+    size = file_size(path)
+    if size > MAX_INDEX_BYTES:
         raise InputError(
             f"index file is over {MAX_INDEX_BYTES} bytes",
             path=path,
             fix=("it is not a sharded checkpoint index — pass the *.index.json written by save_pretrained"),
         )
     try:
-        index = json.loads(path.read_bytes())
+        index = json.loads(read_head(path, size))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(
             f"is not valid JSON ({exc})", path=path, fix="re-download or re-save the index"
@@ -44,6 +48,14 @@ def _read_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     return weight_map, metadata
 
 
+def _index_of(path: Path) -> Path | None:
+    """The index a path names: itself, or the one index of its folder (local or remote)."""
+    if not is_folder(path):
+        return path
+    url = url_of(path)
+    return sharded_index(path) if url is None else remote_sharded_index(url)
+
+
 def _shard_path(index: Path, shard: str) -> Path:
     # Shard names come from an untrusted file: keep them inside the index's folder.
     pure = PurePosixPath(shard)
@@ -58,9 +70,9 @@ def _shard_path(index: Path, shard: str) -> Path:
 
 def _read_shard(index: Path, shard: str, readers: ShardReaders) -> Checkpoint:
     path = _shard_path(index, shard)
-    if not path.is_file():
+    if member_size(index.parent, path) is None:
         raise InputError(
-            f"shard '{shard}' named in weight_map is missing (looked for {path})",
+            f"shard '{shard}' named in weight_map is missing (looked for {shown(path)})",
             path=index,
             fix="download every shard next to the index",
         )
@@ -91,7 +103,7 @@ def read_sharded(path: Path, readers: ShardReaders) -> Checkpoint:
         InputError: the index is invalid, a shard is missing or unreadable, or a tensor is missing from its
             shard.
     """
-    index = sharded_index(path) if path.is_dir() else path
+    index = _index_of(path)
     if index is None:
         raise InputError("holds no single *.index.json", path=path, fix="pass the index file itself")
     weight_map, metadata = _read_index(index)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bnaudit.checkpoint.bytesource import file_size, is_remote, read_head, shown
 from bnaudit.checkpoint.pickle_allowlist import allowed
 from bnaudit.checkpoint.pickle_scan import c_unpickler_safe
 from bnaudit.checkpoint.types import ITEMSIZE, GlobalRef
@@ -207,7 +208,7 @@ def inert_load_file(path: Path, *, where: str | None, fix: str) -> tuple[Any, li
     Raises:
         InputError: the file is over the limit, corrupt or truncated.
     """
-    size = path.stat().st_size
+    size = file_size(path)
     display = path if where is None else path.parent
     if size > MAX_PICKLE_BYTES:
         raise InputError(
@@ -216,6 +217,8 @@ def inert_load_file(path: Path, *, where: str | None, fix: str) -> tuple[Any, li
             where=where,
             fix=fix,
         )
+    if is_remote(path):  # an object behind a URL (a remote DCP folder's .metadata): one range read
+        return inert_load(read_head(path, size), display=shown(display), source=where or path.name)
     with open(path, "rb") as f:
         return inert_load(f, display=str(display), source=where or path.name)
 

@@ -12,7 +12,7 @@ from bnaudit.checkpoint.convert import Conversion, convert_checkpoint
 from bnaudit.checkpoint.folder_writer import FOLDER_FORMATS
 from bnaudit.checkpoint.formats import format_spec
 from bnaudit.checkpoint.provenance import header_entry, sidecar_path, sidecar_text
-from bnaudit.checkpoint.remote_write import write_repaired
+from bnaudit.checkpoint.remote_folder_write import write_repair
 from bnaudit.checkpoint.types import Checkpoint
 from bnaudit.checkpoint.writer import TensorPatch, WriteResult, check_output_path
 from bnaudit.defaults import CONVERSION_FORMATS
@@ -108,7 +108,7 @@ def write_average(
 
     meta = header_entry("average", record["method"], len(record["inputs"]), None)
     if fmt in (FOLDER, format_spec(reference.format).family.value):
-        written = write_repaired(
+        written = write_repair(
             reference, list(patches), out, metadata=meta, companions=companions, replace_existing=force
         )
         return written, dropped

@@ -21,7 +21,7 @@ from bnaudit.bn.archive_policy import checkpoint_findings
 from bnaudit.bn.corrupt_pickle import load_or_unsafe
 from bnaudit.checkpoint import load_checkpoint
 from bnaudit.checkpoint.provenance import header_entry, sidecar_path, sidecar_text
-from bnaudit.checkpoint.remote_write import write_repaired
+from bnaudit.checkpoint.remote_folder_write import write_repair
 from bnaudit.checkpoint.types import Checkpoint
 from bnaudit.checkpoint.writer import TensorPatch, WriteResult, check_output_path
 from bnaudit.errors import NonFiniteStatisticsError, UsageError
@@ -222,5 +222,5 @@ def _write(
         return [(sidecar_path(out), sidecar_text(record))]
 
     world = passes[0].result.world_size if passes else 1
-    write_repaired(ckpt, statistic_patches(passes), out, metadata=header_entry("recalibrate", spec.method,
+    write_repair(ckpt, statistic_patches(passes), out, metadata=header_entry("recalibrate", spec.method,
                   world, None), companions=sidecar, replace_existing=force)  # fmt: skip
