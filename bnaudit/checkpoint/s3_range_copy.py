@@ -7,11 +7,11 @@ holding new bytes are uploaded: the new bytes plus the unchanged bytes S3's 5 Mi
 in, fetched by range GET (:mod:`bnaudit.checkpoint.s3_part_plan` chooses the cut). Every copy and range
 GET is conditional on the reference's ETag, so a reference replaced meanwhile fails the write.
 
-The upload is completed to a temporary key beside the target, read back through bnaudit's own reader
-with range reads (size, patched bytes and tensors, CRC-32s or header), and only then copied to the target
-key and deleted; on any failure the upload is aborted or the temporary object deleted, so nothing appears
-at the target. A file with nothing to copy (under two parts' worth) or needing more than 10,000 parts is
-left to the download + patch + upload path (None).
+The upload is completed to a temporary key beside the target, read back through bnaudit's own reader with
+range reads (size, patched bytes and tensors, CRC-32s or header), and only then copied to the target key and
+deleted; on any failure the upload is aborted or the temporary object deleted, so nothing appears at the
+target. A file whose cut copies nothing (any file under 5 MiB) or needing more than 10,000 parts is left to
+the download + patch + upload path (None).
 """
 
 from __future__ import annotations
@@ -154,12 +154,13 @@ def verify_object(tmp: S3Object, layout: Layout, patches: Sequence[TensorPatch],
     verify_reload(where, patches, layout.ranges, shift)
 
 
-def _summary(parts: Sequence[Part]) -> str:
+def _summary(parts: Sequence[Part], header_end: int) -> str:
     copied, uploaded = [p for p in parts if p.copy], [p for p in parts if not p.copy]
+    fetched = sum(max(0, p.end - max(p.start, header_end)) for p in uploaded)
     return (
         f"server-side copy: {sum(p.size for p in copied)} bytes copied in {len(copied)} parts, "
-        f"{sum(p.size for p in uploaded)} bytes uploaded in {len(uploaded)} parts, verified on a temporary "
-        "object, then copied to the key"
+        f"{sum(p.size for p in uploaded)} bytes uploaded in {len(uploaded)} parts ({fetched} of them fetched "
+        "from the reference by range GET), verified on a temporary object, then copied to the key"
     )
 
 
@@ -206,7 +207,7 @@ def write_server_side(
         copy_whole(tmp, dst, layout.size)
     finally:
         delete_quietly(tmp)
-    how = _summary(parts)
+    how = _summary(parts, layout.fixed.header_end)
     log.info("wrote %s (%d bytes): %s", target, layout.size, how)
     crc_names = tuple(e.name for e in layout.fixed.crc_entries)
     return WriteResult(

@@ -238,3 +238,54 @@ def test_the_written_tensor_reads_back(fs: Any) -> None:
         loaded = torch.load(io.BytesIO(fetched), weights_only=True)  # zip CRCs checked by torch's reader
     assert torch.equal(loaded["model"]["b1.bn.running_mean"], torch.full((16,), 0.25))
     assert torch.equal(loaded["optimizer"]["exp_avg"], torch.arange(2_000_000, dtype=torch.float32))
+
+
+def _safetensors_rank(path: Path, rank: int) -> None:
+    """BatchNorm layers between 8 MB tensors in one safetensors file (its header grows with the metadata)."""
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(10 + rank)
+    tensors = {}
+    for i in range(3):
+        tensors[f"l{i}.conv.weight"] = torch.full((2_000_000,), float(i))
+        tensors[f"l{i}.bn.weight"] = torch.ones(8)
+        tensors[f"l{i}.bn.bias"] = torch.zeros(8)
+        tensors[f"l{i}.bn.running_mean"] = torch.tensor(rng.normal(size=8) - rank, dtype=torch.float32)
+        tensors[f"l{i}.bn.running_var"] = torch.tensor(rng.uniform(0.5, 2, size=8), dtype=torch.float32)
+        tensors[f"l{i}.bn.num_batches_tracked"] = torch.tensor(100)
+    save_file(tensors, str(path))
+
+
+def test_safetensors_and_small_files(s3: dict[str, str], fs: Any, tmp_path: Path) -> None:
+    from tests.conftest import bn_state
+
+    for r in range(2):
+        _safetensors_rank(tmp_path / f"st_rank{r}.safetensors", r)
+        torch.save(
+            {"model": bn_state({"a": 8, "b": 4}, np.random.default_rng(r), r)}, tmp_path / f"s_rank{r}.pt"
+        )
+        for name in (f"st_rank{r}.safetensors", f"s_rank{r}.pt"):
+            fs.put_file(str(tmp_path / name), f"bucket/mixed/{name}")
+    for pattern, out, path in [
+        ("st_rank*.safetensors", "st_fixed.safetensors", "server-side copy: "),
+        ("s_rank*.pt", "s_fixed.pt", "single-part upload"),  # 4 KB: nothing to copy, one PUT
+    ]:
+        local = tmp_path / out
+        assert bnaudit("average", str(tmp_path / pattern), "-o", str(local)).returncode == 0
+        url = f"s3://bucket/mixed/{out}"
+        result = bnaudit("average", f"s3://bucket/mixed/{pattern}", "-o", url, "--format", "json", env=s3)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["average"]["upload"].startswith(path)
+        assert fs.cat_file(url) == local.read_bytes()
+
+
+def test_the_reference_is_never_the_output(fs: Any) -> None:
+    from bnaudit.checkpoint.remote_write import write_repaired
+    from bnaudit.errors import OutputError
+
+    ckpt, patches = _patched("s3://bucket/run/big_rank0.pt")
+    before = fs.info("bucket/run/big_rank0.pt")["ETag"]
+    with pytest.raises(OutputError, match="is the reference"):
+        write_repaired(ckpt, patches, "s3://bucket/run/big_rank0.pt", replace_existing=True)
+    fs.invalidate_cache()
+    assert fs.info("bucket/run/big_rank0.pt")["ETag"] == before
