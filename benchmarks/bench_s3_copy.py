@@ -8,9 +8,10 @@ shape: conv+BN layers of 512 channels):
 - ``optimizer``: 4 ranks of about 100 MB whose model (9 layers, 34 MB) is followed by an Adam-like
   optimizer state (``exp_avg``, ``exp_avg_sq`` per convolution): the state is one long unchanged run.
 
-For each: bytes copied server-side and uploaded (from the report's ``upload``), wall time, against the
-round trip (download every rank, ``bnaudit average`` locally, upload the result); both outputs are checked
-identical. Usage:
+For each: bytes copied server-side, uploaded and fetched by range GET (from the report's ``upload``), the
+bytes through the client (those and the inputs' reads), wall time of average and of compare (the reading
+alone), against the round trip (download every rank, ``bnaudit average`` locally, upload the result);
+both outputs are checked identical. Usage:
     python benchmarks/bench_s3_copy.py                # 4 ranks x ~100 MB, both sets (needs ~2 GB of disk)
     python benchmarks/bench_s3_copy.py --smoke        # 2 small ranks, for CI
 """
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,7 +58,7 @@ import sys, s3fs
 fs = s3fs.S3FileSystem()
 print(fs.cat_file(sys.argv[1]) == fs.cat_file(sys.argv[2]))
 """
-_UPLOAD = re.compile(r"(\d+) bytes copied in (\d+) parts, (\d+) bytes uploaded in (\d+) parts")
+_UPLOAD = re.compile(r"(\d+) bytes copied in (\d+) parts, (\d+) bytes uploaded in (\d+) parts \((\d+) of")
 
 
 def _set(folder: Path, name: str, args: argparse.Namespace, layers: int) -> list[Path]:
@@ -78,28 +80,33 @@ def _run(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
     return seconds, done.stdout
 
 
-def _measure(name: str, paths: list[Path], s3: dict[str, str], scratch: Path) -> dict[str, object]:
+def _measure(name: str, paths: list[Path], s3: dict[str, str], scratch: Path) -> dict[str, Any]:
     subprocess.run([sys.executable, "-c", UPLOAD, *map(str, paths)], check=True, env=s3)
     # bench_remote's round trip reads bucket/run/ckpt_rank*.pt: each set is uploaded there in turn.
     pattern, out = "s3://bucket/run/ckpt_rank*.pt", f"s3://bucket/out/{name}.pt"
+    reading, _ = _run(bnaudit_argv("compare", pattern, "--fail-on", "never"), s3)
     ours, report = _run(bnaudit_argv("average", pattern, "-o", out, "--force", "--format", "json"), s3)
     upload = json.loads(report)["average"]["upload"]
+    read = sum(i["transfer"]["bytes_read"] for i in json.loads(report)["inputs"])
     theirs, _ = _run([sys.executable, "-c", S3_ROUNDTRIP, str(scratch)], s3)
     _, same = _run([sys.executable, "-c", SAME, f"bucket/out/{name}.pt", "bucket/out/roundtrip.pt"], s3)
     size = paths[0].stat().st_size
-    return {"set": name, "size": size, "upload": upload, "ours": ours, "theirs": theirs, "same": same.strip()}
+    return {"set": name, "size": size, "upload": upload, "ours": ours, "theirs": theirs, "same": same.strip(),
+            "read": read, "compare": reading}  # fmt: skip
 
 
-def _print(rows: list[dict[str, object]], ranks: int) -> None:
-    print(f"{'set':10} {'MB/rank':>8} {'copied':>13} {'parts':>5} {'uploaded':>11} {'parts':>5} "
-          f"{'average s3->s3 s':>16} {'round trip s':>12} {'round trip bytes':>17} identical")  # fmt: skip
+def _print(rows: list[dict[str, Any]], ranks: int) -> None:
+    print(f"{'set':10} {'MB/rank':>8} {'copied':>11} {'parts':>5} {'uploaded':>10} {'parts':>5} "
+          f"{'fetched':>10} {'client bytes':>12} {'average s':>9} {'compare s':>9} {'round trip s':>12} "
+          f"{'round trip bytes':>16} identical")  # fmt: skip
     for row in rows:
-        size = int(str(row["size"]))
+        size = int(row["size"])
         found = _UPLOAD.search(str(row["upload"]))
-        copied, cparts, uploaded, uparts = found.groups() if found else ("-", "-", "-", "-")
-        print(f"{row['set']:10} {size / 1e6:8.1f} {copied:>13} {cparts:>5} {uploaded:>11} {uparts:>5} "
-              f"{float(str(row['ours'])):16.2f} {float(str(row['theirs'])):12.2f} "
-              f"{(ranks + 1) * size:17d} {row['same']}")  # fmt: skip
+        copied, cparts, uploaded, uparts, fetched = (int(g) for g in found.groups()) if found else (0,) * 5
+        client = int(row["read"]) + uploaded + fetched
+        print(f"{row['set']:10} {size / 1e6:8.1f} {copied:11d} {cparts:5d} {uploaded:10d} {uparts:5d} "
+              f"{fetched:10d} {client:12d} {row['ours']:9.2f} {row['compare']:9.2f} {row['theirs']:12.2f} "
+              f"{(ranks + 1) * size:16d} {row['same']}")  # fmt: skip
         print(f"  upload: {row['upload']}")
     print("s3 copy: done")
 

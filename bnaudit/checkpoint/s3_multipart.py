@@ -11,12 +11,15 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bnaudit.checkpoint.bytesource import retrying, url_filesystem
 from bnaudit.checkpoint.s3_part_plan import MAX_PART, Part, split_range
 
 log = logging.getLogger(__name__)
+# Parts in flight at once: uploaded parts are held in memory (at most 64 MiB each).
+PART_THREADS = 4
 
 
 class S3Object:
@@ -95,20 +98,30 @@ def multipart(
 ) -> None:
     """Write ``dst`` by one multipart upload: a part copied (``copy_args``) or uploaded (``body``) each.
 
-    The upload is completed only when every part is in; on any failure it is aborted, so nothing appears.
+    Parts go ``PART_THREADS`` at a time (a store's per-request latency overlaps). The upload is completed
+    only when every part is in; on any failure it is aborted, so nothing appears.
     """
     upload_id = dst.call("create_multipart_upload")["UploadId"]
+
+    def send(number: int, part: Part) -> dict[str, Any]:
+        common = {"PartNumber": number, "UploadId": upload_id}
+        if part.copy:
+            etag = dst.call("upload_part_copy", **common, **copy_args(part))["CopyPartResult"]["ETag"]
+        else:
+            data = body(part)
+            md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+            etag = dst.call("upload_part", **common, Body=data, ContentMD5=md5)["ETag"]
+        return {"PartNumber": number, "ETag": etag}
+
     try:
-        done = []
-        for number, part in enumerate(parts, 1):
-            common = {"PartNumber": number, "UploadId": upload_id}
-            if part.copy:
-                etag = dst.call("upload_part_copy", **common, **copy_args(part))["CopyPartResult"]["ETag"]
-            else:
-                data = body(part)
-                md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-                etag = dst.call("upload_part", **common, Body=data, ContentMD5=md5)["ETag"]
-            done.append({"PartNumber": number, "ETag": etag})
+        with ThreadPoolExecutor(max_workers=PART_THREADS) as pool:
+            sent = [pool.submit(send, n, p) for n, p in enumerate(parts, 1)]
+            try:
+                done = [f.result() for f in sent]
+            except BaseException:
+                for future in sent:
+                    future.cancel()  # the parts not started yet; the pool waits for the running ones
+                raise
         dst.call("complete_multipart_upload", UploadId=upload_id, MultipartUpload={"Parts": done})
     except BaseException:
         abort(dst, upload_id)
