@@ -289,3 +289,27 @@ def test_the_reference_is_never_the_output(fs: Any) -> None:
         write_repaired(ckpt, patches, "s3://bucket/run/big_rank0.pt", replace_existing=True)
     fs.invalidate_cache()
     assert fs.info("bucket/run/big_rank0.pt")["ETag"] == before
+
+
+def test_an_object_that_appears_meanwhile_is_kept_without_force(
+    fs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bnaudit.checkpoint import s3_range_copy
+    from bnaudit.checkpoint.remote_write import write_repaired
+    from bnaudit.errors import OutputError
+
+    real = s3_range_copy.verify_object
+
+    def verify_then_race(*args: Any) -> None:
+        real(*args)
+        fs.pipe_file("bucket/race/fixed.pt", b"another writer's object")  # after the policy's first check
+
+    monkeypatch.setattr(s3_range_copy, "verify_object", verify_then_race)
+    ckpt, patches = _patched("s3://bucket/run/big_rank0.pt")
+    with pytest.raises(OutputError, match="already exists"):
+        write_repaired(ckpt, patches, "s3://bucket/race/fixed.pt")
+    assert fs.cat_file("bucket/race/fixed.pt") == b"another writer's object"
+    assert _left_behind(fs, "race") == (["fixed.pt"], [])
+    result = write_repaired(ckpt, patches, "s3://bucket/race/fixed.pt", replace_existing=True)
+    assert result.upload is not None and result.upload.startswith("server-side copy")
+    assert fs.cat_file("bucket/race/fixed.pt", start=0, end=2) == b"PK"
