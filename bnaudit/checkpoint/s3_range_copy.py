@@ -184,6 +184,8 @@ def write_server_side(
     """
     source = url_of(ckpt.path)
     assert source is not None
+    src, dst = S3Object(source), S3Object(target)
+    etag = src.etag()  # before the CRC-32s are computed: every later read and copy must see this version
     layout = plan_layout(ckpt, patches, source, metadata or {})
     if layout is None:
         return None
@@ -191,8 +193,6 @@ def write_server_side(
     if not any(p.copy for p in parts) or len(parts) > MAX_PARTS:
         log.info("%s: %d parts, nothing to gain from a server-side copy", target, len(parts))
         return None
-    src, dst = S3Object(source), S3Object(target)
-    etag = src.etag()
     tmp = dst.sibling("part")
     multipart(
         tmp,
