@@ -20,6 +20,7 @@ from tests.conftest import REPO
         ("bench_compare.py", "ratio compare / torch.load full: median"),
         ("bench_ranks.py", "16 average"),
         ("bench_remote.py", "ratio compare over HTTP / download"),
+        ("bench_s3_copy.py", "s3 copy: done"),
         ("bench_before_after.py", "per-round ratio average after / before: median"),
         ("bench_scanners.py", "## Scanners on the red-team corpus"),
         ("bench_architectures.py", "ratio bnaudit / update_bn: see the columns"),

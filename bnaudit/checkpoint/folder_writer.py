@@ -104,6 +104,7 @@ def _patch_file(
         return patch_data_file(ckpt, data_file, group, out)
     shard = load_checkpoint(data_file)
     written = write_patched(shard, group, out, metadata=metadata)
+    assert written.reference_sha256 and written.output_sha256  # a local write hashes both files
     return FilePatch(
         data_file.name, written.ranges, written.crc_entries, written.reference_sha256, written.output_sha256
     )

@@ -131,7 +131,12 @@ def safetensors_header_with(path: Path, entries: Mapping[str, str]) -> bytes:
     multiple of 8 bytes, as the safetensors library writes it. Data offsets are relative to the data
     section, so they stay valid when the header grows.
     """
-    header = json.loads(_read_header_text(path))
+    return header_with_metadata(_read_header_text(path), entries)
+
+
+def header_with_metadata(text: bytes, entries: Mapping[str, str]) -> bytes:
+    """:func:`safetensors_header_with` for the header's JSON ``text`` (read from a file or an object)."""
+    header = json.loads(text)
     meta = dict(header.get("__metadata__") or {})
     meta.update(entries)
     new: dict[str, Any] = {"__metadata__": meta}
@@ -158,9 +163,14 @@ class SafetensorsHeaderFixups:
         return None  # the header is written by the copy
 
     def problem(self, reference: Path, output: Path, plan: FixupPlan) -> str | None:
-        old, new = json.loads(_read_header_text(reference)), json.loads(_read_header_text(output))
-        old_meta = dict(old.pop("__metadata__", None) or {})
-        new_meta = dict(new.pop("__metadata__", None) or {})
-        if old == new and new_meta == {**old_meta, **plan.metadata} and list(old) == list(new):
-            return None
-        return "the safetensors header changed beyond the metadata"
+        return header_problem(_read_header_text(reference), _read_header_text(output), plan.metadata)
+
+
+def header_problem(reference: bytes, output: bytes, metadata: Mapping[str, str]) -> str | None:
+    """What is wrong with an output's safetensors header JSON (None: the reference's plus ``metadata``)."""
+    old, new = json.loads(reference), json.loads(output)
+    old_meta = dict(old.pop("__metadata__", None) or {})
+    new_meta = dict(new.pop("__metadata__", None) or {})
+    if old == new and new_meta == {**old_meta, **metadata} and list(old) == list(new):
+        return None
+    return "the safetensors header changed beyond the metadata"

@@ -58,8 +58,9 @@ class WriteResult:
     Attributes:
         path: the output.
         format: its container format (the reference's).
-        reference_sha256: sha256 of the reference file, computed while copying it.
-        output_sha256: sha256 of the output, computed while verifying it.
+        reference_sha256: sha256 of the reference file, computed while copying it (None for a server-side
+            copy, which reads only the bytes it needs).
+        output_sha256: sha256 of the output, computed while verifying it (None for a server-side copy).
         ranges: the byte ranges rewritten (offsets in the reference).
         crc_entries: the zip entries whose CRC-32 was recomputed.
         metadata: the entries added to a safetensors header.
@@ -68,8 +69,8 @@ class WriteResult:
 
     path: Path
     format: ContainerFormat
-    reference_sha256: str
-    output_sha256: str
+    reference_sha256: str | None
+    output_sha256: str | None
     ranges: list[ByteRange]
     crc_entries: tuple[str, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)

@@ -1,17 +1,24 @@
 """Repairs whose reference or output is behind a URL: what :func:`write_repaired` adds to the local writer.
 
-- A remote reference is downloaded once into a temporary file beside the output (the output is a copy of it
-  anyway), read there, and patched like a local file; its sha256 is that of the bytes downloaded.
-- A remote output (``-o s3://bucket/fixed.pt``) is written and verified locally first (a temporary file,
-  the byte-patching writer's checks), then uploaded: a single-part upload for a small file, else a multipart
-  upload that is completed only once every part is in, so a reader sees the whole object or none (S3 makes
-  an object visible only when its upload completes). The sidecar is uploaded after the checkpoint. The path
-  taken is logged and recorded in the result (``upload``).
+- An S3 reference written to an S3 output on the same store (one s3fs filesystem) is not downloaded: the
+  output is written by a multipart upload that copies the unchanged byte ranges server-side and uploads
+  only the parts holding patched bytes, verified on a temporary key before it is copied to the target
+  (:mod:`bnaudit.checkpoint.s3_range_copy`). A file with nothing to copy (too small) takes the path below.
+- Otherwise a remote reference is downloaded once into a temporary file beside the output (the output is a
+  copy of it anyway), read there, and patched like a local file; its sha256 is that of the bytes downloaded.
+- A remote output (``-o s3://bucket/fixed.pt``) is then written and verified locally first (a temporary
+  file, the byte-patching writer's checks), then uploaded: a single-part upload for a small file, else a
+  multipart upload that is completed only once every part is in, so a reader sees the whole object or none
+  (S3 makes an object visible only when its upload completes).
+
+The sidecar is uploaded after the checkpoint, either way. The path taken is logged and recorded in the
+result (``upload``) and in average's JSON report.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -23,8 +30,10 @@ from bnaudit.checkpoint.bytesource import retrying, url_filesystem, url_of
 from bnaudit.checkpoint.folder_writer import write_checkpoint
 from bnaudit.checkpoint.load import load_checkpoint
 from bnaudit.checkpoint.patch_plan import TensorPatch, WriteResult
+from bnaudit.checkpoint.s3_range_copy import same_store, write_server_side
 from bnaudit.checkpoint.types import Checkpoint
 from bnaudit.checkpoint.writer import Companions
+from bnaudit.errors import OutputError
 from bnaudit.temp_registry import LIVE_TEMPS
 
 log = logging.getLogger(__name__)
@@ -80,6 +89,13 @@ def write_repaired(
         OutputError for a failed upload (nothing is left at the URL: an unfinished upload is not an object).
     """
     source, target = url_of(ckpt.path), url_of(out)
+    if target is not None and target == source:
+        raise OutputError("is the reference", path=target, where="-o", fix="write the repair to another key")
+    if source is not None and target is not None and same_store(source, target):
+        done = write_server_side(ckpt, patches, target, metadata=metadata, replace=replace_existing)
+        if done is not None:
+            _upload_companions(done, companions, target)
+            return done
     folder = Path(tempfile.gettempdir()) if target is not None else Path(out).parent
     with contextlib.ExitStack() as stack:
         if source is not None:
@@ -106,17 +122,17 @@ def _write_then_upload(
 ) -> WriteResult:
     staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnaudit-upload-")))
     local_out = staging / target.rsplit("/", 1)[-1]
-    written: list[tuple[Path, str]] = []
-
-    def keep(result: WriteResult) -> list[tuple[Path, str]]:
-        docs = companions(replace(result, path=Path(target))) if companions else []
-        written.extend(docs)
-        return []
-
-    result = write_checkpoint(ckpt, patches, local_out, metadata=metadata, companions=keep)
+    result = write_checkpoint(ckpt, patches, local_out, metadata=metadata)
     how = _upload(local_out, target)
-    for path, text in written:  # the sidecar, after the checkpoint it describes
-        side = staging / (local_out.name + ".sidecar")
-        side.write_text(text, encoding="utf-8")
-        _upload(side, url_of(path) or str(path))
-    return replace(result, path=Path(target), upload=how)
+    done = replace(result, path=Path(target), upload=how)
+    _upload_companions(done, companions, target)
+    return done
+
+
+def _upload_companions(result: WriteResult, companions: Companions | None, target: str) -> None:
+    """The sidecar, uploaded after the checkpoint it describes (one PUT: it appears whole or not at all)."""
+    for path, text in companions(result) if companions else []:
+        url = url_of(path) or str(path)
+        fs, key = url_filesystem(url)
+        retrying(url, functools.partial(fs.pipe_file, key, text.encode("utf-8")))
+        log.info("uploaded %s (%d bytes) after %s", url, len(text), target)

@@ -6,6 +6,7 @@ import os
 import zlib
 from pathlib import Path
 
+from bnaudit.checkpoint.bytesource import close, open_read
 from bnaudit.checkpoint.zipdir import ZipFormatError, read_directory
 from bnaudit.checkpoint.zipentries import ZipEntry
 from bnaudit.checkpoint.zipentries import locate_entries as _locate
@@ -15,11 +16,11 @@ _CHUNK = 1 << 20
 _CRC_BYTES = 4
 
 
-def locate_entries(path: Path) -> dict[str, ZipEntry]:
+def locate_entries(path: Path | str) -> dict[str, ZipEntry]:
     """Every entry of a zip archive with all its CRC-32 fields located (central, local, descriptor).
 
     Args:
-        path: the zip file.
+        path: the zip file, or an object's URL (read by range requests).
 
     Returns:
         Entry name -> ZipEntry.
@@ -27,7 +28,7 @@ def locate_entries(path: Path) -> dict[str, ZipEntry]:
     Raises:
         InputError: a record is missing or inconsistent (the archive is corrupt or unusual).
     """
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_read(path)
     try:
         return _locate(fd, read_directory(fd, strict=True), descriptors=True)
     except ZipFormatError as exc:
@@ -35,7 +36,7 @@ def locate_entries(path: Path) -> dict[str, ZipEntry]:
             str(exc), path=path, fix="the zip archive is corrupt or uses a layout bnaudit cannot patch"
         ) from None
     finally:
-        os.close(fd)
+        close(fd)
 
 
 def crc32_range(fd: int, offset: int, size: int) -> int:

@@ -211,6 +211,7 @@ def _report(
             reference_sha256=written.reference_sha256 if written else None,
             output_sha256=written.output_sha256 if written else None,
             stats_sha256=pooled.digests,
+            upload=written.upload if written else None,
         ),
     )
 

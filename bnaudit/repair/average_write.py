@@ -98,7 +98,12 @@ def write_average(
         doc = {
             **record,
             "reference": {**record["reference"], "sha256": result.reference_sha256},
-            "output": {"path": shown(out), "format": fmt, "sha256": result.output_sha256},
+            "output": {
+                "path": shown(out),
+                "format": fmt,
+                "sha256": result.output_sha256,
+                **({"upload": result.upload} if result.upload else {}),
+            },
             "patched_bytes": sum(len(r.data) for r in result.ranges),
             "crc_recomputed": result.crc_entries,
             "header_metadata": result.metadata,

@@ -98,18 +98,18 @@ class AverageOutcome:
     reference_sha256: str | None
     output_sha256: str | None
     stats_sha256: tuple[str, ...]
+    upload: str | None = None  # a URL output: the path taken (server-side copy, or download + upload)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "average": {
-                "output": self.output,
-                "sidecar": self.sidecar,
-                "refused": self.refused,
-                "reference_sha256": self.reference_sha256,
-                "output_sha256": self.output_sha256,
-                "stats_sha256": list(self.stats_sha256),
-            }
+        written = {
+            "output": self.output,
+            "sidecar": self.sidecar,
+            "refused": self.refused,
+            "reference_sha256": self.reference_sha256,
+            "output_sha256": self.output_sha256,
+            "stats_sha256": list(self.stats_sha256),
         }
+        return {"average": written if self.upload is None else {**written, "upload": self.upload}}
 
 
 @dataclass(frozen=True)
