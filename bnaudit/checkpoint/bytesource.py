@@ -232,13 +232,18 @@ def transfer_stats(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     return (obj.bytes_read, obj.requests) if obj is not None else (0, 0)
 
 
-def read_head(path: str | os.PathLike[str], size: int) -> bytes:
-    """The first ``size`` bytes (fewer for a shorter file) of a local file or a remote object."""
+def read_at(path: str | os.PathLike[str], size: int, offset: int) -> bytes:
+    """Up to ``size`` bytes at ``offset`` of a local file or a remote object (one range read)."""
     fd = open_read(path)
     try:
-        return pread(fd, size, 0)
+        return pread(fd, size, offset)
     finally:
         close(fd)
+
+
+def read_head(path: str | os.PathLike[str], size: int) -> bytes:
+    """The first ``size`` bytes (fewer for a shorter file) of a local file or a remote object."""
+    return read_at(path, size, 0)
 
 
 def remote_glob(url: str) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bnaudit.checkpoint.bytesource import close, open_read
+from bnaudit.checkpoint.bytesource import close, open_read, read_at
 from bnaudit.checkpoint.dcp_bytes import scan_bytes_item
 from bnaudit.checkpoint.dcp_metadata import (
     CONVERT,
@@ -21,7 +21,7 @@ from bnaudit.checkpoint.dcp_metadata import (
     unflatten,
 )
 from bnaudit.checkpoint.other_pickles import globals_of
-from bnaudit.checkpoint.remote_folder import dcp_folder, member_size, read_range
+from bnaudit.checkpoint.remote_folder import dcp_folder, member_size
 from bnaudit.checkpoint.torchzip import read_archive, storage_resolver
 from bnaudit.checkpoint.types import (
     ITEMSIZE,
@@ -148,7 +148,7 @@ class _DcpReader:
             return self._refused(
                 path, where, dtype, shape, f"'{fqn}' is stored with DCP transforms (e.g. compression)"
             )
-        if read_range(path, len(LOCAL_SIGNATURE), where.offset) == LOCAL_SIGNATURE:
+        if read_at(path, len(LOCAL_SIGNATURE), where.offset) == LOCAL_SIGNATURE:
             found = self._embedded(path, where, fqn, tensor=True)
             return self._check_chunk(path, where, fqn, found, dtype, shape)
         numel = 1
@@ -229,7 +229,7 @@ class _DcpReader:
                 "transformed (compressed) and is not read"
             )
             return Placeholder("torch.distributed.checkpoint", "unread_bytes_item", (fqn,))
-        if read_range(path, len(LOCAL_SIGNATURE), where.offset) == LOCAL_SIGNATURE:
+        if read_at(path, len(LOCAL_SIGNATURE), where.offset) == LOCAL_SIGNATURE:
             return self._embedded(path, where, fqn, tensor=False)
         # dcp.load torch.loads every byte item, whatever its first byte and size: scan it as torch reads it.
         label = f"{where.label} ({fqn})"
@@ -242,7 +242,7 @@ class _DcpReader:
             return root
         if where.length > MAX_BYTES_ITEM:
             return Placeholder("torch.distributed.checkpoint", "unread_bytes_item", (fqn,))
-        return read_range(path, where.length, where.offset)
+        return read_at(path, where.length, where.offset)
 
 
 def read_dcp(folder: Path) -> Checkpoint:

@@ -24,10 +24,7 @@ import threading
 from pathlib import Path
 
 from bnaudit.checkpoint.bytesource import (
-    close,
     file_size,
-    open_read,
-    pread,
     retrying,
     transfer_stats,
     url_filesystem,
@@ -168,15 +165,6 @@ def member_size(folder: Path, member: Path) -> int | None:
         if exc.fields.problem == "no such object":
             return None
         raise
-
-
-def read_range(member: Path, size: int, offset: int) -> bytes:
-    """Up to ``size`` bytes at ``offset`` of a member file, local or remote (range reads)."""
-    fd = open_read(member)
-    try:
-        return pread(fd, size, offset)
-    finally:
-        close(fd)
 
 
 def folder_members(folder: Path) -> list[str]:

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnaudit.checkpoint.bytesource import close, open_read, pread, url_of
+from bnaudit.checkpoint.bytesource import read_at, url_of
 from bnaudit.checkpoint.formats import format_spec
 from bnaudit.checkpoint.patch_fixups import (
     FixupPlan,
@@ -66,22 +66,14 @@ def same_store(source: str, target: str) -> bool:
     return S3Object(source).same_store(S3Object(target))
 
 
-def _read(url: str, size: int, offset: int) -> bytes:
-    fd = open_read(url)
-    try:
-        return pread(fd, size, offset)
-    finally:
-        close(fd)
-
-
 def _header_text(url: str) -> bytes:
-    length = int.from_bytes(_read(url, _LENGTH_BYTES, 0), "little")
-    return _read(url, length, _LENGTH_BYTES)
+    length = int.from_bytes(read_at(url, _LENGTH_BYTES, 0), "little")
+    return read_at(url, length, _LENGTH_BYTES)
 
 
 def _patched_crc(url: str, entry: ZipEntry, ranges: Sequence[ByteRange], shift: int = 0) -> int:
     """The CRC-32 of an entry's data with ``ranges`` written over it (read by range from ``url``)."""
-    data = bytearray(_read(url, entry.stored_size, entry.data_offset + shift))
+    data = bytearray(read_at(url, entry.stored_size, entry.data_offset + shift))
     for r in ranges:
         if entry.data_offset <= r.offset < entry.data_offset + entry.stored_size:
             data[r.offset - entry.data_offset : r.end - entry.data_offset] = r.data
@@ -140,11 +132,11 @@ def verify_object(tmp: S3Object, layout: Layout, patches: Sequence[TensorPatch],
     if (size := tmp.size()) != layout.size:
         raise verification_failed(where, f"size {size}, expected {layout.size}")
     for r in layout.ranges:
-        if _read(tmp.url, len(r.data), r.offset + shift) != r.data:
+        if read_at(tmp.url, len(r.data), r.offset + shift) != r.data:
             raise verification_failed(where, f"the bytes of '{r.label}' are not the values computed")
     for entry in layout.fixed.crc_entries:
         crc = _patched_crc(tmp.url, entry, (), shift)
-        stored = {int.from_bytes(_read(tmp.url, 4, f + shift), "little") for f in entry.crc_fields}
+        stored = {int.from_bytes(read_at(tmp.url, 4, f + shift), "little") for f in entry.crc_fields}
         if stored != {crc}:
             raise verification_failed(where, f"the CRC-32 of zip entry '{entry.name}' is stale")
     if layout.fixed.header is not None:
