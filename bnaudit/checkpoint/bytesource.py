@@ -4,10 +4,12 @@ The readers ask for byte ranges through four calls — :func:`open_read`, :func:
 :func:`close` — on integer handles. A local path gets a real file descriptor and the calls are the plain
 ``os`` ones. A URL (``s3://``, ``gs://``, ``https://``, ``hf://``, any protocol fsspec knows, its package
 installed: ``pip install 'bnaudit[remote]'``) gets a handle above every real descriptor: each read becomes
-a range request for the missing 4 KiB blocks around it (adjacent missing blocks in one request), and the
-blocks are kept in a small per-object cache (64 MiB in all), so the zip directory, the local headers, the
-pickle and the BatchNorm storages are fetched once each and nothing else is. Each object counts the bytes
-and requests it took (:func:`transfer_stats`, recorded in the JSON report).
+a range request for exactly the bytes of it not fetched before (no rounding to blocks; two missing parts
+at most ``MERGE_GAP`` bytes apart in one request), kept in a small per-object cache (64 MiB in all), so the
+zip end records and directory, the local headers, the pickle and the BatchNorm storages are fetched once
+each and nothing else is. The readers ask for few, large reads (a run of neighbouring local headers with
+the small tensors between them, the whole directory) so that the requests stay few as well. Each object
+counts the bytes and requests it took (:func:`transfer_stats`, recorded in the JSON report).
 
 Failures are one-line InputErrors naming the URL: a missing object, a denied request, and a transfer that
 keeps failing — a connection reset, a short or truncated answer — after ``RETRIES`` attempts spaced by
@@ -17,6 +19,7 @@ filesystem package's own (environment variables, config files, instance roles); 
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import re
@@ -28,8 +31,8 @@ from typing import Any
 
 from bnaudit.errors import InputError
 
-BLOCK = 4096
-CACHE_BLOCKS = (64 << 20) // BLOCK
+MERGE_GAP = 512
+CACHE_BYTES = 64 << 20
 RETRIES = 3
 BACKOFF_S = 0.25
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$", re.S)
@@ -123,7 +126,13 @@ def retrying(url: str, call: Any) -> Any:
 
 
 class RemoteObject:
-    """One remote object: its size, the blocks fetched so far, and what fetching them cost."""
+    """One remote object: its size, the byte ranges fetched so far, and what fetching them cost.
+
+    The cache holds exactly the ranges the readers asked for (no rounding to blocks): a read requests only
+    its parts not held yet, one request per missing part, except that parts separated by at most
+    ``MERGE_GAP`` held bytes share a request (a request costs a round trip; a few hundred bytes cost
+    nothing). The least recently read ranges are dropped past ``CACHE_BYTES``.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -134,12 +143,13 @@ class RemoteObject:
         self.size = int(info.get("size") or 0)
         self.bytes_read = 0
         self.requests = 0
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._spans: OrderedDict[int, bytes] = OrderedDict()  # start -> bytes; disjoint; least recent first
+        self._starts: list[int] = []  # the same starts, sorted
+        self._held = 0
         self._lock = threading.Lock()
 
-    def _fetch(self, first: int, last: int) -> None:
-        """Blocks ``first..last`` (inclusive) in one range request."""
-        start, end = first * BLOCK, min((last + 1) * BLOCK, self.size)
+    def _fetch(self, start: int, end: int) -> bytes:
+        """Bytes ``start..end`` in one range request (retried), counted."""
 
         def get() -> bytes:
             data = self.fs.cat_file(self.key, start=start, end=end)
@@ -147,28 +157,63 @@ class RemoteObject:
                 raise OSError(f"got {len(data)} of {end - start} bytes at {start} (truncated)")
             return bytes(data)
 
-        data = retrying(self.url, get)
+        data: bytes = retrying(self.url, get)
         self.bytes_read += len(data)
         self.requests += 1
-        for i in range(first, last + 1):
-            self._blocks[i] = data[(i - first) * BLOCK : (i - first + 1) * BLOCK]
-        while len(self._blocks) > CACHE_BLOCKS:
-            self._blocks.popitem(last=False)
+        return data
+
+    def _held_in(self, offset: int, end: int) -> list[tuple[int, int]]:
+        """The held spans overlapping ``[offset, end)``, as (start, end), in order."""
+        found = []
+        for start in self._starts[max(bisect.bisect_right(self._starts, offset) - 1, 0) :]:
+            if start >= end:
+                break
+            stop = start + len(self._spans[start])
+            if stop > offset:
+                found.append((start, stop))
+        return found
+
+    def _missing(self, offset: int, end: int) -> list[tuple[int, int]]:
+        """The ranges of ``[offset, end)`` to request: the gaps between held spans, merged over small ones."""
+        gaps: list[tuple[int, int]] = []
+        pos = offset
+        for start, stop in [*self._held_in(offset, end), (end, end)]:
+            if start <= pos:
+                pos = max(pos, stop)
+                continue
+            if gaps and pos - gaps[-1][1] <= MERGE_GAP:
+                gaps[-1] = (gaps[-1][0], start)
+            else:
+                gaps.append((pos, start))
+            pos = stop
+        return gaps
+
+    def _keep(self, start: int, data: bytes) -> None:
+        """Hold the parts of ``data`` (read at ``start``) that no span holds yet."""
+        pos, end = start, start + len(data)
+        for held_start, held_stop in [*self._held_in(start, end), (end, end)]:
+            if held_start > pos:
+                self._spans[pos] = data[pos - start : held_start - start]
+                bisect.insort(self._starts, pos)
+                self._held += held_start - pos
+            pos = max(pos, held_stop)
 
     def pread(self, size: int, offset: int) -> bytes:
         end = min(offset + size, self.size)
         if size <= 0 or offset >= end:
             return b""
-        first, last = offset // BLOCK, (end - 1) // BLOCK
         with self._lock:
-            missing = [i for i in range(first, last + 1) if i not in self._blocks]
-            for _, run in itertools.groupby(enumerate(missing), key=lambda p: p[1] - p[0]):
-                blocks = [i for _, i in run]
-                self._fetch(blocks[0], blocks[-1])
-            data = b"".join(self._blocks[i] for i in range(first, last + 1))
-            for i in range(first, last + 1):
-                self._blocks.move_to_end(i)
-        return data[offset - first * BLOCK : end - first * BLOCK]
+            for start, stop in self._missing(offset, end):
+                self._keep(start, self._fetch(start, stop))
+            pieces = []
+            for start, stop in self._held_in(offset, end):
+                self._spans.move_to_end(start)
+                pieces.append(self._spans[start][max(offset - start, 0) : min(end, stop) - start])
+            while self._held > CACHE_BYTES and self._spans:  # after the answer is cut: a read may exceed it
+                old, dropped = self._spans.popitem(last=False)
+                self._starts.remove(old)
+                self._held -= len(dropped)
+        return b"".join(pieces)
 
 
 def remote_object(url: str) -> RemoteObject:
