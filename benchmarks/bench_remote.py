@@ -7,7 +7,8 @@ server on 127.0.0.1 that counts the bytes it sends, and from moto's S3 server ru
 layer that counts the same (tests/remote/servers.py), then times as whole processes:
 
 - ``bnaudit compare`` on the URLs (HTTP and S3), against downloading every rank (``urllib``), against
-  downloading then ``torch.load``-ing every rank;
+  downloading then ``torch.load``-ing every rank; over HTTP also with ``--latency-ms`` (20 ms) added by
+  the server to every request, as a real store's round trip would be (loopback has none);
 - ``bnaudit average`` from S3 to S3 (``-o s3://...``), against downloading the ranks, averaging the local
   copies and uploading the result.
 
@@ -128,37 +129,42 @@ def _timed(name: str, argv: list[str], env: dict[str, str], repeats: int) -> flo
 
 def _compare_over_http(paths: list[Path], args: argparse.Namespace, env: dict[str, str], tmp: Path) -> None:
     total = sum(p.stat().st_size for p in paths)
+    late = f"  the same, {args.latency_ms:g} ms per request"
     with http_server(paths[0].parent) as (base, served):
         urls = [f"{base}/{p.name}" for p in paths]
-        sides = {
-            "bnaudit compare over HTTP": bnaudit_argv(
-                "compare", f"{base}/ckpt_rank*.pt", "--fail-on", "never"
-            ),
-            "  the same, --jobs 8": bnaudit_argv(
-                "compare", f"{base}/ckpt_rank*.pt", "--fail-on", "never", "--jobs", "8"
-            ),
-            "download every rank (urllib)": [sys.executable, "-c", DOWNLOAD, str(tmp), *urls],
+        compare = bnaudit_argv("compare", f"{base}/ckpt_rank*.pt", "--fail-on", "never")
+        download = [sys.executable, "-c", DOWNLOAD, str(tmp), *urls]
+        sides = {  # name: (argv, the server's added latency per request)
+            "bnaudit compare over HTTP": (compare, 0.0),
+            "  the same, --jobs 8": ([*compare, "--jobs", "8"], 0.0),
+            late: (compare, args.latency_ms / 1000),
+            "download every rank (urllib)": (download, 0.0),
+            late + " ": (download, args.latency_ms / 1000),
         }
-        rows = []
-        for name, argv in sides.items():
+        rows = {}
+        for name, (argv, delay) in sides.items():
             served.bytes.clear()
             served.requests.clear()
+            served.delay_s = delay
             seconds = _timed(name, argv, env, args.repeats)
-            sent = sum(served.bytes.values()) / args.repeats
-            rows.append((name, seconds, sent, sum(served.requests.values()) / args.repeats))
+            sent = sum(served.bytes[p.name] for p in paths) / args.repeats  # the ranks, not the listing
+            rows[name] = (seconds, sent, sum(served.requests[p.name] for p in paths) / args.repeats)
         load = _timed("torch.load", [sys.executable, "-c", LOAD, str(tmp)], env, args.repeats)
-        rows.append(("  + torch.load of the downloads", rows[2][1] + load, rows[2][2], rows[2][3]))
+        down = rows["download every rank (urllib)"]
+        rows["  + torch.load of the downloads"] = (down[0] + load, down[1], down[2])
     print(
-        f"{len(paths)} ranks x {total / len(paths) / 1e6:.1f} MB over HTTP (127.0.0.1), {args.repeats} runs"
+        f"{len(paths)} ranks x {total / len(paths) / 1e6:.2f} MB over HTTP (127.0.0.1), {args.repeats} runs"
     )
     print(f"{'side':34} {'median s':>9} {'bytes/rank':>12} {'% of file':>10} {'requests/rank':>14}")
-    for name, seconds, sent, requests in rows:
+    for name, (seconds, sent, requests) in rows.items():
         per = sent / len(paths)
         print(f"{name:34} {seconds:9.2f} {per:12.0f} {100 * per * len(paths) / total:9.3f}% "
               f"{requests / len(paths):14.1f}")  # fmt: skip
-    print(f"ratio compare over HTTP / download: {rows[0][1] / rows[2][1]:.3f}; "
-          f"/ download + torch.load: {rows[0][1] / rows[3][1]:.3f}; with --jobs 8: "
-          f"{rows[1][1] / rows[2][1]:.3f} / {rows[1][1] / rows[3][1]:.3f}")  # fmt: skip
+    ours, jobs, dl = rows["bnaudit compare over HTTP"][0], rows["  the same, --jobs 8"][0], down[0]
+    full = rows["  + torch.load of the downloads"][0]
+    print(f"ratio compare over HTTP / download: {ours / dl:.3f}; / download + torch.load: {ours / full:.3f}; "
+          f"with --jobs 8: {jobs / dl:.3f} / {jobs / full:.3f}; with {args.latency_ms:g} ms per request: "
+          f"{rows[late][0] / rows[late + ' '][0]:.3f} (of the download with the same latency)")  # fmt: skip
 
 
 def _over_s3(paths: list[Path], args: argparse.Namespace, env: dict[str, str], tmp: Path) -> None:
@@ -194,6 +200,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["grid", "resnet18", "resnet50"], default="grid")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--s3-ranks", type=int, default=0, help="the S3 part on the first N ranks only")
+    parser.add_argument("--latency-ms", type=float, default=20.0, help="per request, in the latency rows")
     parser.add_argument("--no-s3", action="store_true", help="only the HTTP part")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one run (for CI)")
     parser.add_argument("--workdir", type=Path, default=None)

@@ -5,10 +5,11 @@ The readers ask for byte ranges through four calls — :func:`open_read`, :func:
 ``os`` ones. A URL (``s3://``, ``gs://``, ``https://``, ``hf://``, any protocol fsspec knows, its package
 installed: ``pip install 'bnaudit[remote]'``) gets a handle above every real descriptor: each read becomes
 a range request for exactly the bytes of it not fetched before (no rounding to blocks; two missing parts
-at most ``MERGE_GAP`` bytes apart in one request), kept in a small per-object cache (64 MiB in all), so the
+at most 512 bytes apart in one request), kept in a per-object cache of 64 MiB (:mod:`rangecache`), so the
 zip end records and directory, the local headers, the pickle and the BatchNorm storages are fetched once
 each and nothing else is. The readers ask for few, large reads (a run of neighbouring local headers with
-the small tensors between them, the whole directory) so that the requests stay few as well. Each object
+the small tensors between them, the whole directory) so that the requests stay few as well, and announce
+the header runs (:func:`prefetch`) so that those go out concurrently, in one round trip. Each object
 counts the bytes and requests it took (:func:`transfer_stats`, recorded in the JSON report).
 
 Failures are one-line InputErrors naming the URL: a missing object, a denied request, and a transfer that
@@ -19,20 +20,18 @@ filesystem package's own (environment variables, config files, instance roles); 
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import os
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bnaudit.checkpoint.rangecache import RangeCache
 from bnaudit.errors import InputError
 
-MERGE_GAP = 512
-CACHE_BYTES = 64 << 20
 RETRIES = 3
 BACKOFF_S = 0.25
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$", re.S)
@@ -126,13 +125,8 @@ def retrying(url: str, call: Any) -> Any:
 
 
 class RemoteObject:
-    """One remote object: its size, the byte ranges fetched so far, and what fetching them cost.
-
-    The cache holds exactly the ranges the readers asked for (no rounding to blocks): a read requests only
-    its parts not held yet, one request per missing part, except that parts separated by at most
-    ``MERGE_GAP`` held bytes share a request (a request costs a round trip; a few hundred bytes cost
-    nothing). The least recently read ranges are dropped past ``CACHE_BYTES``.
-    """
+    """One remote object: its size, the byte ranges fetched so far (:class:`RangeCache`), and what
+    fetching them cost."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -143,9 +137,7 @@ class RemoteObject:
         self.size = int(info.get("size") or 0)
         self.bytes_read = 0
         self.requests = 0
-        self._spans: OrderedDict[int, bytes] = OrderedDict()  # start -> bytes; disjoint; least recent first
-        self._starts: list[int] = []  # the same starts, sorted
-        self._held = 0
+        self._cache = RangeCache()
         self._lock = threading.Lock()
 
     def _fetch(self, start: int, end: int) -> bytes:
@@ -162,58 +154,37 @@ class RemoteObject:
         self.requests += 1
         return data
 
-    def _held_in(self, offset: int, end: int) -> list[tuple[int, int]]:
-        """The held spans overlapping ``[offset, end)``, as (start, end), in order."""
-        found = []
-        for start in self._starts[max(bisect.bisect_right(self._starts, offset) - 1, 0) :]:
-            if start >= end:
-                break
-            stop = start + len(self._spans[start])
-            if stop > offset:
-                found.append((start, stop))
-        return found
-
-    def _missing(self, offset: int, end: int) -> list[tuple[int, int]]:
-        """The ranges of ``[offset, end)`` to request: the gaps between held spans, merged over small ones."""
-        gaps: list[tuple[int, int]] = []
-        pos = offset
-        for start, stop in [*self._held_in(offset, end), (end, end)]:
-            if start <= pos:
-                pos = max(pos, stop)
-                continue
-            if gaps and pos - gaps[-1][1] <= MERGE_GAP:
-                gaps[-1] = (gaps[-1][0], start)
-            else:
-                gaps.append((pos, start))
-            pos = stop
-        return gaps
-
-    def _keep(self, start: int, data: bytes) -> None:
-        """Hold the parts of ``data`` (read at ``start``) that no span holds yet."""
-        pos, end = start, start + len(data)
-        for held_start, held_stop in [*self._held_in(start, end), (end, end)]:
-            if held_start > pos:
-                self._spans[pos] = data[pos - start : held_start - start]
-                bisect.insort(self._starts, pos)
-                self._held += held_start - pos
-            pos = max(pos, held_stop)
+    def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Fetch the missing parts of these (offset, size) ranges as concurrent requests (one round trip,
+        not one per range). A part that fails or comes back short is left to the read that needs it, which
+        fetches it alone, with retries."""
+        with self._lock:
+            ends = [(at, min(at + size, self.size)) for at, size in ranges]
+            wanted = [gap for at, end in ends for gap in self._cache.missing(at, end)]
+        if len(wanted) < 2:
+            return
+        try:
+            answers = self.fs.cat_ranges(
+                [self.key] * len(wanted), [w[0] for w in wanted], [w[1] for w in wanted], on_error="return"
+            )
+        except Exception:  # whatever went wrong is met again, and reported, by the reads
+            return
+        with self._lock:
+            self.requests += len(wanted)
+            for (start, end), data in zip(wanted, answers, strict=True):
+                if isinstance(data, bytes | bytearray):
+                    self.bytes_read += len(data)
+                    if len(data) == end - start:
+                        self._cache.keep(start, bytes(data))
 
     def pread(self, size: int, offset: int) -> bytes:
         end = min(offset + size, self.size)
         if size <= 0 or offset >= end:
             return b""
         with self._lock:
-            for start, stop in self._missing(offset, end):
-                self._keep(start, self._fetch(start, stop))
-            pieces = []
-            for start, stop in self._held_in(offset, end):
-                self._spans.move_to_end(start)
-                pieces.append(self._spans[start][max(offset - start, 0) : min(end, stop) - start])
-            while self._held > CACHE_BYTES and self._spans:  # after the answer is cut: a read may exceed it
-                old, dropped = self._spans.popitem(last=False)
-                self._starts.remove(old)
-                self._held -= len(dropped)
-        return b"".join(pieces)
+            for start, stop in self._cache.missing(offset, end):
+                self._cache.keep(start, self._fetch(start, stop))
+            return self._cache.read(offset, end)
 
 
 def remote_object(url: str) -> RemoteObject:
@@ -247,6 +218,14 @@ def pread(fd: int, size: int, offset: int) -> bytes:
     """Up to ``size`` bytes at ``offset`` (fewer only at the end), as ``os.pread``."""
     obj = _OPEN.get(fd)
     return os.pread(fd, size, offset) if obj is None else obj.pread(size, offset)
+
+
+def prefetch(fd: int, ranges: Sequence[tuple[int, int]]) -> None:
+    """Announce the (offset, size) ranges about to be read: a remote object fetches them concurrently, a
+    local file does nothing."""
+    obj = _OPEN.get(fd)
+    if obj is not None:
+        obj.prefetch(ranges)
 
 
 def fd_size(fd: int) -> int:

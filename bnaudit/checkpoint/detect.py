@@ -18,7 +18,7 @@ from bnaudit.checkpoint.zipdir import END_SIGNATURE, LOCAL_SIGNATURE
 from bnaudit.errors import BnauditError, InputError
 
 _SNIFF_BYTES = 64 * 1024  # enough to see "weight_map" near the top of a sharded index
-_REMOTE_SNIFF_BYTES = 1024  # a remote object's first read: a torch zip needs no more to be told
+_REMOTE_SNIFF_BYTES = 1024  # the least a remote object's first read takes: a torch zip needs no more
 _MAX_SAFETENSORS_HEADER = 100_000_000
 _TEXT_BYTES = frozenset(range(0x20, 0x7F)) | frozenset(b"\t\n\r\x0b\x0c")
 _EXPECTED = "expected a torch.save file (.pt/.pth/.bin/.ckpt), a .safetensors file or a sharded *.index.json"
@@ -84,10 +84,13 @@ def detect_format(path: str | Path) -> ContainerFormat:
     """
     path = Path(path)
     if is_remote(path):  # an object behind a URL: its first bytes by a range request (no folders yet)
-        head = read_head(path, _REMOTE_SNIFF_BYTES)  # a zip's first bytes are its pickle: read anyway
-        if not head.startswith(LOCAL_SIGNATURE) and len(head) == _REMOTE_SNIFF_BYTES:
+        size = source_size(path)
+        # A zip's first bytes are its pickle, read anyway: 1/4096 of the object (at least 1 KiB) first.
+        first = min(max(size >> 12, _REMOTE_SNIFF_BYTES), _SNIFF_BYTES)
+        head = read_head(path, first)
+        if not head.startswith(LOCAL_SIGNATURE) and len(head) == first < _SNIFF_BYTES:
             head = read_head(path, _SNIFF_BYTES)
-        return _format_of(path, head, source_size(path))
+        return _format_of(path, head, size)
     try:
         if path.is_dir():
             if (path / ".metadata").is_file():

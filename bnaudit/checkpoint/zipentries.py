@@ -6,7 +6,7 @@ import struct
 import zlib
 from typing import NamedTuple
 
-from bnaudit.checkpoint.bytesource import pread
+from bnaudit.checkpoint.bytesource import pread, prefetch
 from bnaudit.checkpoint.zipdir import (
     CENTRAL_CRC_AT,
     DEFLATED,
@@ -162,9 +162,13 @@ def locate_entries(fd: int, directory: ZipDirectory, *, descriptors: bool = Fals
     """
     by_record: dict[int, ZipEntry] = {}
     crc_stored = not directory.crc32_absent
-    for run in _header_runs(sorted(directory.records, key=lambda r: r.header_offset)):
-        run_start = run[0].header_offset
-        data = pread(fd, max(_reach(rec) for rec in run) - run_start, run_start)
+    runs = [
+        (run, run[0].header_offset, max(_reach(rec) for rec in run) - run[0].header_offset)
+        for run in _header_runs(sorted(directory.records, key=lambda r: r.header_offset))
+    ]
+    prefetch(fd, [(start, size) for _, start, size in runs])  # over a network: one round trip for them all
+    for run, run_start, size in runs:
+        data = pread(fd, size, run_start)
         for rec in run:
             at = rec.header_offset - run_start
             by_record[rec.record_offset] = _entry(rec, data[at : at + LOCAL.size], descriptors, crc_stored)

@@ -32,12 +32,16 @@ class Served:
     deny: set[str] = field(default_factory=set)
     reset_once: set[str] = field(default_factory=set)  # the next ranged read is cut off mid-body
     reset_always: set[str] = field(default_factory=set)
+    delay_s: float = 0.0  # a round trip's latency, added before each answer (as a real store's would be)
 
 
 class RangeServer(ThreadingHTTPServer):
     """A threading HTTP server serving ``root``, recording into ``served``."""
 
     daemon_threads = True
+    # socketserver's default backlog is 5: more concurrent connects (a batched fetch of a hundred ranges)
+    # overflow it, and each dropped SYN is retried by TCP after 1 s, 2 s, 4 s ...
+    request_queue_size = 128
     served: Served
     root: Path
 
@@ -63,6 +67,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
 
     def _serve(self, body: bool) -> None:
         served, name = self.server.served, self.path.lstrip("/")
+        time.sleep(served.delay_s)
         if name in served.deny:
             self.send_error(403)
             return
