@@ -161,8 +161,8 @@ class RemoteObject:
         with self._lock:
             ends = [(at, min(at + size, self.size)) for at, size in ranges]
             wanted = [gap for at, end in ends for gap in self._cache.missing(at, end)]
-        if len(wanted) < 2:
-            return
+        if len(wanted) < 2 or not getattr(self.fs, "async_impl", False):
+            return  # a synchronous filesystem's cat_ranges is the same requests one after the other
         try:
             answers = self.fs.cat_ranges(
                 [self.key] * len(wanted), [w[0] for w in wanted], [w[1] for w in wanted], on_error="return"
