@@ -138,6 +138,7 @@ def _compare_over_http(paths: list[Path], args: argparse.Namespace, env: dict[st
             "bnaudit compare over HTTP": (compare, 0.0),
             "  the same, --jobs 8": ([*compare, "--jobs", "8"], 0.0),
             late: (compare, args.latency_ms / 1000),
+            late + ", --jobs 8": ([*compare, "--jobs", "8"], args.latency_ms / 1000),
             "download every rank (urllib)": (download, 0.0),
             late + " ": (download, args.latency_ms / 1000),
         }
@@ -184,10 +185,10 @@ def _over_s3(paths: list[Path], args: argparse.Namespace, env: dict[str, str], t
         ours = _timed("average s3 -> s3", average, s3, args.repeats)
         roundtrip = [sys.executable, "-c", S3_ROUNDTRIP, str(tmp), str(len(paths))]
         theirs = _timed("roundtrip", roundtrip, s3, args.repeats)
-    size = paths[0].stat().st_size
+    size = statistics.mean(p.stat().st_size for p in paths)
     print(f"S3 (moto in-process on 127.0.0.1), {len(paths)} ranks: compare {compare:.2f} s, "
-          f"{statistics.median(sent):.0f} bytes/rank ({100 * statistics.median(sent) / size:.3f}% of the "
-          f"file, the server's count), {statistics.median(asked):.1f} requests/rank")  # fmt: skip
+          f"{statistics.mean(sent):.0f} bytes/rank ({100 * statistics.mean(sent) / size:.3f}% of the "
+          f"file, the server's count), {statistics.mean(asked):.1f} requests/rank")  # fmt: skip
     print(f"average s3 -> s3: {ours:.2f} s; download + average + upload: {theirs:.2f} s; "
           f"ratio {ours / theirs:.3f}")  # fmt: skip
 
