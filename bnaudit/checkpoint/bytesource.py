@@ -4,10 +4,13 @@ The readers ask for byte ranges through four calls — :func:`open_read`, :func:
 :func:`close` — on integer handles. A local path gets a real file descriptor and the calls are the plain
 ``os`` ones. A URL (``s3://``, ``gs://``, ``https://``, ``hf://``, any protocol fsspec knows, its package
 installed: ``pip install 'bnaudit[remote]'``) gets a handle above every real descriptor: each read becomes
-a range request for the missing 4 KiB blocks around it (adjacent missing blocks in one request), and the
-blocks are kept in a small per-object cache (64 MiB in all), so the zip directory, the local headers, the
-pickle and the BatchNorm storages are fetched once each and nothing else is. Each object counts the bytes
-and requests it took (:func:`transfer_stats`, recorded in the JSON report).
+a range request for exactly the bytes of it not fetched before (no rounding to blocks; two missing parts
+at most 512 bytes apart in one request), kept in a per-object cache of 64 MiB (:mod:`rangecache`), so the
+zip end records and directory, the local headers, the pickle and the BatchNorm storages are fetched once
+each and nothing else is. The readers ask for few, large reads (a run of neighbouring local headers with
+the small tensors between them, the whole directory) so that the requests stay few as well, and announce
+the header runs (:func:`prefetch`) so that those go out concurrently, in one round trip. Each object
+counts the bytes and requests it took (:func:`transfer_stats`, recorded in the JSON report).
 
 Failures are one-line InputErrors naming the URL: a missing object, a denied request, and a transfer that
 keeps failing — a connection reset, a short or truncated answer — after ``RETRIES`` attempts spaced by
@@ -22,14 +25,13 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bnaudit.checkpoint.rangecache import RangeCache
 from bnaudit.errors import InputError
 
-BLOCK = 4096
-CACHE_BLOCKS = (64 << 20) // BLOCK
 RETRIES = 3
 BACKOFF_S = 0.25
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$", re.S)
@@ -123,7 +125,8 @@ def retrying(url: str, call: Any) -> Any:
 
 
 class RemoteObject:
-    """One remote object: its size, the blocks fetched so far, and what fetching them cost."""
+    """One remote object: its size, the byte ranges fetched so far (:class:`RangeCache`), and what
+    fetching them cost."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -134,12 +137,11 @@ class RemoteObject:
         self.size = int(info.get("size") or 0)
         self.bytes_read = 0
         self.requests = 0
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._cache = RangeCache()
         self._lock = threading.Lock()
 
-    def _fetch(self, first: int, last: int) -> None:
-        """Blocks ``first..last`` (inclusive) in one range request."""
-        start, end = first * BLOCK, min((last + 1) * BLOCK, self.size)
+    def _fetch(self, start: int, end: int) -> bytes:
+        """Bytes ``start..end`` in one range request (retried), counted."""
 
         def get() -> bytes:
             data = self.fs.cat_file(self.key, start=start, end=end)
@@ -147,28 +149,42 @@ class RemoteObject:
                 raise OSError(f"got {len(data)} of {end - start} bytes at {start} (truncated)")
             return bytes(data)
 
-        data = retrying(self.url, get)
+        data: bytes = retrying(self.url, get)
         self.bytes_read += len(data)
         self.requests += 1
-        for i in range(first, last + 1):
-            self._blocks[i] = data[(i - first) * BLOCK : (i - first + 1) * BLOCK]
-        while len(self._blocks) > CACHE_BLOCKS:
-            self._blocks.popitem(last=False)
+        return data
+
+    def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Fetch the missing parts of these (offset, size) ranges as concurrent requests (one round trip,
+        not one per range). A part that fails or comes back short is left to the read that needs it, which
+        fetches it alone, with retries."""
+        with self._lock:
+            ends = [(at, min(at + size, self.size)) for at, size in ranges]
+            wanted = [gap for at, end in ends for gap in self._cache.missing(at, end)]
+        if len(wanted) < 2 or not getattr(self.fs, "async_impl", False):
+            return  # a synchronous filesystem's cat_ranges is the same requests one after the other
+        try:
+            answers = self.fs.cat_ranges(
+                [self.key] * len(wanted), [w[0] for w in wanted], [w[1] for w in wanted], on_error="return"
+            )
+        except Exception:  # whatever went wrong is met again, and reported, by the reads
+            return
+        with self._lock:
+            self.requests += len(wanted)
+            for (start, end), data in zip(wanted, answers, strict=True):
+                if isinstance(data, bytes | bytearray):
+                    self.bytes_read += len(data)
+                    if len(data) == end - start:
+                        self._cache.keep(start, bytes(data))
 
     def pread(self, size: int, offset: int) -> bytes:
         end = min(offset + size, self.size)
         if size <= 0 or offset >= end:
             return b""
-        first, last = offset // BLOCK, (end - 1) // BLOCK
         with self._lock:
-            missing = [i for i in range(first, last + 1) if i not in self._blocks]
-            for _, run in itertools.groupby(enumerate(missing), key=lambda p: p[1] - p[0]):
-                blocks = [i for _, i in run]
-                self._fetch(blocks[0], blocks[-1])
-            data = b"".join(self._blocks[i] for i in range(first, last + 1))
-            for i in range(first, last + 1):
-                self._blocks.move_to_end(i)
-        return data[offset - first * BLOCK : end - first * BLOCK]
+            for start, stop in self._cache.missing(offset, end):
+                self._cache.keep(start, self._fetch(start, stop))
+            return self._cache.read(offset, end)
 
 
 def remote_object(url: str) -> RemoteObject:
@@ -202,6 +218,14 @@ def pread(fd: int, size: int, offset: int) -> bytes:
     """Up to ``size`` bytes at ``offset`` (fewer only at the end), as ``os.pread``."""
     obj = _OPEN.get(fd)
     return os.pread(fd, size, offset) if obj is None else obj.pread(size, offset)
+
+
+def prefetch(fd: int, ranges: Sequence[tuple[int, int]]) -> None:
+    """Announce the (offset, size) ranges about to be read: a remote object fetches them concurrently, a
+    local file does nothing."""
+    obj = _OPEN.get(fd)
+    if obj is not None:
+        obj.prefetch(ranges)
 
 
 def fd_size(fd: int) -> int:

@@ -19,6 +19,7 @@ from bnaudit.checkpoint.zipdir import END_SIGNATURE, LOCAL_SIGNATURE
 from bnaudit.errors import BnauditError, InputError
 
 _SNIFF_BYTES = 64 * 1024  # enough to see "weight_map" near the top of a sharded index
+_REMOTE_SNIFF_BYTES = 1024  # the least a remote object's first read takes: a torch zip needs no more
 _MAX_SAFETENSORS_HEADER = 100_000_000
 _TEXT_BYTES = frozenset(range(0x20, 0x7F)) | frozenset(b"\t\n\r\x0b\x0c")
 _EXPECTED = "expected a torch.save file (.pt/.pth/.bin/.ckpt), a .safetensors file or a sharded *.index.json"
@@ -82,7 +83,15 @@ def detect_format(path: str | Path) -> ContainerFormat:
     path = Path(path)
     if is_remote(path):  # a folder behind a URL (remote_folder.py), else an object: its first bytes
         folder = remote_folder_format(path)
-        return folder or _format_of(path, read_head(path, _SNIFF_BYTES), source_size(path))
+        if folder is not None:
+            return folder
+        size = source_size(path)
+        # A zip's first bytes are its pickle, read anyway: 1/4096 of the object (at least 1 KiB) first.
+        first = min(max(size >> 12, _REMOTE_SNIFF_BYTES), _SNIFF_BYTES)
+        head = read_head(path, first)
+        if not head.startswith(LOCAL_SIGNATURE) and len(head) == first < _SNIFF_BYTES:
+            head = read_head(path, _SNIFF_BYTES)
+        return _format_of(path, head, size)
     try:
         if path.is_dir():
             kind = folder_kind(sorted(p.name for p in path.iterdir() if p.is_file()))

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from bnaudit.checkpoint.bytesource import close, open_read, pread
+from bnaudit.checkpoint.bytesource import close, is_remote, open_read, pread
 from bnaudit.checkpoint.tensor_codec import RAW_DTYPES, decode
 from bnaudit.checkpoint.types import (
     ITEMSIZE,
@@ -127,6 +127,9 @@ def read_tensor(ref: TensorRef) -> np.ndarray:
 # them, and never more than _MAX_RUN_BYTES in one read: a BatchNorm layer's five small tensors sit side by
 # side in a torch zip, while a convolution's weights (megabytes) separate one layer from the next.
 _MAX_GAP_BYTES = 64 << 10
+# Over a network the bytes between count: only the local headers between one layer's tensors are bridged
+# (the bytes of those runs were fetched with the local headers already, see zipentries.locate_entries).
+_REMOTE_GAP_BYTES = 512
 _MAX_RUN_BYTES = 4 << 20
 
 
@@ -163,7 +166,7 @@ def read_tensors(refs: Sequence[TensorRef], path: Path | None = None) -> list[np
     for source, spans in by_file.items():
         fd = _open_for_reading(source)
         try:
-            for run in _coalesce(sorted(spans)):
+            for run in _coalesce(sorted(spans), _REMOTE_GAP_BYTES if is_remote(source) else _MAX_GAP_BYTES):
                 run_start, run_end = run[0][0], max(span[1] for span in run)
                 data = pread(fd, run_end - run_start, run_start)
                 for start, end, index, raw_dtype in run:
@@ -176,13 +179,13 @@ def read_tensors(refs: Sequence[TensorRef], path: Path | None = None) -> list[np
 
 
 def _coalesce(
-    spans: list[tuple[int, int, int, np.dtype[Any]]],
+    spans: list[tuple[int, int, int, np.dtype[Any]]], max_gap: int
 ) -> Iterator[list[tuple[int, int, int, np.dtype[Any]]]]:
     """Group spans sorted by start into runs that one pread covers (small gaps, bounded size)."""
     run = [spans[0]]
     run_end = spans[0][1]
     for span in spans[1:]:
-        if span[0] - run_end <= _MAX_GAP_BYTES and max(run_end, span[1]) - run[0][0] <= _MAX_RUN_BYTES:
+        if span[0] - run_end <= max_gap and max(run_end, span[1]) - run[0][0] <= _MAX_RUN_BYTES:
             run.append(span)
             run_end = max(run_end, span[1])
             continue

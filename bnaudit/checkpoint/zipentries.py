@@ -6,7 +6,7 @@ import struct
 import zlib
 from typing import NamedTuple
 
-from bnaudit.checkpoint.bytesource import pread
+from bnaudit.checkpoint.bytesource import pread, prefetch
 from bnaudit.checkpoint.zipdir import (
     CENTRAL_CRC_AT,
     DEFLATED,
@@ -63,14 +63,24 @@ class ZipEntry(NamedTuple):
         return tuple(sorted(f for f in fields if f is not None))
 
 
+def _reach(rec: CentralRecord) -> int:
+    """Where a header run that holds ``rec`` reaches: its fixed header, and for a torch pickle (read whole
+    next, whatever the caller) also its name and data, so that over a network the pickle comes in the
+    request that brings the small entries after it."""
+    if rec.name.endswith("data.pkl") and rec.stored_size <= _MAX_HEADER_RUN:
+        return rec.header_offset + LOCAL.size + rec.name_length + rec.stored_size
+    return rec.header_offset + LOCAL.size
+
+
 def _header_runs(ordered: list[CentralRecord]) -> list[list[CentralRecord]]:
     """Group records sorted by header offset into runs one pread covers (small gaps, bounded size)."""
     runs: list[list[CentralRecord]] = []
     for rec in ordered:
         run = runs[-1] if runs else None
+        last_reach = max(run[-1].header_offset, _reach(run[-1]) - LOCAL.size) if run else 0
         if (
             run is not None
-            and rec.header_offset - run[-1].header_offset <= _MAX_HEADER_GAP
+            and rec.header_offset - last_reach <= _MAX_HEADER_GAP
             and rec.header_offset + LOCAL.size - run[0].header_offset <= _MAX_HEADER_RUN
         ):
             run.append(rec)
@@ -152,9 +162,13 @@ def locate_entries(fd: int, directory: ZipDirectory, *, descriptors: bool = Fals
     """
     by_record: dict[int, ZipEntry] = {}
     crc_stored = not directory.crc32_absent
-    for run in _header_runs(sorted(directory.records, key=lambda r: r.header_offset)):
-        run_start = run[0].header_offset
-        data = pread(fd, run[-1].header_offset + LOCAL.size - run_start, run_start)
+    runs = [
+        (run, run[0].header_offset, max(_reach(rec) for rec in run) - run[0].header_offset)
+        for run in _header_runs(sorted(directory.records, key=lambda r: r.header_offset))
+    ]
+    prefetch(fd, [(start, size) for _, start, size in runs])  # over a network: one round trip for them all
+    for run, run_start, size in runs:
+        data = pread(fd, size, run_start)
         for rec in run:
             at = rec.header_offset - run_start
             by_record[rec.record_offset] = _entry(rec, data[at : at + LOCAL.size], descriptors, crc_stored)

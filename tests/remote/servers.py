@@ -1,5 +1,6 @@
 """Real servers on 127.0.0.1 for the remote-input tests: an HTTP server with range support that counts the
-bytes it serves (with injectable faults), and moto's S3 server (started as its own process)."""
+bytes it serves (with injectable faults), moto's S3 server started as its own process, and moto's S3
+server run in this process behind a WSGI layer that counts the body bytes and GET requests per key."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
@@ -30,12 +32,16 @@ class Served:
     deny: set[str] = field(default_factory=set)
     reset_once: set[str] = field(default_factory=set)  # the next ranged read is cut off mid-body
     reset_always: set[str] = field(default_factory=set)
+    delay_s: float = 0.0  # a round trip's latency, added before each answer (as a real store's would be)
 
 
 class RangeServer(ThreadingHTTPServer):
     """A threading HTTP server serving ``root``, recording into ``served``."""
 
     daemon_threads = True
+    # socketserver's default backlog is 5: more concurrent connects (a batched fetch of a hundred ranges)
+    # overflow it, and each dropped SYN is retried by TCP after 1 s, 2 s, 4 s ...
+    request_queue_size = 128
     served: Served
     root: Path
 
@@ -61,6 +67,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
 
     def _serve(self, body: bool) -> None:
         served, name = self.server.served, self.path.lstrip("/")
+        time.sleep(served.delay_s)
         if name in served.deny:
             self.send_error(403)
             return
@@ -161,3 +168,56 @@ S3_ENV = {
 def s3_env(endpoint: str) -> dict[str, str]:
     """The environment a bnaudit process needs to reach the moto server (s3fs reads these)."""
     return {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint}
+
+
+class CountingApp:
+    """A WSGI layer that counts, per ``bucket/key`` path, the GET requests and the body bytes they send."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], served: Served) -> None:
+        self.app, self.served = app, served
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        body = self.app(environ, start_response)
+        name = environ.get("PATH_INFO", "").lstrip("/")
+        counted = environ.get("REQUEST_METHOD") == "GET"
+        if counted:
+            self.served.requests[name] += 1
+        try:
+            for chunk in body:
+                if counted:
+                    self.served.bytes[name] += len(chunk)
+                yield chunk
+        finally:
+            getattr(body, "close", lambda: None)()
+
+
+@contextlib.contextmanager
+def counting_s3_server() -> Iterator[tuple[str, Served]]:
+    """moto's S3 server in this process, behind :class:`CountingApp`: the endpoint URL and its counts,
+    keyed ``bucket/key``. moto's state lives in this process and is reset when the server stops."""
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    class QuietHandler(MotoRequestHandler):  # type: ignore[misc]
+        def log_request(self, *args: object) -> None:
+            pass
+
+    served = Served()
+    app = CountingApp(DomainDispatcherApplication(create_backend_app), served)
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield endpoint, served
+    finally:
+        import urllib.request
+
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))
+        server.shutdown()
+        server.server_close()
