@@ -178,7 +178,18 @@ ARCHITECTURES: dict[str, Any] = {
 }
 
 
+TIMM_PREFIX = "timm:"
+
+
 def build(arch: str = "resnet", width: int = 16, **kwargs: Any) -> nn.Module:
-    """A fresh model of architecture ``arch`` (seeded, so every process builds the same weights)."""
+    """A fresh model of architecture ``arch`` (seeded, so every process builds the same weights).
+
+    ``timm:<name>`` builds the real timm model of that name (random weights, 10 classes; ``width`` is
+    ignored) where timm is installed: the benchmark's measure of the layers users actually run.
+    """
     torch.manual_seed(0)
+    if arch.startswith(TIMM_PREFIX):
+        import timm
+
+        return timm.create_model(arch[len(TIMM_PREFIX) :], pretrained=False, num_classes=10)  # type: ignore[no-any-return]
     return ARCHITECTURES[arch](width=width, **kwargs)
