@@ -170,6 +170,22 @@ def s3_env(endpoint: str) -> dict[str, str]:
     return {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint}
 
 
+_UPLOAD = (
+    "import s3fs, sys; fs = s3fs.S3FileSystem(); fs.mkdir('bucket')\n"
+    "for p in sys.argv[1:]: fs.put(p, 'bucket/run/' + p.rsplit('/', 1)[1], recursive=True)\n"
+)
+
+
+@contextlib.contextmanager
+def s3_run_bucket(paths: Iterable[str | Path]) -> Iterator[dict[str, str]]:
+    """A moto server holding each file or folder of ``paths`` at ``s3://bucket/run/<its name>``; the
+    environment to reach it (uploaded by s3fs in a child process, as a user's tool would)."""
+    with moto_server() as endpoint:
+        env = s3_env(endpoint)
+        subprocess.run([sys.executable, "-c", _UPLOAD, *map(str, paths)], check=True, env=env, timeout=120)
+        yield env
+
+
 class CountingApp:
     """A WSGI layer that counts, per ``bucket/key`` path, the GET requests and the body bytes they send."""
 

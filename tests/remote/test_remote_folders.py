@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from tests.checkpoint.test_dcp import save_dcp
 from tests.conftest import REPO
-from tests.remote.servers import Served, http_server, moto_server, s3_env
+from tests.remote.servers import Served, http_server, s3_run_bucket
 from tests.remote.test_remote_inputs import _normal, _report, bnaudit
 from tests.repair.test_average import rank_states
 from tests.repair.test_folder_repairs import (
@@ -71,14 +71,8 @@ def http(served_root: Path) -> Iterator[tuple[str, Served]]:
 def s3(served_root: Path) -> Iterator[dict[str, str]]:
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
-    with moto_server() as endpoint:
-        env = s3_env(endpoint)
-        code = (
-            "import s3fs, sys; fs = s3fs.S3FileSystem(); fs.mkdir('bucket')\n"
-            "for p in sys.argv[1:]: fs.put(p, 'bucket/run/' + p.rsplit('/', 1)[1], recursive=True)\n"
-        )
-        folders = [str(served_root / f"{kind}_rank{r}") for kind in ("hf", "dcp") for r in range(RANKS)]
-        subprocess.run([sys.executable, "-c", code, *folders], check=True, env=env, timeout=120)
+    folders = [str(served_root / f"{kind}_rank{r}") for kind in ("hf", "dcp") for r in range(RANKS)]
+    with s3_run_bucket(folders) as env:
         yield env
 
 
@@ -163,18 +157,19 @@ def test_average_of_http_sharded_folders_into_a_local_folder(served_root, http, 
     assert sidecar["output"]["path"] == str(out)
 
 
+def _average_locally(root: Path, out: Path) -> None:
+    """The local ``average`` of the sharded rank folders: what a remote run must equal byte for byte."""
+    result = bnaudit("average", *(str(root / f"hf_rank{r}") for r in range(RANKS)), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+
+
 def test_average_of_s3_folders_into_local_folders(served_root, s3, tmp_path) -> None:
     states = _states()
     hf_out, dcp_out = tmp_path / "fixed_hf", tmp_path / "fixed_dcp"
     args = [f"s3://bucket/run/hf_rank{r}" for r in range(RANKS)]
     assert bnaudit("average", *args, "-o", str(hf_out), env=s3).returncode == 0
     local = tmp_path / "local_hf"
-    assert (
-        bnaudit(
-            "average", *(str(served_root / f"hf_rank{r}") for r in range(RANKS)), "-o", str(local)
-        ).returncode
-        == 0
-    )
+    _average_locally(served_root, local)
     assert digests(hf_out) == digests(local) and "config.json" in digests(hf_out)
     with safe_open(hf_out / STATS_SHARD, "pt") as f:
         got = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -210,12 +205,7 @@ def test_compare_of_s3_folders_equals_local(served_root, s3) -> None:
 
 def test_average_from_s3_folders_to_an_s3_folder(served_root, s3, tmp_path) -> None:
     local_out = tmp_path / "local_hf"
-    assert (
-        bnaudit(
-            "average", *(str(served_root / f"hf_rank{r}") for r in range(RANKS)), "-o", str(local_out)
-        ).returncode
-        == 0
-    )
+    _average_locally(served_root, local_out)
     args = ["average", *(f"s3://bucket/run/hf_rank{r}" for r in range(RANKS)), "-o", "s3://bucket/fixed/hf"]
     result = bnaudit(*args, "--format", "json", env=s3)
     assert result.returncode == 0, result.stderr

@@ -16,7 +16,7 @@ import torch
 
 from bnaudit.checkpoint.bytesource import RETRIES
 from tests.conftest import FIXTURES, REPO, bn_state
-from tests.remote.servers import Served, http_server, moto_server, s3_env
+from tests.remote.servers import Served, http_server, s3_run_bucket
 
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
@@ -143,14 +143,8 @@ def test_a_reset_mid_read_is_retried(run_folder, http) -> None:
 def s3(run_folder: Path) -> Iterator[dict[str, str]]:
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
-    with moto_server() as endpoint:
-        env = s3_env(endpoint)
-        code = (
-            "import s3fs, sys; fs = s3fs.S3FileSystem(); fs.mkdir('bucket')\n"
-            "for p in sys.argv[1:]: fs.put(p, 'bucket/run/' + p.rsplit('/', 1)[1])\n"
-        )
-        paths = [str(run_folder / n) for n in (*RANKS, "big_rank0.pt", "big_rank1.pt")]
-        subprocess.run([sys.executable, "-c", code, *paths], check=True, env=env, timeout=120)
+    paths = [str(run_folder / n) for n in (*RANKS, "big_rank0.pt", "big_rank1.pt")]
+    with s3_run_bucket(paths) as env:
         yield env
 
 

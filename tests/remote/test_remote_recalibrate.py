@@ -5,8 +5,6 @@ copy, and the float64 reference of tests/repair/test_recalibrate.py."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import torch
 
 from tests.checkpoint.test_dcp import save_dcp
 from tests.recal_helpers.models import make_convnet
-from tests.remote.servers import http_server, moto_server, s3_env
+from tests.remote.servers import http_server, s3_run_bucket
 from tests.remote.test_remote_inputs import _normal, _report, bnaudit
 from tests.repair.test_folder_repairs import _dcp_load, digests
 from tests.repair.test_recalibrate import SPEC, _assert_exact
@@ -65,15 +63,8 @@ def test_recalibrate_a_file_over_http(served, tmp_path) -> None:
 def s3(served: Path) -> Iterator[dict[str, str]]:
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
-    with moto_server() as endpoint:
-        env = s3_env(endpoint)
-        code = (
-            "import s3fs, sys; fs = s3fs.S3FileSystem(); fs.mkdir('bucket')\n"
-            "fs.put(sys.argv[1], 'bucket/run/convnet.pt')\n"
-            "fs.put(sys.argv[2], 'bucket/run/convnet_dcp', recursive=True)\n"
-        )
-        args = [str(served / "convnet.pt"), str(served / "convnet_dcp")]
-        subprocess.run([sys.executable, "-c", code, *args], check=True, env=env, timeout=120)
+    args = [str(served / "convnet.pt"), str(served / "convnet_dcp")]
+    with s3_run_bucket(args) as env:
         yield env
 
 

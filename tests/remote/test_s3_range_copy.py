@@ -7,8 +7,6 @@ import functools
 import itertools
 import json
 import random
-import subprocess
-import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 import torch
 
 from bnaudit.checkpoint.s3_part_plan import MIN_PART, PartLimits, plan_parts
-from tests.remote.servers import moto_server, s3_env
+from tests.remote.servers import s3_run_bucket
 from tests.remote.test_remote_inputs import bnaudit
 
 RANKS = ["big_rank0.pt", "big_rank1.pt"]
@@ -114,13 +112,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def s3(ranks: Path) -> Iterator[dict[str, str]]:
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
-    with moto_server() as endpoint:
-        env = s3_env(endpoint)
-        code = (
-            "import s3fs, sys; fs = s3fs.S3FileSystem(); fs.mkdir('bucket')\n"
-            "for p in sys.argv[1:]: fs.put(p, 'bucket/run/' + p.rsplit('/', 1)[1])\n"
-        )
-        subprocess.run([sys.executable, "-c", code, *(str(ranks / n) for n in RANKS)], check=True, env=env)
+    with s3_run_bucket(str(ranks / n) for n in RANKS) as env:
         yield env
 
 
