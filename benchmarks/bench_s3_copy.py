@@ -65,7 +65,9 @@ def _set(folder: Path, name: str, args: argparse.Namespace, layers: int) -> list
     """One set of ranks in ``folder/name`` (bench_remote's builder; the optimizer state added after)."""
     where = folder / name
     where.mkdir()
-    paths = _make(where, argparse.Namespace(ranks=args.ranks, layers=layers, channels=args.channels))
+    # bench_remote's grid of conv + BatchNorm layers (its --model default)
+    shape = argparse.Namespace(ranks=args.ranks, layers=layers, channels=args.channels, model="grid")
+    paths = _make(where, shape)
     if name == "optimizer":
         subprocess.run([sys.executable, "-c", WITH_OPTIMIZER, *map(str, paths)], check=True)
     return paths
