@@ -4,9 +4,11 @@
 them; what escapes the block is removed too: SIGTERM and SIGHUP (which would kill the process without
 running any ``finally``) by a handler that removes them and then dies of the signal as before, and an
 exception that ends the process by an exit handler. SIGINT needs nothing: it raises KeyboardInterrupt,
-which leaves the with block. The few system calls that create and register a temp file, and those that
-rename an output and its companions into place, run with the three signals held back (noted, then raised),
-so that an interrupt never finds a temp file unregistered or an output without its sidecar.
+which leaves the with block. During a remote write (:func:`signals_raise`) SIGTERM and SIGHUP are raised as
+:class:`Terminated` instead, so that the upload is aborted before the process dies. The few system calls
+that create and register a temp file, and those that rename an output and its companions into place, run
+with the three signals held back (noted, then raised), so that an interrupt never finds a temp file
+unregistered or an output without its sidecar.
 """
 
 from __future__ import annotations
@@ -42,8 +44,53 @@ def remove_live_temps() -> None:
     LIVE_TEMPS.clear()
 
 
+class Terminated(BaseException):
+    """SIGTERM/SIGHUP received while a remote write runs (:func:`signals_raise`): unwind, then die of it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+# Remote writes under way (signals_raise), and the fatal signal already turned into Terminated, if any.
+_RAISING = [0]
+_TERMINATING: list[int] = []
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """While objects are written to a remote store, SIGTERM/SIGHUP raise :class:`Terminated` in the main
+    thread (as SIGINT raises KeyboardInterrupt), so that the writer's own cleanup runs: the multipart upload
+    aborted, the temporary object deleted. The first signal is raised; later ones, during that cleanup,
+    are not (a second raise would cut it short). The caller ends the process with :func:`die_of` (the CLI
+    does; a library caller that lets it escape ends with Python's exit for an uncaught exception). Off the
+    main thread nothing changes: the signal would be raised in another thread's code."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    guard_signals()
+    _RAISING[0] += 1
+    try:
+        yield
+    finally:
+        _RAISING[0] -= 1
+
+
+def die_of(signum: int) -> None:
+    """Remove what temp files are left and end the process by ``signum`` (its default action)."""
+    remove_live_temps()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def _on_fatal_signal(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM/SIGHUP handler: remove every temp file still open, then die of the signal as before."""
+    """SIGTERM/SIGHUP handler: remove every temp file still open, then die of the signal as before (or,
+    during a remote write, raise :class:`Terminated` so that its cleanup runs first)."""
+    if _RAISING[0] > 0 or _TERMINATING:
+        if not _TERMINATING:
+            _TERMINATING.append(signum)
+            raise Terminated(signum)
+        return  # the cleanup of the first one is under way
     remove_live_temps()
     previous = _PREVIOUS_HANDLERS.get(signum, signal.SIG_DFL)
     if callable(previous):

@@ -115,6 +115,8 @@ def retrying(url: str, call: Any) -> Any:
     for attempt in range(RETRIES):
         try:
             return call()
+        except FileExistsError:
+            raise  # a conditional write refused (If-None-Match): the writer's to report, not a transfer fault
         except (FileNotFoundError, PermissionError) as exc:
             raise remote_error(url, exc) from None
         except Exception as exc:

@@ -9,7 +9,8 @@
 - A remote output (``-o s3://bucket/fixed.pt``) is then written and verified locally first (a temporary
   file, the byte-patching writer's checks), then uploaded: a single-part upload for a small file, else a
   multipart upload that is completed only once every part is in, so a reader sees the whole object or none
-  (S3 makes an object visible only when its upload completes).
+  (S3 makes an object visible only when its upload completes). Without ``--force`` the S3 write is
+  conditional (``If-None-Match: *``): an object that appeared at the target meanwhile is kept.
 
 The sidecar is uploaded after the checkpoint, either way. The path taken is logged and recorded in the
 result (``upload``) and in average's JSON report.
@@ -62,13 +63,21 @@ def _local_patches(local: Checkpoint, patches: Sequence[TensorPatch]) -> list[Te
     return [replace(p, ref=local.state_dict(p.state_dict).tensors[p.key]) for p in patches]
 
 
-def _upload(local: Path, url: str) -> str:
-    """Upload a verified file; which path was taken (single part, or multipart completed at the end)."""
+def _upload(local: Path, url: str, replace_existing: bool) -> str:
+    """Upload a verified file; which path was taken (single part, or multipart completed at the end).
+
+    Without ``replace_existing`` an S3 upload is conditional (s3fs's ``mode="create"``: ``If-None-Match: *``
+    on the PUT or on the completion), so an object another writer put there since the check is kept.
+    """
     fs, key = url_filesystem(url)
     size = local.stat().st_size
     # s3fs (and gcsfs) switch to a multipart upload above their block size and complete it last.
     how = "multipart upload, completed after every part" if size > 5 << 20 else "single-part upload"
-    retrying(url, lambda: fs.put_file(str(local), key))
+    create_only = {} if replace_existing or not url.startswith("s3://") else {"mode": "create"}
+    try:
+        retrying(url, lambda: fs.put_file(str(local), key, **create_only))
+    except FileExistsError:
+        raise OutputError("already exists", path=url, where="-o", fix="pass --force to replace it") from None
     log.info("uploaded %s (%d bytes): %s", url, size, how)
     return how
 
@@ -108,7 +117,7 @@ def write_repaired(
             return write_checkpoint(
                 ckpt, patches, Path(out), replace=replace_existing, metadata=metadata, companions=companions
             )
-        return _write_then_upload(ckpt, patches, target, metadata, companions, stack)
+        return _write_then_upload(ckpt, patches, target, (metadata, companions, replace_existing), stack)
     raise AssertionError("unreachable")
 
 
@@ -116,14 +125,14 @@ def _write_then_upload(
     ckpt: Checkpoint,
     patches: Sequence[TensorPatch],
     target: str,
-    metadata: Mapping[str, str] | None,
-    companions: Companions | None,
+    options: tuple[Mapping[str, str] | None, Companions | None, bool],
     stack: contextlib.ExitStack,
 ) -> WriteResult:
+    metadata, companions, replace_existing = options
     staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnaudit-upload-")))
     local_out = staging / target.rsplit("/", 1)[-1]
     result = write_checkpoint(ckpt, patches, local_out, metadata=metadata)
-    how = _upload(local_out, target)
+    how = _upload(local_out, target, replace_existing)
     done = replace(result, path=Path(target), upload=how)
     _upload_companions(done, companions, target)
     return done

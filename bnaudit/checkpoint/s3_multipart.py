@@ -95,11 +95,13 @@ def multipart(
     parts: Sequence[Part],
     copy_args: Callable[[Part], dict[str, Any]],
     body: Callable[[Part], bytes],
+    complete_args: dict[str, Any] | None = None,
 ) -> None:
     """Write ``dst`` by one multipart upload: a part copied (``copy_args``) or uploaded (``body``) each.
 
     Parts go ``PART_THREADS`` at a time (a store's per-request latency overlaps). The upload is completed
-    only when every part is in; on any failure it is aborted, so nothing appears.
+    (with ``complete_args``: a condition) only when every part is in; on any failure it is aborted, so
+    nothing appears.
     """
     upload_id = dst.call("create_multipart_upload")["UploadId"]
 
@@ -122,7 +124,12 @@ def multipart(
                 for future in sent:
                     future.cancel()  # the parts not started yet; the pool waits for the running ones
                 raise
-        dst.call("complete_multipart_upload", UploadId=upload_id, MultipartUpload={"Parts": done})
+        dst.call(
+            "complete_multipart_upload",
+            UploadId=upload_id,
+            MultipartUpload={"Parts": done},
+            **(complete_args or {}),
+        )
     except BaseException:
         abort(dst, upload_id)
         raise
@@ -137,15 +144,19 @@ def abort(dst: S3Object, upload_id: str) -> None:
         log.warning("could not abort the multipart upload of %s (%s); its parts may remain", dst.url, exc)
 
 
-def copy_whole(src: S3Object, dst: S3Object, size: int) -> None:
-    """Copy ``src`` to ``dst`` inside the store: one CopyObject up to 5 GiB, else a multipart copy."""
+def copy_whole(src: S3Object, dst: S3Object, size: int, *, replace: bool) -> None:
+    """Copy ``src`` to ``dst`` inside the store, by a multipart copy (parts of at most 5 GiB, S3's limit).
+
+    A multipart copy rather than one CopyObject (one request for most files) because its completion takes
+    the condition everywhere it matters: without ``replace`` it carries ``If-None-Match: *``, which AWS S3
+    (and moto, the test server) honour on CompleteMultipartUpload, so an object another writer put at
+    ``dst`` since it was checked is kept and s3fs raises FileExistsError. A store that ignores the header
+    replaces it (the check before is all it gets).
+    """
     etag = src.etag()
-    if size <= MAX_PART:
-        dst.call("copy_object", CopySource={"Bucket": src.bucket, "Key": src.key}, CopySourceIfMatch=etag)
-        dst.fs.invalidate_cache(f"{dst.bucket}/{dst.key}")
-        return
+    create_only: dict[str, Any] = {} if replace else {"IfNoneMatch": "*"}
     parts = split_range(0, size, True, MAX_PART)
-    multipart(dst, parts, lambda p: copy_source(src, p.start, p.end, etag), lambda p: b"")
+    multipart(dst, parts, lambda p: copy_source(src, p.start, p.end, etag), lambda p: b"", create_only)
 
 
 def delete_quietly(obj: S3Object) -> None:

@@ -10,8 +10,9 @@ GET is conditional on the reference's ETag, so a reference replaced meanwhile fa
 The upload is completed to a temporary key beside the target, read back through bnaudit's own reader with
 range reads (size, patched bytes and tensors, CRC-32s or header), and only then copied to the target key and
 deleted; on any failure the upload is aborted or the temporary object deleted, so nothing appears at the
-target. A file whose cut copies nothing (any file under 5 MiB) or needing more than 10,000 parts is left to
-the download + patch + upload path (None).
+target. Without ``--force`` that copy is conditional (``If-None-Match: *``), so an object another writer put
+at the target after the check is kept, not replaced. A file whose cut copies nothing (any file under
+5 MiB) or needing more than 10,000 parts is left to the download + patch + upload path (None).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from bnaudit.checkpoint.types import Checkpoint
 from bnaudit.checkpoint.zipentries import ZipEntry
 from bnaudit.checkpoint.zippatch import locate_entries
 from bnaudit.errors import OutputError
+from bnaudit.temp_registry import signals_raise
 
 log = logging.getLogger(__name__)
 _LENGTH_BYTES = 8
@@ -156,6 +158,35 @@ def _summary(parts: Sequence[Part], header_end: int) -> str:
     )
 
 
+def _copy_verify_place(
+    layout: Layout,
+    parts: Sequence[Part],
+    patches: Sequence[TensorPatch],
+    objects: tuple[S3Object, S3Object, str],
+    replace: bool,
+) -> None:
+    """The upload to a temporary key, its verification, the copy to the target; nothing left on failure."""
+    src, dst, etag = objects
+    tmp = dst.sibling("part")
+    multipart(
+        tmp,
+        parts,
+        lambda p: copy_source(src, p.start - layout.fixed.shift, p.end - layout.fixed.shift, etag),
+        lambda p: part_bytes(p, layout, src, etag),
+    )
+    try:
+        verify_object(tmp, layout, patches, src.url)
+        exists = OutputError("already exists", path=dst.url, where="-o", fix="pass --force to replace it")
+        if not replace and dst.exists():
+            raise exists
+        try:
+            copy_whole(tmp, dst, layout.size, replace=replace)
+        except FileExistsError:  # another writer got there after the check: the conditional copy refused
+            raise exists from None
+    finally:
+        delete_quietly(tmp)
+
+
 def write_server_side(
     ckpt: Checkpoint,
     patches: Sequence[TensorPatch],
@@ -185,20 +216,8 @@ def write_server_side(
     if not any(p.copy for p in parts) or len(parts) > MAX_PARTS:
         log.info("%s: %d parts, nothing to gain from a server-side copy", target, len(parts))
         return None
-    tmp = dst.sibling("part")
-    multipart(
-        tmp,
-        parts,
-        lambda p: copy_source(src, p.start - layout.fixed.shift, p.end - layout.fixed.shift, etag),
-        lambda p: part_bytes(p, layout, src, etag),
-    )
-    try:
-        verify_object(tmp, layout, patches, source)
-        if not replace and dst.exists():
-            raise OutputError("already exists", path=target, where="-o", fix="pass --force to replace it")
-        copy_whole(tmp, dst, layout.size)
-    finally:
-        delete_quietly(tmp)
+    with signals_raise():  # a SIGTERM aborts the upload and deletes the temporary object first
+        _copy_verify_place(layout, parts, patches, (src, dst, etag), replace)
     how = _summary(parts, layout.fixed.header_end)
     log.info("wrote %s (%d bytes): %s", target, layout.size, how)
     crc_names = tuple(e.name for e in layout.fixed.crc_entries)

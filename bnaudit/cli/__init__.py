@@ -20,6 +20,7 @@ from bnaudit.cli.inspect_cmd import inspect_command
 from bnaudit.cli.recalibrate_cmd import recalibrate_command
 from bnaudit.errors import BnauditError
 from bnaudit.optional import MissingDependencyError, missing_optional
+from bnaudit.temp_registry import Terminated, die_of
 
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
         code = cli.main(args=args, prog_name="bnaudit", standalone_mode=False)
     except (KeyboardInterrupt, click.exceptions.Abort):
         _fail(f"bnaudit: interrupted; {_written_before_interrupt()}", EXIT_INTERRUPTED)
+    except Terminated as exc:  # SIGTERM/SIGHUP during a remote write, its cleanup done: die of the signal
+        sys.stderr.write(f"bnaudit: terminated; {_written_before_interrupt()}\n")
+        sys.stderr.flush()
+        die_of(exc.signum)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

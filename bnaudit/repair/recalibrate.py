@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from bnaudit.audit.measured import (
 from bnaudit.bn.archive_policy import checkpoint_findings
 from bnaudit.bn.corrupt_pickle import load_or_unsafe
 from bnaudit.checkpoint import load_checkpoint
+from bnaudit.checkpoint.bytesource import shown
 from bnaudit.checkpoint.provenance import header_entry, sidecar_path, sidecar_text
 from bnaudit.checkpoint.remote_folder_write import write_repair
 from bnaudit.checkpoint.types import Checkpoint
@@ -114,8 +116,15 @@ def recalibrate_checkpoint(
     report = _recalibration_report(str(path), ckpt, passes, None if target is None else str(out), settings)
     if target is None or not is_rank_zero():
         return CheckpointRecalibrationResult(report, None, None, False, tuple(passes))
-    _write(str(path), (target, write.force), (ckpt, passes), spec, report)
+    report = _with_upload(report, _write(str(path), (target, write.force), (ckpt, passes), spec, report))
     return CheckpointRecalibrationResult(report, target, sidecar_path(target), False, tuple(passes))
+
+
+def _with_upload(report: Report, upload: str | None) -> Report:
+    """The report with the upload path a URL output took (server-side copy, or upload) recorded."""
+    if upload is None or report.recalibration is None:
+        return report
+    return dataclasses.replace(report, recalibration=dataclasses.replace(report.recalibration, upload=upload))
 
 
 def _nonfinite_refusal(display: str, exc: NonFiniteStatisticsError) -> Report:
@@ -196,7 +205,8 @@ def _write(
     measured: tuple[Checkpoint, list[StateDictPass]],
     spec: CalibrationSpec,
     report: Report,
-) -> None:
+) -> str | None:
+    """Write the recalibrated checkpoint and its sidecar; the upload path taken for a URL output."""
     ckpt, passes = measured
     out, force = output
     options = spec.options
@@ -205,7 +215,8 @@ def _write(
         record = {
             "command": "recalibrate",
             "inputs": [{"path": checkpoint, "sha256": result.reference_sha256}],
-            "output": {"path": str(out), "sha256": result.output_sha256},
+            "output": {"path": shown(out), "sha256": result.output_sha256,
+                       **({"upload": result.upload} if result.upload else {})},
             "method": spec.method,
             "pass_options": {"channels_last": options.channels_last, "amp": options.amp,
                              "amp_dtype": options.amp_dtype, "device": options.device,
@@ -222,5 +233,6 @@ def _write(
         return [(sidecar_path(out), sidecar_text(record))]
 
     world = passes[0].result.world_size if passes else 1
-    write_repair(ckpt, statistic_patches(passes), out, metadata=header_entry("recalibrate", spec.method,
-                  world, None), companions=sidecar, replace_existing=force)  # fmt: skip
+    written = write_repair(ckpt, statistic_patches(passes), out, metadata=header_entry("recalibrate",
+                           spec.method, world, None), companions=sidecar, replace_existing=force)  # fmt: skip
+    return written.upload

@@ -131,11 +131,13 @@ class RecalibrationOutcome:
     output: str | None
     evals: dict[str, dict[str, Any]] | None = None
     refused: bool = False
+    upload: str | None = None  # a URL output: the path taken (server-side copy, or download + upload)
 
     def to_json(self) -> dict[str, Any]:
         if self.refused:
             return {"output": self.output, "refused": True}
-        return {"output": self.output, "eval": self.evals}
+        written = {"output": self.output, "eval": self.evals}
+        return written if self.upload is None else {**written, "upload": self.upload}
 
 
 @dataclass(frozen=True)
