@@ -6,6 +6,7 @@ threads; the sides alternate (order reversed every other round), five rounds, me
 
 Usage:
     python benchmarks/bench_pass.py            # prints one line per architecture with the ratios
+    python benchmarks/bench_pass.py --batches 64   # the same with 64 batches per pass
     python benchmarks/bench_pass.py --smoke    # one round, one batch (for CI)
 """
 
@@ -30,6 +31,9 @@ SIDES = ("update_bn", "population", "sequential")
 
 
 def _run(name: str, model: torch.nn.Module, data: list[torch.Tensor]) -> float:
+    # A pause first: the OpenMP workers of the side before (sequential mode's forwards run in threads of
+    # their own) spin for a while after their last task and would take cores from this side.
+    time.sleep(0.5)
     start = time.perf_counter()
     if name == "update_bn":
         update_bn(data, model)
@@ -41,9 +45,10 @@ def _run(name: str, model: torch.nn.Module, data: list[torch.Tensor]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--batches", type=int, default=8, help="batches per pass (more: less per-pass setup)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    rounds, batches = (1, 1) if args.smoke else (5, 8)
+    rounds, batches = (1, 1) if args.smoke else (5, args.batches)
     gen = torch.Generator().manual_seed(0)
     data = [torch.randn(32, 3, 32, 32, generator=gen) for _ in range(batches)]
     for arch in ("plain", "resnet", "mobilenet", "head"):

@@ -26,6 +26,7 @@ from tests.conftest import REPO
         ("bench_architectures.py", "ratio bnaudit / update_bn: see the columns"),
         ("study_batch_size.py", "study smoke: ok"),
         ("bench_pass.py", "pass ratios: done"),
+        ("exactness_timm.py", "exactness: done"),
     ],
 )
 def test_benchmark_smoke(script: str, expected: str) -> None:
