@@ -63,11 +63,21 @@ def test_architecture_exact_to_float64_reference(arch: str, stop: bool) -> None:
     assert nn.functional.batch_norm is TORCH_BATCH_NORM
 
 
-def test_batchnorm_act_takes_the_kernel_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind", ["batchnorm-act", "sync-batchnorm"])
+def test_subclasses_with_their_own_forward_take_the_kernel_path(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = count_moments(monkeypatch)
-    model = stale(build("mobilenet", width=8))
-    result = recalibrate(model, images(n=2))
+    torch.manual_seed(0)
+    if kind == "batchnorm-act":
+        model = stale(build("mobilenet", width=8))
+    else:  # SyncBatchNorm's forward calls functional batch_norm itself outside a multi-rank group
+        model = stale(nn.SyncBatchNorm.convert_sync_batchnorm(ResNet(width=8)))
+    batches = images(n=2)
+    ref = reference(model, batches)
+    result = recalibrate(model, batches)
     assert all(layer.reached for layer in result.layers)
+    assert_close(result, ref)
     # Only the (N, C, 1, 1)-shaped last layers would need moments; none here: every call took the kernel.
     assert calls[0] == 0
 
