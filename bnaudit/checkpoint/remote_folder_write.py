@@ -14,7 +14,9 @@
   whole (S3 makes an object visible when its upload completes), but the folder does not appear at once, a
   reader that lists the folder mid-upload sees some new data files, and with ``--force`` a reader that
   read the old index before the upload may then read new shards; files of the old folder that the new one
-  lacks are left in place.
+  lacks are left in place. A failure or a signal before the index is up deletes the files uploaded so
+  far; without ``--force`` every upload is conditional on S3 (``If-None-Match: *``), so another writer's
+  files that appeared meanwhile are never replaced.
 - Everything else goes to :func:`bnaudit.checkpoint.remote_write.write_repaired` unchanged.
 """
 
@@ -37,7 +39,7 @@ from bnaudit.checkpoint.remote_write import write_repaired
 from bnaudit.checkpoint.types import Checkpoint, ContainerFormat
 from bnaudit.checkpoint.writer import Companions
 from bnaudit.errors import OutputError
-from bnaudit.temp_registry import LIVE_TEMPS
+from bnaudit.temp_registry import LIVE_TEMPS, signals_raise
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def write_repair(
                 ckpt, patches, Path(out), replace=replace_existing, metadata=metadata, companions=companions
             )
         staging = stack.enter_context(_temp_folder(Path(tempfile.gettempdir()), "upload"))
-        return _write_then_upload(ckpt, patches, target, (metadata, companions), staging)
+        return _write_then_upload(ckpt, patches, target, (metadata, companions, replace_existing), staging)
     raise AssertionError("unreachable")
 
 
@@ -115,9 +117,34 @@ def _mirror(ckpt: Checkpoint, tmp: Path) -> Checkpoint:
     return load_checkpoint(local if ckpt.path == folder else local / ckpt.path.name)
 
 
-def _put(local: Path, url: str) -> None:
+def _put(local: Path, url: str, create_only: bool = False) -> None:
+    """Upload one file; ``create_only`` (S3, no ``--force``): refused if an object appeared there since."""
     fs, key = url_filesystem(url)
-    retrying(url, lambda: fs.put_file(str(local), key))
+    mode = {"mode": "create"} if create_only and url.startswith("s3://") else {}
+    try:
+        retrying(url, lambda: fs.put_file(str(local), key, **mode))
+    except FileExistsError:
+        raise OutputError("already exists", path=url, where="-o", fix="pass --force to replace it") from None
+
+
+def _upload_files(local_out: Path, target: str, files: list[str], replace_existing: bool) -> None:
+    """The data files, then the index / ``.metadata`` last. Until the index is up, any failure (SIGTERM and
+    SIGHUP included: ``signals_raise``) deletes the files uploaded so far: a folder without its index is
+    no checkpoint, and nothing of this run is left in it."""
+    fs, root = url_filesystem(target)
+    uploaded: list[str] = []
+    try:
+        with signals_raise():
+            for name in sorted(files, key=_is_index):
+                _put(local_out / name, f"{target}/{name}", create_only=not replace_existing)
+                uploaded.append(name)
+    except BaseException:
+        for name in uploaded:
+            try:
+                fs.rm_file(f"{root}/{name}")
+            except Exception as exc:  # the original failure is the one to report
+                log.warning("could not delete %s/%s after a failed upload (%s)", target, name, exc)
+        raise
 
 
 def _is_index(name: str) -> bool:
@@ -128,10 +155,10 @@ def _write_then_upload(
     ckpt: Checkpoint,
     patches: Sequence[TensorPatch],
     target: str,
-    docs: tuple[Mapping[str, str] | None, Companions | None],
+    docs: tuple[Mapping[str, str] | None, Companions | None, bool],
     staging: Path,
 ) -> WriteResult:
-    metadata, companions = docs
+    metadata, companions, replace_existing = docs
     target = target.rstrip("/")
     local_out = staging / target.rsplit("/", 1)[-1]
     written: list[tuple[Path, str]] = []
@@ -143,11 +170,12 @@ def _write_then_upload(
     result = write_checkpoint(ckpt, patches, local_out, metadata=metadata, companions=keep)
     files = sorted(p.relative_to(local_out).as_posix() for p in local_out.rglob("*") if p.is_file())
     fs, root = url_filesystem(target)
-    for name in filter(_is_index, files):  # an old index first: no reader starts from it mid-upload
+    # --force: an old index first, so that no reader starts from it mid-upload (without --force an index
+    # there is another writer's, which the conditional upload refuses to replace)
+    for name in filter(_is_index, files if replace_existing else []):
         if retrying(target, lambda name=name: fs.exists(f"{root}/{name}")):
             retrying(target, lambda name=name: fs.rm_file(f"{root}/{name}"))
-    for name in sorted(files, key=_is_index):  # the data files, then the index / .metadata last
-        _put(local_out / name, f"{target}/{name}")
+    _upload_files(local_out, target, files, replace_existing)
     for path, text in written:  # the sidecar, after the folder it describes
         side = staging / "sidecar.json"
         side.write_text(text, encoding="utf-8")
