@@ -35,7 +35,7 @@ from bnaudit.checkpoint.folder_writer import FOLDER_FORMATS, write_checkpoint
 from bnaudit.checkpoint.load import load_checkpoint
 from bnaudit.checkpoint.patch_plan import TensorPatch, WriteResult
 from bnaudit.checkpoint.remote_folder import METADATA_NAME, folder_files, folder_members, is_folder
-from bnaudit.checkpoint.remote_write import write_repaired
+from bnaudit.checkpoint.remote_write import put_file, write_repaired
 from bnaudit.checkpoint.types import Checkpoint, ContainerFormat
 from bnaudit.checkpoint.writer import Companions
 from bnaudit.errors import OutputError
@@ -117,16 +117,6 @@ def _mirror(ckpt: Checkpoint, tmp: Path) -> Checkpoint:
     return load_checkpoint(local if ckpt.path == folder else local / ckpt.path.name)
 
 
-def _put(local: Path, url: str, create_only: bool = False) -> None:
-    """Upload one file; ``create_only`` (S3, no ``--force``): refused if an object appeared there since."""
-    fs, key = url_filesystem(url)
-    mode = {"mode": "create"} if create_only and url.startswith("s3://") else {}
-    try:
-        retrying(url, lambda: fs.put_file(str(local), key, **mode))
-    except FileExistsError:
-        raise OutputError("already exists", path=url, where="-o", fix="pass --force to replace it") from None
-
-
 def _upload_files(local_out: Path, target: str, files: list[str], replace_existing: bool) -> None:
     """The data files, then the index / ``.metadata`` last. Until the index is up, any failure (SIGTERM and
     SIGHUP included: ``signals_raise``) deletes the files uploaded so far: a folder without its index is
@@ -136,7 +126,7 @@ def _upload_files(local_out: Path, target: str, files: list[str], replace_existi
     try:
         with signals_raise():
             for name in sorted(files, key=_is_index):
-                _put(local_out / name, f"{target}/{name}", create_only=not replace_existing)
+                put_file(local_out / name, f"{target}/{name}", create_only=not replace_existing)
                 uploaded.append(name)
     except BaseException:
         for name in uploaded:
@@ -179,7 +169,7 @@ def _write_then_upload(
     for path, text in written:  # the sidecar, after the folder it describes
         side = staging / "sidecar.json"
         side.write_text(text, encoding="utf-8")
-        _put(side, url_of(path) or str(path))
+        put_file(side, url_of(path) or str(path), create_only=False)
     how = f"{len(files)} files uploaded one by one, the index or .metadata last"
     log.info("uploaded %s: %s", target, how)
     return replace(result, path=Path(target), upload=how)

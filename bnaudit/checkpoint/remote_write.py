@@ -63,21 +63,27 @@ def _local_patches(local: Checkpoint, patches: Sequence[TensorPatch]) -> list[Te
     return [replace(p, ref=local.state_dict(p.state_dict).tensors[p.key]) for p in patches]
 
 
+def put_file(local: Path, url: str, *, create_only: bool) -> None:
+    """Upload ``local`` to ``url`` (retried); ``create_only`` on S3: conditional on no object being there
+    (s3fs's ``mode="create"``, ``If-None-Match: *``), OutputError if one appeared since the check."""
+    fs, key = url_filesystem(url)
+    mode = {"mode": "create"} if create_only and url.startswith("s3://") else {}
+    try:
+        retrying(url, lambda: fs.put_file(str(local), key, **mode))
+    except FileExistsError:
+        raise OutputError("already exists", path=url, where="-o", fix="pass --force to replace it") from None
+
+
 def _upload(local: Path, url: str, replace_existing: bool) -> str:
     """Upload a verified file; which path was taken (single part, or multipart completed at the end).
 
     Without ``replace_existing`` an S3 upload is conditional (s3fs's ``mode="create"``: ``If-None-Match: *``
     on the PUT or on the completion), so an object another writer put there since the check is kept.
     """
-    fs, key = url_filesystem(url)
     size = local.stat().st_size
     # s3fs (and gcsfs) switch to a multipart upload above their block size and complete it last.
     how = "multipart upload, completed after every part" if size > 5 << 20 else "single-part upload"
-    create_only = {} if replace_existing or not url.startswith("s3://") else {"mode": "create"}
-    try:
-        retrying(url, lambda: fs.put_file(str(local), key, **create_only))
-    except FileExistsError:
-        raise OutputError("already exists", path=url, where="-o", fix="pass --force to replace it") from None
+    put_file(local, url, create_only=not replace_existing)
     log.info("uploaded %s (%d bytes): %s", url, size, how)
     return how
 
