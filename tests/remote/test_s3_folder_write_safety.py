@@ -15,7 +15,6 @@ import pytest
 from tests.conftest import REPO
 from tests.remote.test_remote_folders import INDEX, RANKS, s3, served_root  # noqa: F401 (fixtures)
 from tests.remote.test_s3_range_copy import _left_behind
-from tests.remote.test_s3_write_safety import fs  # noqa: F401 (fixture)
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -47,6 +46,12 @@ main(sys.argv[3:])
 """
 
 
+@pytest.fixture
+def store(request: pytest.FixtureRequest) -> tuple[Path, dict[str, str], Any]:
+    """The local rank folders, the environment reaching the moto server, and an s3fs filesystem on it."""
+    return tuple(request.getfixturevalue(name) for name in ("served_root", "s3", "fs"))  # type: ignore[return-value]
+
+
 def _child(how: str, folder: str, root: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     code = _CHILD.replace("INDEX", INDEX)
     args = ["average", *(str(root / f"hf_rank{r}") for r in range(RANKS)), "-o", f"s3://bucket/{folder}/hf"]
@@ -59,22 +64,18 @@ def _child(how: str, folder: str, root: Path, env: dict[str, str]) -> subprocess
     )
 
 
-def test_a_failed_upload_deletes_the_files_uploaded_so_far(
-    served_root: Path,  # noqa: F811
-    s3: dict[str, str],  # noqa: F811
-    fs: Any,  # noqa: F811
-) -> None:
-    _, stderr = _child("deny", "denied", served_root, s3).communicate(timeout=120)
+def test_a_failed_upload_deletes_the_files_uploaded_so_far(store: tuple[Path, dict[str, str], Any]) -> None:
+    root, env, fs = store
+    _, stderr = _child("deny", "denied", root, env).communicate(timeout=120)
     assert "access denied" in stderr and "s3://bucket/denied/hf" in stderr, stderr
     assert _left_behind(fs, "denied") == ([], [])
 
 
 def test_sigterm_mid_upload_deletes_the_files_uploaded_so_far(
-    served_root: Path,  # noqa: F811
-    s3: dict[str, str],  # noqa: F811
-    fs: Any,  # noqa: F811
+    store: tuple[Path, dict[str, str], Any],
 ) -> None:
-    child = _child("slow", "term", served_root, s3)
+    root, env, fs = store
+    child = _child("slow", "term", root, env)
     try:
         assert child.stdout is not None and child.stdout.readline() == "now\n"
         os.kill(child.pid, signal.SIGTERM)  # one data file up, the second on its way
@@ -86,11 +87,10 @@ def test_sigterm_mid_upload_deletes_the_files_uploaded_so_far(
 
 
 def test_another_writers_index_is_kept_and_the_run_leaves_nothing(
-    served_root: Path,  # noqa: F811
-    s3: dict[str, str],  # noqa: F811
-    fs: Any,  # noqa: F811
+    store: tuple[Path, dict[str, str], Any],
 ) -> None:
-    child = _child("race", "race", served_root, s3)
+    root, env, fs = store
+    child = _child("race", "race", root, env)
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == 2 and "already exists" in stderr, stderr
     assert f"s3://bucket/race/hf/{INDEX}" in stderr, stderr

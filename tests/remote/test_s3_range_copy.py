@@ -116,18 +116,6 @@ def s3(ranks: Path) -> Iterator[dict[str, str]]:
         yield env
 
 
-@pytest.fixture
-def fs(s3: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
-    """An s3fs filesystem on moto in this process (for the checks and the injected failures)."""
-    import s3fs
-
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
-        monkeypatch.setenv(key, s3[key])
-    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", s3["FSSPEC_S3_ENDPOINT_URL"])
-    s3fs.S3FileSystem.clear_instance_cache()
-    return s3fs.S3FileSystem()
-
-
 def _left_behind(fs: Any, folder: str) -> tuple[list[str], list[Any]]:
     """The objects under ``folder`` (temporary ones included) and the unfinished multipart uploads."""
     fs.invalidate_cache()

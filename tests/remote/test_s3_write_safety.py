@@ -46,17 +46,6 @@ def s3(ranks: Path) -> Iterator[dict[str, str]]:
         yield env
 
 
-@pytest.fixture
-def fs(s3: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
-    import s3fs
-
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
-        monkeypatch.setenv(key, s3[key])
-    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", s3["FSSPEC_S3_ENDPOINT_URL"])
-    s3fs.S3FileSystem.clear_instance_cache()
-    return s3fs.S3FileSystem()
-
-
 def test_a_reference_on_another_store_is_downloaded_patched_and_uploaded(
     ranks: Path, s3: dict[str, str], fs: Any, tmp_path: Path
 ) -> None:
